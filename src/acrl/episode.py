@@ -1,0 +1,383 @@
+"""The AC-RL episode: prompts, the reasoner's reply protocol, the episode runner and the tiered reward.
+
+One episode (paper, Fig. 1)::
+
+    caption c0 ──► reasoner(question, c0) ──► SOLVED \\boxed{a}            → grade → 1.0 or 0
+                                        └──► NEED MORE INFO + question q1 → reference answers c1 from the image
+                                             reasoner(question, c0, q1, c1) → \\boxed{a} → grade → alpha or 0
+
+Only the caption c0 is the captioner's action; everything after it is environment. Modes (``clarification``):
+``on`` (training and clarification-enabled evaluation), ``off`` (single pass: the reasoner must answer from c0,
+the paper's inference protocol) and ``deny`` (the reasoner may ask, but every request is refused and it must answer
+from c0: accuracy under denial, Acc_deny). With ``record_deny=True`` an ``on`` run also records, for every episode
+that asked, what the reasoner answers when its request is denied, so one evaluation pass yields all metrics.
+
+The runner batches: all decision prompts of a step go to the reasoner in one call, only the clarified subset goes to
+the reference, and all final prompts go to the reasoner in one more call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence
+
+from PIL import Image
+
+from acrl.grading import extract_answer, grade
+from acrl.problem import Problem
+
+# --- prompts -----------------------------------------------------------------------------------------------------
+# Section markers are part of the protocol: the world reasoner (and any parser of transcripts) relies on them.
+QUESTION_MARK = "Question:"
+CAPTION_MARK = "Image description:"
+ASKED_MARK = "You asked:"
+CLARIFICATION_MARK = "Answer from someone who can see the image:"
+
+CAPTIONER_PROMPT = (
+    "Describe this image for a reader who cannot see it and must answer the question below from your description "
+    "alone. State every quantity, label and relation the question needs. Do not answer the question.\n"
+    "Question: {question}"
+)
+
+_CONTEXT = (
+    "You are solving a visual math problem, but you cannot see the image. Someone who can see it wrote a "
+    "description.\n\n" + QUESTION_MARK + " {question}\n\n" + CAPTION_MARK + " {caption}\n\n"
+)
+
+DECISION_PROMPT = _CONTEXT + (
+    "If the description gives you everything you need, solve the problem and reply with SOLVED followed by the final "
+    "answer in \\boxed{{}}.\nIf a detail you need is missing or unclear, reply with NEED MORE INFO followed by "
+    "exactly one short question about the image on the next line."
+)
+
+SINGLE_PASS_PROMPT = _CONTEXT + (
+    "Solve the problem from the description alone; if a detail is missing, make your best guess. Reply with SOLVED "
+    "followed by the final answer in \\boxed{{}}."
+)
+
+FINAL_PROMPT = _CONTEXT + (
+    ASKED_MARK + " {asked}\n" + CLARIFICATION_MARK + " {clarification}\n\n"
+    "Now solve the problem. Reply with SOLVED followed by the final answer in \\boxed{{}}."
+)
+
+DENY_PROMPT = _CONTEXT + (
+    ASKED_MARK + " {asked}\nNo further information is available.\n\n"
+    "Solve the problem from the description alone; if a detail is missing, make your best guess. Reply with SOLVED "
+    "followed by the final answer in \\boxed{{}}."
+)
+
+CLARIFY_PROMPT = "Answer this question about the image in one short sentence.\nQuestion: {question}"
+
+
+def captioner_prompt(question: str) -> str:
+    """What an instruction-following captioner is asked (the trainable policy sees image + this text)."""
+    return CAPTIONER_PROMPT.format(question=question)
+
+
+def decision_prompt(question: str, caption: str) -> str:
+    """First reasoner turn: answer (SOLVED \\boxed{}) or ask (NEED MORE INFO + one question)."""
+    return DECISION_PROMPT.format(question=question, caption=caption)
+
+
+def single_pass_prompt(question: str, caption: str) -> str:
+    """Single-pass inference: the reasoner must answer from the caption."""
+    return SINGLE_PASS_PROMPT.format(question=question, caption=caption)
+
+
+def final_prompt(question: str, caption: str, asked: str, clarification: str) -> str:
+    """Second reasoner turn after one clarification."""
+    return FINAL_PROMPT.format(question=question, caption=caption, asked=asked, clarification=clarification)
+
+
+def deny_prompt(question: str, caption: str, asked: str) -> str:
+    """Second reasoner turn when the clarification request is refused (Acc_deny)."""
+    return DENY_PROMPT.format(question=question, caption=caption, asked=asked)
+
+
+def clarify_prompt(question: str) -> str:
+    """What an instruction-following reference captioner is asked about the image."""
+    return CLARIFY_PROMPT.format(question=question)
+
+
+def parse_prompt(prompt: str) -> dict[str, str | None]:
+    """Recover the sections of a reasoner prompt (question, caption, asked, clarification) and its mode.
+
+    ``mode`` is ``decide`` (may ask), ``final`` (after a clarification) or ``answer`` (must answer).
+    """
+    def section(start: str, stops: Sequence[str]) -> str | None:
+        i = prompt.find(start)
+        if i < 0:
+            return None
+        i += len(start)
+        j = min([k for s in stops if (k := prompt.find(s, i)) >= 0], default=len(prompt))
+        return prompt[i:j].strip()
+
+    out = {
+        "question": section(QUESTION_MARK, ["\n\n" + CAPTION_MARK]),
+        "caption": section(CAPTION_MARK, ["\n\nIf the description", "\n\nSolve the problem", "\n\n" + ASKED_MARK]),
+        "asked": section(ASKED_MARK, ["\n"]),
+        "clarification": section(CLARIFICATION_MARK, ["\n\nNow solve"]),
+    }
+    out["mode"] = "final" if out["clarification"] is not None else "decide" if "NEED MORE INFO" in prompt else "answer"
+    return out
+
+
+# --- the reasoner's reply protocol -------------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """A parsed reasoner reply. ``kind``: ``solved``, ``ask`` or ``malformed`` (with ``reason``)."""
+
+    kind: str
+    answer: str | None = None
+    question: str | None = None
+    reason: str | None = None
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_ASK = re.compile(r"need\s+more\s+info(?:rmation)?\b[\s:.\-]*", re.I)
+_SOLVED = re.compile(r"\bsolved\b", re.I)
+
+
+def strip_think(text: str) -> str:
+    """Remove R1-style ``<think>...</think>`` blocks (and a reply that opens its thinking without the tag)."""
+    text = _THINK.sub(" ", text)
+    if "</think>" in text.lower():                      # "...thinking</think> answer" (opening tag in the prompt)
+        text = re.split(r"</think>", text, flags=re.I)[-1]
+    if "<think>" in text.lower():                       # unclosed: everything after the tag is unfinished thought
+        text = re.split(r"<think>", text, flags=re.I)[0]
+    return text.strip()
+
+
+def parse_reply(text: str) -> Reply:
+    """Classify a reasoner reply: SOLVED with a final answer, NEED MORE INFO with one question, or malformed.
+
+    The decision is the last protocol keyword outside ``<think>`` blocks; casing and whitespace are free.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return Reply("malformed", reason="empty")
+    body = strip_think(text)
+    if not body:
+        return Reply("malformed", reason="only_thinking")
+    asks = list(_ASK.finditer(body))
+    solved = list(_SOLVED.finditer(body))
+    boxed = body.rfind("\\boxed")
+    last_ask = asks[-1].start() if asks else -1
+    last_answer = max(solved[-1].start() if solved else -1, boxed)
+    if last_ask > last_answer:
+        rest = body[asks[-1].end():].strip()
+        lines = [ln.strip(" \t-*>") for ln in rest.splitlines() if ln.strip(" \t-*>")]
+        lines = [re.sub(r"^(?:question|q1?)\s*[:.]\s*", "", ln, flags=re.I) for ln in lines]
+        qs = [ln for ln in lines if ln.endswith("?")] or lines
+        if not qs or not qs[0]:
+            return Reply("malformed", reason="ask_without_question")
+        return Reply("ask", question=qs[0])
+    answer = extract_answer(body)
+    if answer is None or not answer.strip():
+        return Reply("malformed", reason="no_answer" if solved else "no_decision")
+    return Reply("solved", answer=answer.strip())
+
+
+# --- reward ------------------------------------------------------------------------------------------------------
+
+TIERS = ("direct_correct", "clarified_correct", "wrong", "failed")
+
+
+def tier_reward(tier: str, alpha: float = 0.7) -> float:
+    """The tiered reward: 1.0 correct without clarification, ``alpha`` correct after one, 0 wrong.
+
+    ``alpha=0`` is the binary-reward ablation. ``failed`` (a service error) has no reward (NaN): it is excluded
+    from its advantage group, never scored as 0.
+    """
+    return {"direct_correct": 1.0, "clarified_correct": alpha, "wrong": 0.0, "failed": float("nan")}[tier]
+
+
+# --- backends seen by the episode --------------------------------------------------------------------------------
+
+class Reasoner(Protocol):
+    """A frozen text-only reasoner: a batch of prompts in, one reply per prompt out.
+
+    A reply that could not be obtained (service error after retries) is returned as an ``Exception`` instance in
+    its slot; the episode is then marked ``failed``.
+    """
+
+    def complete(self, prompts: list[str]) -> list[str | Exception]: ...
+
+
+class Clarifier(Protocol):
+    """The frozen reference captioner π_ref answering clarification questions from the image."""
+
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | Exception]: ...
+
+
+@dataclass
+class EpisodeConfig:
+    """How episodes run.
+
+    Attributes:
+        alpha: reward for a correct answer after one clarification (0.7 in the paper; 0 = binary ablation).
+        clarification: ``on`` (may ask once), ``off`` (single pass, must answer) or ``deny`` (asks are refused).
+        record_deny: in ``on`` mode, also ask the reasoner to answer without the clarification it requested
+            (for Acc_deny); does not change the reward.
+    """
+
+    alpha: float = 0.7
+    clarification: str = "on"
+    record_deny: bool = False
+
+    def __post_init__(self) -> None:
+        if self.clarification not in ("on", "off", "deny"):
+            raise ValueError(f"clarification must be on, off or deny, got {self.clarification!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class Episode:
+    """One caption and everything the environment did with it (the full transcript)."""
+
+    problem_id: str
+    group: int
+    sample: int
+    caption: str
+    decision: str = ""                 # solved | ask | malformed | failed (of the first reasoner turn)
+    question: str | None = None        # the reasoner's clarification question q1
+    clarification: str | None = None   # the reference's answer c1
+    prediction: str | None = None      # the reasoner's final answer
+    correct: bool = False
+    tier: str = "wrong"
+    reward: float = 0.0
+    malformed: str | None = None       # why a reply was malformed (counted, scored wrong)
+    error: str | None = None           # service error (tier failed)
+    deny_prediction: str | None = None
+    deny_correct: bool | None = None
+    replies: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _fail(ep: Episode, err: Exception, alpha: float) -> None:
+    ep.decision = ep.decision or "failed"
+    ep.error = f"{type(err).__name__}: {err}"
+    ep.tier, ep.correct = "failed", False
+    ep.reward = tier_reward("failed", alpha)
+
+
+def run_episodes(
+    problems: Sequence[Problem],
+    captions: Sequence[Sequence[str]],
+    reasoner: Reasoner,
+    clarifier: Clarifier | None,
+    cfg: EpisodeConfig,
+) -> list[list[Episode]]:
+    """Run one episode per caption; ``captions[g]`` are the samples for ``problems[g]``. Returns groups."""
+    if len(problems) != len(captions):
+        raise ValueError(f"{len(problems)} problems but {len(captions)} caption groups")
+    groups = [[Episode(p.id, g, i, c) for i, c in enumerate(cs)] for g, (p, cs) in enumerate(zip(problems, captions))]
+    flat = [ep for grp in groups for ep in grp]
+    question = [p.question_with_choices() for p in problems]
+    may_ask = cfg.clarification != "off"
+    build = decision_prompt if may_ask else single_pass_prompt
+    replies = reasoner.complete([build(question[ep.group], ep.caption) for ep in flat])
+    _check_len(replies, flat, "reasoner")
+
+    asked: list[Episode] = []
+    for ep, rep in zip(flat, replies):
+        if isinstance(rep, Exception):
+            _fail(ep, rep, cfg.alpha)
+            continue
+        ep.replies.append(rep)
+        r = parse_reply(rep)
+        ep.decision = r.kind
+        if r.kind == "malformed":
+            ep.malformed = r.reason
+        elif r.kind == "ask" and may_ask:
+            ep.question = r.question
+            asked.append(ep)
+        elif r.kind == "ask":                                   # asked although it had to answer
+            ep.malformed = "ask_in_single_pass"
+        else:
+            _score(ep, r.answer, problems[ep.group], direct=True, alpha=cfg.alpha)
+
+    if asked and cfg.clarification == "on":
+        if clarifier is None:
+            raise ValueError("clarification='on' needs a clarifier (the reference captioner)")
+        answers = clarifier.answer([problems[ep.group].image for ep in asked], [ep.question for ep in asked])
+        _check_len(answers, asked, "clarifier")
+        pending = []
+        for ep, a in zip(asked, answers):
+            if isinstance(a, Exception):
+                _fail(ep, a, cfg.alpha)
+            else:
+                ep.clarification = a
+                pending.append(ep)
+        finals = reasoner.complete([
+            final_prompt(question[ep.group], ep.caption, ep.question, ep.clarification) for ep in pending])
+        _check_len(finals, pending, "reasoner")
+        for ep, rep in zip(pending, finals):
+            _finish(ep, rep, problems[ep.group], cfg.alpha, direct=False)
+
+    if asked and (cfg.clarification == "deny" or cfg.record_deny):
+        live = [ep for ep in asked if ep.tier != "failed" or cfg.clarification == "deny"]
+        denies = reasoner.complete([deny_prompt(question[ep.group], ep.caption, ep.question) for ep in live])
+        _check_len(denies, live, "reasoner")
+        for ep, rep in zip(live, denies):
+            if cfg.clarification == "deny":
+                _finish(ep, rep, problems[ep.group], cfg.alpha, direct=True, deny=True)
+            elif not isinstance(rep, Exception):
+                r = parse_reply(rep)
+                ep.deny_prediction = r.answer
+                ep.deny_correct = r.kind == "solved" and grade(r.answer, problems[ep.group])
+    return groups
+
+
+def _check_len(out: Sequence, inp: Sequence, who: str) -> None:
+    if len(out) != len(inp):
+        raise RuntimeError(f"{who} returned {len(out)} replies for {len(inp)} prompts")
+
+
+def _score(ep: Episode, answer: str | None, problem: Problem, direct: bool, alpha: float) -> None:
+    ep.prediction = answer
+    ep.correct = bool(grade(answer, problem))
+    ep.tier = ("direct_correct" if direct else "clarified_correct") if ep.correct else "wrong"
+    ep.reward = tier_reward(ep.tier, alpha)
+
+
+def _finish(ep: Episode, rep, problem: Problem, alpha: float, direct: bool, deny: bool = False) -> None:
+    if isinstance(rep, Exception):
+        _fail(ep, rep, alpha)
+        return
+    ep.replies.append(rep)
+    r = parse_reply(rep)
+    if r.kind != "solved":
+        ep.malformed = f"{'deny' if deny else 'final'}_{r.reason or 'ask_again'}"
+        ep.tier, ep.reward, ep.correct = "wrong", 0.0, False
+        return
+    _score(ep, r.answer, problem, direct=direct, alpha=alpha)
+    if deny:
+        ep.deny_prediction, ep.deny_correct = ep.prediction, ep.correct
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+def episode_metrics(groups: Sequence[Sequence[Episode]]) -> dict[str, float]:
+    """Counts and rates over a set of episodes (failed episodes are counted and excluded from the rates)."""
+    flat = [ep for g in groups for ep in g]
+    live = [ep for ep in flat if ep.tier != "failed"]
+    n = max(len(live), 1)
+    asked = [ep for ep in live if ep.decision == "ask"]
+    denied = [ep for ep in asked if ep.deny_correct is not None]
+    return {
+        "episodes": len(flat),
+        "failed": len(flat) - len(live),
+        "malformed": sum(ep.malformed is not None for ep in live),
+        "reward": sum(ep.reward for ep in live) / n,
+        "accuracy": sum(ep.correct for ep in live) / n,
+        "direct_correct": sum(ep.tier == "direct_correct" for ep in live) / n,
+        "clarification_rate": len(asked) / n,
+        "clarified_accuracy": sum(ep.correct for ep in asked) / max(len(asked), 1),
+        "acc_deny": (sum(bool(ep.deny_correct) for ep in denied) / len(denied)) if denied else float("nan"),
+        "caption_words": sum(len(ep.caption.split()) for ep in live) / n,
+    }
