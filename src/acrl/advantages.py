@@ -149,13 +149,14 @@ def bnpo_advantages(
         raise ValueError(f"max_weight must be finite and positive, got {max_weight}")
     r, mask, n, _ = _prepare(rewards, mask)
     valid = r.masked_select(mask)
-    bad = valid[~((valid >= min_value) & (valid <= max_value))]  # also catches NaN
+    tol = 1e-6 * (max_value - min_value)  # float round-off (e.g. 0.7 + 0.3 in float32) is not an error
+    bad = valid[~((valid >= min_value - tol) & (valid <= max_value + tol))]  # also catches NaN
     if bad.numel():
         raise ValueError(
             f"reward {bad[0].item()!r} outside [min_value, max_value] = [{min_value}, {max_value}]; "
             "adjust min_value / max_value so that every reward rescales into [0, 1]"
         )
-    s = torch.where(mask, (r - min_value) / (max_value - min_value), 0.0)
+    s = torch.where(mask, ((r - min_value) / (max_value - min_value)).clamp(0.0, 1.0), 0.0)
     p_hat = (s.sum(dim=1) / n.clamp(min=1.0)).clamp(0.0, 1.0)
 
     fit = n >= 1

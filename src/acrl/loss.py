@@ -34,7 +34,7 @@ def aggregate(loss: Tensor, mask: Tensor, aggregation: str) -> Tensor:
     """Reduce a per-token loss [N, T] to a scalar with one of ``AGGREGATIONS`` (see module docstring)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
-    loss = loss * mask
+    loss = torch.where(mask.to(torch.bool), loss, 0.0)
     if aggregation == "token-mean":
         return loss.sum() / mask.sum().clamp(min=1.0)
     lengths = mask.sum(dim=1)
@@ -88,9 +88,12 @@ def policy_loss(
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
 
+    dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16 / fp16 log-probs are upcast (token counts)
+    logp, old_logp = logp.to(dtype), old_logp.to(dtype)
+    ref_logp = None if ref_logp is None else ref_logp.to(dtype)
     valid = mask.to(torch.bool)
-    m = valid.to(logp.dtype)
-    adv = advantages.to(logp.dtype).unsqueeze(1)
+    m = valid.to(dtype)
+    adv = advantages.to(dtype).unsqueeze(1)
 
     log_ratio = torch.where(valid, logp - old_logp.detach(), 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)

@@ -282,8 +282,14 @@ class TinyCaptioner:
         return cls(TinyVLM(cfg), tokenizer, lora)
 
     @classmethod
-    def load(cls, path: str, lora: LoraSettings | None = None) -> TinyCaptioner:
-        """Load ``model.pt`` + ``config.json`` + ``vocab.json`` (+ an ``adapter/`` saved by a LoRA run)."""
+    def load(cls, path: str, lora: LoraSettings | None = None, reference: str | None = None) -> TinyCaptioner:
+        """Load ``model.pt`` + ``config.json`` + ``vocab.json`` (+ an ``adapter/`` saved by a LoRA run).
+
+        ``reference``: checkpoint of π_ref when training all weights (default: a frozen copy of ``path``). With
+        LoRA the reference is always the base model with the adapter disabled.
+        """
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"captioner checkpoint directory {path!r} not found")
         for f in ("config.json", "vocab.json", "model.pt"):
             if not os.path.exists(os.path.join(path, f)):
                 raise FileNotFoundError(f"captioner checkpoint {path!r} has no {f}")
@@ -294,6 +300,8 @@ class TinyCaptioner:
         model = TinyVLM(cfg)
         model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True))
         cap = cls(model, tok, lora)
+        if reference and not cap.lora.enabled and os.path.abspath(reference) != os.path.abspath(path):
+            cap.ref_model = cls.load(reference).model.eval().requires_grad_(False)
         adapter = os.path.join(path, "adapter")
         if cap.lora.enabled and os.path.isdir(adapter):
             from peft import set_peft_model_state_dict

@@ -1,0 +1,182 @@
+"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (sections: world, captioner, model, reasoner, warmstart, "
+                                    "train, eval)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def _cfg(args):
+    from acrl.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_world(args) -> int:
+    from acrl.world import make_problems
+    from acrl.world.export import write_dataset
+
+    cfg = _cfg(args)
+    problems = make_problems(args.split, args.n, cfg.world, start=args.start)
+    path = write_dataset(problems, args.out, rng=random.Random(cfg.world.seed), fact_rate=cfg.world.fact_rate)
+    print(f"wrote {len(problems)} {args.split} problems to {path} and a contact sheet to "
+          f"{os.path.join(args.out, 'contact_sheet.png')}")
+    return 0
+
+
+def cmd_warmstart(args) -> int:
+    import torch
+
+    from acrl.warmstart import warm_start
+
+    cfg = _cfg(args)
+    if args.steps:
+        cfg.warmstart.steps = args.steps
+    if args.seed is not None:
+        cfg.warmstart.seed = args.seed
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    warm_start(args.out, cfg.warmstart, cfg.world, cfg.model)
+    print(f"warm-started captioner written to {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from acrl.build import build_clarifier, build_policy, build_reasoner, captioner_path, world_source
+    from acrl.trainer import train
+
+    cfg = _cfg(args)
+    if args.steps:
+        cfg.train.steps = args.steps
+    if args.alpha is not None:
+        cfg.train.alpha = args.alpha
+    base = args.captioner or captioner_path(cfg)
+    start = os.path.join(args.out, "checkpoint", "policy") if args.resume else base
+    policy = build_policy(cfg, path=start, reference=base)
+    clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed)
+    eval_fn = None
+    if cfg.train.eval_every:
+        eval_fn = _periodic_eval(cfg, policy, base)
+    hist = train(cfg, policy, build_reasoner(cfg), clarifier, world_source(cfg), args.out, resume=args.resume,
+                 evaluate_fn=eval_fn, progress=not args.quiet)
+    if hist:
+        last = hist[-1]
+        print(f"done: step {last['step']} reward {last['reward']:.3f} direct-correct {last['direct_correct']:.3f} "
+              f"clarification rate {last['clarification_rate']:.3f}; outputs in {args.out}")
+    return 0
+
+
+def _periodic_eval(cfg, policy, reference_path):
+    from acrl.build import build_clarifier, build_policy, build_reasoner
+    from acrl.evaluate import evaluate
+    from acrl.world import make_problems
+
+    problems = make_problems("val", cfg.train.eval_n, cfg.world)
+    reference = build_policy(cfg, path=reference_path)
+    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, cfg.train.seed + 1)
+    reasoner = build_reasoner(cfg)
+
+    def fn(step: int) -> dict:
+        summary, _ = evaluate(policy, reasoner, clarifier, problems, cfg.eval.batch_size)
+        return {k: summary["overall"][k] for k in ("accuracy", "clarification_rate", "accuracy_with_clarification")}
+    return fn
+
+
+def cmd_eval(args) -> int:
+    from acrl.build import build_clarifier, build_policy, build_reasoner, captioner_path
+    from acrl.evaluate import evaluate, markdown_table, write_results
+    from acrl.world import make_problems
+
+    cfg = _cfg(args)
+    if args.n:
+        cfg.eval.n = args.n
+    ref_path = args.reference or cfg.eval.reference or captioner_path(cfg)
+    path = args.captioner or captioner_path(cfg)
+    policy = build_policy(cfg, path=path, reference=ref_path)
+    reference = policy if os.path.abspath(path) == os.path.abspath(ref_path) else build_policy(cfg, path=ref_path)
+    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, 12345)
+    problems = make_problems(cfg.eval.split, cfg.eval.n, cfg.world)
+    t = time.time()
+    summary, items = evaluate(policy, build_reasoner(cfg), clarifier, problems, cfg.eval.batch_size, progress=True)
+    summary["captioner"], summary["seconds"] = path, round(time.time() - t, 1)
+    write_results(args.out, summary, items, title=f"{os.path.basename(os.path.normpath(path))} on {cfg.eval.split}")
+    print(markdown_table(summary))
+    print(f"results in {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from acrl.demo import run_demo
+
+    run_demo(_cfg(args), args.out, full=args.full, warmstart=args.warmstart)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="acrl", description="Adaptive-Clarification RL: train a vision-language captioner to write what a "
+                                 "text-only reasoner needs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("world", help="generate embedded-world problems: images, a JSONL file and a contact sheet")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=100, help="number of problems")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="seed range to draw from")
+    p.add_argument("--start", type=int, default=0, help="index of the first problem in the split")
+    p.set_defaults(fn=cmd_world)
+
+    p = sub.add_parser("warmstart", help="supervised warm start of the world captioner (the pretrained policy)")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, help="override warmstart.steps")
+    p.add_argument("--seed", type=int, help="override warmstart.seed")
+    p.set_defaults(fn=cmd_warmstart)
+
+    p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, episodes.jsonl, checkpoint/)")
+    p.add_argument("--captioner", help="starting checkpoint, also π_ref (default: captioner.path or the shipped one)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--alpha", type=float, help="override train.alpha (0 = binary-reward ablation)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="single-pass and clarification-enabled evaluation on held-out problems")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="directory for summary.json, table.md, items.jsonl")
+    p.add_argument("--captioner", help="checkpoint to evaluate (e.g. RUN/checkpoint/policy)")
+    p.add_argument("--reference", help="π_ref checkpoint that answers clarifications (default: eval.reference, "
+                                       "else the shipped warm-started captioner)")
+    p.add_argument("--n", type=int, help="override eval.n")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("demo", help="world -> warm start -> eval -> AC-RL -> eval -> binary RL -> eval -> report")
+    _add_config(p)
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--full", action="store_true", help="also run the sparse and noisy-clarifier regimes")
+    p.add_argument("--warmstart", action="store_true", help="re-run the warm start instead of the shipped one")
+    p.set_defaults(fn=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"acrl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

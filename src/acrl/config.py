@@ -1,0 +1,177 @@
+"""Configuration: dataclasses with documented fields, loaded from YAML (``configs/``) with ``--set a.b=v`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import yaml
+
+from acrl.backends.tiny import LoraSettings, TinyVLMConfig
+from acrl.warmstart import WarmStartConfig
+from acrl.world import WorldConfig
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+SHIPPED_CAPTIONER = os.path.join(ASSETS, "world-captioner")
+
+
+@dataclass
+class CaptionerConfig:
+    """The trainable captioner (and, through it, the reference π_ref).
+
+    Attributes:
+        backend: ``tiny`` (the embedded world's PyTorch VLM).
+        path: checkpoint directory; empty = the shipped warm-started world captioner.
+        lora: LoRA settings (``lora.enabled: false`` trains all weights and keeps a frozen copy as π_ref).
+        temperature: sampling temperature for training captions.
+        max_new_tokens: caption length cap in tokens.
+    """
+
+    backend: str = "tiny"
+    path: str = ""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    temperature: float = 1.0
+    max_new_tokens: int = 40
+
+
+@dataclass
+class ReasonerConfig:
+    """The frozen text-only reasoner.
+
+    Attributes:
+        backend: ``world`` (deterministic world reasoner).
+        read_budget: statements of a caption the world reasoner reads before it stops reading.
+    """
+
+    backend: str = "world"
+    read_budget: int = 6
+
+
+@dataclass
+class TrainConfig:
+    """AC-RL training.
+
+    Attributes:
+        steps: optimisation steps (each: sample problems, M captions each, episodes, one update).
+        problems_per_step: problems per step (B).
+        samples_per_problem: captions per problem (M, the advantage group; 8 in the paper).
+        alpha: reward for a correct answer after one clarification (0.7 in the paper, 0 = binary ablation).
+        advantage: ``bnpo`` | ``bnpo_decomposed`` | ``grpo`` | ``rloo`` | ``reinforce``.
+        lr: AdamW learning rate (constant after ``warmup`` steps of linear warm-up).
+        warmup: warm-up steps. weight_decay: AdamW weight decay. grad_clip: max gradient norm.
+        clip_low / clip_high: PPO ratio clip range [1-clip_low, 1+clip_high].
+        kl_beta: weight of the k3 KL penalty to π_ref.
+        aggregation: token aggregation of the loss (``seq-mean-token-mean``, ``seq-mean-token-sum``, ``token-mean``,
+            ``seq-mean-token-sum-norm``).
+        epochs: optimisation passes over each rollout batch (old log-probs kept for the ratio).
+        micro_batch: caption rows per forward/backward (gradients accumulate over the step).
+        clarifier_noise: probability that π_ref's answer states a wrong value (world regime "noisy clarifier").
+        max_failed_fraction: skip a step whose failed-episode share exceeds this.
+        eval_every: steps between held-out evaluations during training (0: none). eval_n: problems per check.
+        checkpoint_every: steps between checkpoints (the last step always writes one).
+        log_episodes: groups per step whose transcripts go to ``episodes.jsonl``.
+        seed: seed of model sampling and data order.
+        threads: torch CPU threads (0: torch's default).
+    """
+
+    steps: int = 100
+    problems_per_step: int = 16
+    samples_per_problem: int = 8
+    alpha: float = 0.7
+    advantage: str = "bnpo"
+    lr: float = 3e-4
+    warmup: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_beta: float = 0.02
+    aggregation: str = "seq-mean-token-mean"
+    epochs: int = 1
+    micro_batch: int = 128
+    clarifier_noise: float = 0.0
+    max_failed_fraction: float = 0.5
+    eval_every: int = 0
+    eval_n: int = 200
+    checkpoint_every: int = 50
+    log_episodes: int = 2
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation.
+
+    Attributes:
+        split: world split to evaluate on. n: number of problems.
+        batch_size: problems per captioning batch.
+        reference: checkpoint of π_ref that answers clarifications (empty: the shipped warm-started captioner).
+    """
+
+    split: str = "test"
+    n: int = 500
+    batch_size: int = 100
+    reference: str = ""
+
+
+@dataclass
+class Config:
+    """Everything one run needs. Sections: world, captioner, model (tiny captioner size), reasoner, warmstart,
+    train, eval."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    model: TinyVLMConfig = field(default_factory=TinyVLMConfig)
+    reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where or 'root'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or 'root'}; known: {sorted(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _build(t, v, f"{where}.{k}".lstrip("."))
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _coerce(value: str) -> Any:
+    return yaml.safe_load(value)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (sections as in :class:`Config`) and apply ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path!r} not found")
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} must look like section.key=value")
+        key, value = ov.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _coerce(value)
+    return _build(Config, data, "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,108 @@
+"""Evaluation: single-pass accuracy (the paper's inference protocol) and clarification-enabled metrics.
+
+For each held-out problem the captioner writes one greedy caption c0. Then:
+
+- single pass: the reasoner must answer from c0 (``clarification=off``) -> **accuracy**;
+- clarification enabled: the reasoner may ask once, π_ref answers -> **clarification rate**, **accuracy with
+  clarification**, the **gap** (with minus without), and **Acc_deny**: among the episodes that asked, the accuracy
+  when the request is refused and the reasoner must answer from c0 alone.
+
+Results break down by family (or benchmark category) and by the number of facts a question needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Sequence
+
+from tqdm import tqdm
+
+from acrl.episode import Clarifier, EpisodeConfig, Reasoner, run_episodes
+from acrl.problem import Problem
+
+
+def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequence[Problem], batch_size: int = 100,
+             progress: bool = False, desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Returns ``(summary, items)``; ``summary['overall']`` and ``summary['by_<key>'][value]`` hold the metrics."""
+    items: list[dict] = []
+    for i in tqdm(range(0, len(problems), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
+        batch = list(problems[i:i + batch_size])
+        roll = policy.generate([p.image for p in batch], [p.question_with_choices() for p in batch], n=1, greedy=True)
+        sp = run_episodes(batch, roll.texts, reasoner, None, EpisodeConfig(clarification="off"))
+        cl = run_episodes(batch, roll.texts, reasoner, clarifier, EpisodeConfig(clarification="on", record_deny=True))
+        for p, (a,), (b,) in zip(batch, sp, cl):
+            items.append({
+                "id": p.id, "family": p.family, "category": p.category, "needed": len(p.needed),
+                "question": p.question, "answer": p.answer, "caption": a.caption,
+                "prediction": a.prediction, "correct": a.correct, "failed": a.tier == "failed" or b.tier == "failed",
+                "malformed": a.malformed or b.malformed, "asked": b.decision == "ask",
+                "clarification_question": b.question, "clarification": b.clarification,
+                "clarified_prediction": b.prediction, "clarified_correct": b.correct,
+                "deny_correct": b.deny_correct,
+            })
+    return summarize(items), items
+
+
+def _metrics(rows: list[dict]) -> dict:
+    live = [r for r in rows if not r["failed"]]
+    n = len(live)
+    if not n:
+        return {"n": 0, "failed": len(rows)}
+    asked = [r for r in live if r["asked"]]
+    acc = sum(r["correct"] for r in live) / n
+    acc_clar = sum(r["clarified_correct"] for r in live) / n
+    denied = [r for r in asked if r["deny_correct"] is not None]
+    return {
+        "n": n,
+        "failed": len(rows) - n,
+        "malformed": sum(bool(r["malformed"]) for r in live),
+        "accuracy": acc,
+        "clarification_rate": len(asked) / n,
+        "accuracy_with_clarification": acc_clar,
+        "clarification_gap": acc_clar - acc,
+        "acc_deny": sum(bool(r["deny_correct"]) for r in denied) / len(denied) if denied else float("nan"),
+        "caption_words": sum(len(r["caption"].split()) for r in live) / n,
+    }
+
+
+def summarize(items: list[dict]) -> dict:
+    out: dict = {"overall": _metrics(items)}
+    for key in ("family", "needed"):
+        groups: dict = defaultdict(list)
+        for r in items:
+            groups[r[key]].append(r)
+        out[f"by_{key}"] = {str(k): _metrics(v) for k, v in sorted(groups.items())}
+    return out
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "–" if math.isnan(x) else f"{100 * x:.1f}"
+    return str(x)
+
+
+def markdown_table(summary: dict, title: str = "") -> str:
+    cols = ["n", "accuracy", "clarification_rate", "accuracy_with_clarification", "clarification_gap", "acc_deny"]
+    head = ["", "n", "single-pass acc %", "clar. rate %", "acc. with clar. %", "gap (pts)", "Acc_deny %"]
+    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |",
+                                                      "|" + "---|" * len(head)]
+    rows = [("overall", summary["overall"])]
+    rows += [(f"family {k}", v) for k, v in summary.get("by_family", {}).items()]
+    rows += [(f"{k} fact(s)", v) for k, v in summary.get("by_needed", {}).items()]
+    for name, m in rows:
+        lines.append("| " + " | ".join([name] + [_fmt(m.get(c, float("nan"))) for c in cols]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: str, summary: dict, items: list[dict], title: str = "") -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    with open(os.path.join(out, "items.jsonl"), "w") as fh:
+        for r in items:
+            fh.write(json.dumps(r) + "\n")
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write(markdown_table(summary, title))

@@ -1,0 +1,237 @@
+"""The AC-RL training loop: rollout -> episodes -> advantages -> update; metrics, transcripts, checkpoints.
+
+One step::
+
+    problems (B)  ──► policy.generate(n=M)      captions c0 with old log-probs
+                  ──► run_episodes(...)          reasoner decides; π_ref answers the clarified subset; tiered reward
+                  ──► compute_advantages(...)    BNPO (or GRPO / RLOO) over each group of M
+                  ──► policy_loss(...)           clipped surrogate + β·KL(π_θ || π_ref), only caption tokens
+                  ──► optimizer step
+
+The trainer only talks to the ``Policy``, ``Reasoner`` and ``Clarifier`` protocols; which backend sits behind them
+is decided by ``acrl.build``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from acrl.advantages import compute_advantages, tiered_components
+from acrl.backends.base import Policy
+from acrl.config import Config, to_dict
+from acrl.episode import Clarifier, EpisodeConfig, Reasoner, episode_metrics, run_episodes
+from acrl.loss import policy_loss
+from acrl.problem import Problem
+
+ProblemSource = Callable[[int, int], list[Problem]]  # (start index, count) -> problems
+
+
+class _Timed:
+    """Wraps a reasoner or clarifier and accumulates the seconds spent in it."""
+
+    def __init__(self, inner, method: str):
+        self.inner, self.method, self.seconds = inner, method, 0.0
+
+    def _call(self, *args):
+        t = time.perf_counter()
+        try:
+            return getattr(self.inner, self.method)(*args)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def complete(self, prompts):
+        return self._call(prompts)
+
+    def answer(self, images, questions):
+        return self._call(images, questions)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    cursor: int = 0  # index of the next training problem
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+
+
+def save_checkpoint(path: str, policy: Policy, opt: torch.optim.Optimizer, state: TrainState, cfg: Config) -> None:
+    """Write ``path`` atomically: everything goes to a temporary directory that is renamed into place."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    policy.save(os.path.join(tmp, "policy"))
+    torch.save({"optimizer": opt.state_dict(), "rng": _rng_state(), "step": state.step, "cursor": state.cursor},
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as fh:
+        json.dump(to_dict(cfg), fh, indent=1)
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str, policy_opt: torch.optim.Optimizer) -> TrainState:
+    blob = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    policy_opt.load_state_dict(blob["optimizer"])
+    _set_rng_state(blob["rng"])
+    return TrainState(step=blob["step"], cursor=blob["cursor"])
+
+
+def rollout_step(policy: Policy, problems: list[Problem], reasoner: Reasoner, clarifier: Clarifier, cfg: Config):
+    """Generate M captions per problem and run their episodes. Returns (rollout, groups, seconds per phase)."""
+    tc = cfg.train
+    t0 = time.perf_counter()
+    rollout = policy.generate([p.image for p in problems], [p.question_with_choices() for p in problems],
+                              n=tc.samples_per_problem, temperature=cfg.captioner.temperature,
+                              max_new_tokens=cfg.captioner.max_new_tokens)
+    t_gen = time.perf_counter() - t0
+    timed_r, timed_c = _Timed(reasoner, "complete"), _Timed(clarifier, "answer")
+    groups = run_episodes(problems, rollout.texts, timed_r, timed_c, EpisodeConfig(alpha=tc.alpha, clarification="on"))
+    return rollout, groups, {"generation": t_gen, "reasoner": timed_r.seconds, "clarification": timed_c.seconds}
+
+
+def update(policy: Policy, opt: torch.optim.Optimizer, rollout, advantages: torch.Tensor, valid: torch.Tensor,
+           cfg: Config) -> dict:
+    """One or more optimisation epochs over the rollout; only valid (non-failed) caption rows carry gradient."""
+    tc = cfg.train
+    rows = rollout.tokens.shape[0]
+    mask = rollout.mask * valid[:, None].float()
+    adv = advantages.to(torch.float32)
+    ref = torch.cat([policy.logprobs(rollout, slice(i, i + tc.micro_batch), reference=True)
+                     for i in range(0, rows, tc.micro_batch)]) if tc.kl_beta > 0 else None
+    total_tokens = mask.sum().clamp(min=1)
+    n_seqs = (mask.sum(1) > 0).sum().clamp(min=1)
+    params = policy.trainable_parameters()
+    stats: dict[str, float] = {}
+    for _ in range(tc.epochs):
+        opt.zero_grad(set_to_none=True)
+        agg: dict[str, float] = {}
+        for i in range(0, rows, tc.micro_batch):
+            sl = slice(i, i + tc.micro_batch)
+            m = mask[sl]
+            if m.sum() == 0:
+                continue
+            logp = policy.logprobs(rollout, sl)
+            loss, st = policy_loss(logp, rollout.logprobs[sl], adv[sl], m, None if ref is None else ref[sl],
+                                   clip_low=tc.clip_low, clip_high=tc.clip_high, kl_beta=tc.kl_beta,
+                                   aggregation=tc.aggregation)
+            share = (m.sum() / total_tokens) if tc.aggregation == "token-mean" else ((m.sum(1) > 0).sum() / n_seqs)
+            (loss * share).backward()
+            for k in ("loss", "kl_mean", "clip_frac", "ratio_mean"):
+                if k in st:
+                    agg[k] = agg.get(k, 0.0) + float(st[k]) * float(share)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        stats = {**agg, "grad_norm": float(grad_norm)}
+    return stats
+
+
+def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier, problems: ProblemSource,
+          out: str, resume: bool = False, evaluate_fn: Callable[[int], dict] | None = None,
+          progress: bool = True) -> list[dict]:
+    """Run AC-RL; writes ``metrics.jsonl``, ``episodes.jsonl``, ``checkpoint/`` under ``out``. Returns the metrics."""
+    tc = cfg.train
+    os.makedirs(out, exist_ok=True)
+    _set_seed(tc.seed)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    state = TrainState()
+    ckpt = os.path.join(out, "checkpoint")
+    if resume:
+        if not os.path.exists(os.path.join(ckpt, "state.pt")):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt!r}")
+        state = load_checkpoint(ckpt, opt)
+    mode = "a" if resume else "w"
+    if resume:   # keep only the metrics of steps that the checkpoint covers
+        _truncate_jsonl(os.path.join(out, "metrics.jsonl"), state.step)
+        _truncate_jsonl(os.path.join(out, "episodes.jsonl"), state.step)
+    history: list[dict] = []
+    mf = open(os.path.join(out, "metrics.jsonl"), mode)
+    ef = open(os.path.join(out, "episodes.jsonl"), mode)
+    bar = tqdm(total=tc.steps, initial=state.step, desc=f"train α={tc.alpha}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while state.step < tc.steps:
+            t_step = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = tc.lr * min(1.0, (state.step + 1) / tc.warmup) if tc.warmup else tc.lr
+            batch = problems(state.cursor, tc.problems_per_step)
+            state.cursor += tc.problems_per_step
+            rollout, groups, times = rollout_step(policy, batch, reasoner, clarifier, cfg)
+            rewards = torch.tensor([[ep.reward for ep in g] for g in groups], dtype=torch.float64)
+            valid = torch.tensor([[ep.tier != "failed" for ep in g] for g in groups])
+            em = episode_metrics(groups)
+            rec: dict = {"step": state.step + 1, **{k: v for k, v in em.items() if k != "acc_deny"}}
+            failed_frac = 1.0 - valid.float().mean().item()
+            if failed_frac > tc.max_failed_fraction:
+                rec["skipped"] = f"{failed_frac:.0%} of episodes failed (limit {tc.max_failed_fraction:.0%})"
+                tqdm.write(f"step {state.step + 1}: skipped, {rec['skipped']}")
+            else:
+                kw = {}
+                if tc.advantage == "bnpo_decomposed":
+                    correct = torch.tensor([[ep.correct for ep in g] for g in groups])
+                    direct = torch.tensor([[ep.tier == "direct_correct" for ep in g] for g in groups])
+                    kw["components"], kw["weights"] = tiered_components(correct, direct, tc.alpha)
+                adv, ast = compute_advantages(torch.nan_to_num(rewards, nan=0.0), tc.advantage, mask=valid, **kw)
+                t0 = time.perf_counter()
+                ust = update(policy, opt, rollout, adv.reshape(-1), valid.reshape(-1), cfg)
+                times["update"] = time.perf_counter() - t0
+                rec.update({k: v for k, v in ast.items() if isinstance(v, (int, float))})
+                rec.update(ust)
+            rec["caption_tokens"] = float(rollout.mask.sum(1).mean())
+            rec["lr"] = opt.param_groups[0]["lr"]
+            rec.update({f"time_{k}": round(v, 4) for k, v in times.items()})
+            rec["time_step"] = round(time.perf_counter() - t_step, 4)
+            state.step += 1
+            if evaluate_fn and tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
+                rec["eval"] = evaluate_fn(state.step)
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            for g in groups[: tc.log_episodes]:
+                for ep in g:
+                    ef.write(json.dumps({"step": state.step, **ep.to_json()}) + "\n")
+            ef.flush()
+            history.append(rec)
+            bar.update(1)
+            bar.set_postfix(reward=f"{rec['reward']:.2f}", direct=f"{rec['direct_correct']:.2f}",
+                            clar=f"{rec['clarification_rate']:.2f}", kl=f"{rec.get('kl_mean', 0):.3f}")
+            if state.step % tc.checkpoint_every == 0 or state.step == tc.steps:
+                save_checkpoint(ckpt, policy, opt, state, cfg)
+    finally:
+        bar.close()
+        mf.close()
+        ef.close()
+    return history
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    with open(path, "w") as fh:
+        fh.writelines(keep)

@@ -1,0 +1,57 @@
+import json
+
+from conftest import MICRO, run_cli
+
+
+def _lines(path):
+    return [json.loads(x) for x in open(path) if x.strip()]
+
+
+def test_help_lists_every_subcommand():
+    out = run_cli("--help").stdout
+    for cmd in ("world", "warmstart", "train", "eval", "demo"):
+        assert cmd in out
+
+
+def test_world_writes_dataset_and_contact_sheet(tmp_path):
+    run_cli("world", "--out", tmp_path, "--n", 6, "--split", "test")
+    rows = _lines(tmp_path / "problems.jsonl")
+    assert len(rows) == 6 and all((tmp_path / r["image"]).exists() for r in rows)
+    assert {"question", "answer", "facts", "needed", "human_caption", "clarifications"} <= set(rows[0])
+    assert (tmp_path / "contact_sheet.png").stat().st_size > 1000
+
+
+def test_train_checkpoint_resume_and_eval(tmp_path, micro_captioner):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", straight, "--steps", 4, "--quiet")
+    run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", split, "--steps", 2, "--quiet")
+    assert (split / "checkpoint" / "state.pt").exists() and (split / "checkpoint" / "policy" / "model.pt").exists()
+    run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", split, "--steps", 4, "--resume",
+            "--quiet")
+    a, b = _lines(straight / "metrics.jsonl"), _lines(split / "metrics.jsonl")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    keys = ("reward", "clarification_rate", "loss", "kl_mean", "caption_tokens")
+    for x, y in zip(a, b):   # resuming reproduces the uninterrupted run exactly
+        assert all(abs(x[k] - y[k]) < 1e-6 for k in keys), (x, y)
+    m = a[-1]
+    for k in ("reward", "direct_correct", "clarification_rate", "clarified_accuracy", "uniform_frac", "kl_mean",
+              "clip_frac", "caption_tokens", "time_generation", "time_reasoner", "time_clarification", "time_update"):
+        assert k in m, k
+    eps = _lines(straight / "episodes.jsonl")
+    assert eps and {"caption", "decision", "tier", "reward", "replies"} <= set(eps[0])
+    run_cli("eval", "--config", MICRO, "--captioner", straight / "checkpoint" / "policy", "--reference", micro_captioner, "--out", tmp_path / "ev")
+    summary = json.load(open(tmp_path / "ev" / "summary.json"))
+    assert summary["overall"]["n"] == 8
+    assert 0 <= summary["overall"]["accuracy"] <= 1 and "by_family" in summary
+    assert len(_lines(tmp_path / "ev" / "items.jsonl")) == 8
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, micro_captioner):
+    p = run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", tmp_path / "none", "--resume",
+                check=False)
+    assert p.returncode != 0 and "checkpoint" in p.stderr
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+    p = run_cli("train", "--config", MICRO, "--set", "train.lr_typo=1", "--out", tmp_path, check=False)
+    assert p.returncode == 2 and "lr_typo" in p.stderr

@@ -1,0 +1,141 @@
+import math
+
+import pytest
+
+from acrl.episode import (
+    EpisodeConfig, decision_prompt, episode_metrics, final_prompt, parse_prompt, parse_reply, run_episodes,
+    single_pass_prompt, tier_reward,
+)
+from acrl.problem import Problem
+
+
+def _problem(i=0, answer="7"):
+    return Problem(id=f"p{i}", image=None, question="what is the height of the red bar ?", answer=answer)
+
+
+class ScriptedReasoner:
+    """Replies by caption: 'solve:X' -> SOLVED X; 'ask' -> NEED MORE INFO; 'junk' -> malformed; 'boom' -> error."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def complete(self, prompts):
+        self.prompts.append(list(prompts))
+        out = []
+        for p in prompts:
+            sec = parse_prompt(p)
+            cap = sec["caption"]
+            if sec["mode"] == "final":
+                out.append(f"SOLVED \\boxed{{{sec['clarification'].split()[-1]}}}")
+            elif cap.startswith("solve:"):
+                out.append(f"<think>easy</think>SOLVED \\boxed{{{cap.split(':')[1]}}}")
+            elif cap == "ask" and sec["mode"] == "decide":
+                out.append("need more info\n  What is the height of the red bar?")
+            elif cap == "ask":
+                out.append("SOLVED \\boxed{5}")          # forced to answer: a guess
+            elif cap == "boom":
+                out.append(RuntimeError("HTTP 500 from reasoner"))
+            else:
+                out.append("I am not sure what to do.")
+        return out
+
+
+class RecordingClarifier:
+    def __init__(self, value="7"):
+        self.calls, self.value = [], value
+
+    def answer(self, images, questions):
+        self.calls.append(list(questions))
+        return [f"the red bar is {self.value}" for _ in questions]
+
+
+def test_every_tier_and_reward():
+    ps = [_problem(0), _problem(1)]
+    caps = [["solve:7", "solve:3", "ask", "junk"], ["ask", "boom", "solve:7", "ask"]]
+    clar = RecordingClarifier()
+    groups = run_episodes(ps, caps, ScriptedReasoner(), clar, EpisodeConfig(alpha=0.7))
+    tiers = [[e.tier for e in g] for g in groups]
+    assert tiers == [["direct_correct", "wrong", "clarified_correct", "wrong"],
+                     ["clarified_correct", "failed", "direct_correct", "clarified_correct"]]
+    rewards = [e.reward for e in groups[0]]
+    assert rewards == [1.0, 0.0, 0.7, 0.0]
+    assert math.isnan(groups[1][1].reward) and "HTTP 500" in groups[1][1].error
+    assert groups[0][3].malformed == "no_decision"
+    # only the clarified subset went to the reference, in one batch
+    assert clar.calls == [["What is the height of the red bar?"] * 3]
+    ep = groups[0][2]
+    assert ep.question and ep.clarification == "the red bar is 7" and len(ep.replies) == 2
+    m = episode_metrics(groups)
+    assert m["failed"] == 1 and m["malformed"] == 1
+    assert m["clarification_rate"] == pytest.approx(3 / 7)
+
+
+def test_binary_ablation_gives_zero_for_clarified_answers():
+    groups = run_episodes([_problem()], [["ask", "solve:7"]], ScriptedReasoner(), RecordingClarifier(),
+                          EpisodeConfig(alpha=0.0))
+    assert [e.reward for e in groups[0]] == [0.0, 1.0]
+    assert groups[0][0].tier == "clarified_correct"
+
+
+def test_single_pass_mode_never_clarifies():
+    r, clar = ScriptedReasoner(), RecordingClarifier()
+    groups = run_episodes([_problem()], [["ask", "solve:7"]], r, clar, EpisodeConfig(clarification="off"))
+    assert clar.calls == []
+    assert all("NEED MORE INFO" not in p for p in r.prompts[0])
+    assert groups[0][0].prediction == "5" and groups[0][0].tier == "wrong"
+    assert groups[0][1].tier == "direct_correct"
+
+
+def test_deny_mode_and_record_deny():
+    r = ScriptedReasoner()
+    g = run_episodes([_problem(answer="5")], [["ask"]], r, RecordingClarifier(), EpisodeConfig(record_deny=True))
+    assert g[0][0].tier == "wrong" and g[0][0].deny_correct is True     # clarified 7 is wrong; the guess 5 is right
+    clar = RecordingClarifier()
+    g = run_episodes([_problem(answer="5")], [["ask"]], ScriptedReasoner(), clar, EpisodeConfig(clarification="deny"))
+    assert clar.calls == [] and g[0][0].deny_correct is True
+
+
+def test_clarification_on_needs_a_clarifier():
+    with pytest.raises(ValueError, match="clarifier"):
+        run_episodes([_problem()], [["ask"]], ScriptedReasoner(), None, EpisodeConfig())
+
+
+@pytest.mark.parametrize("text,kind,field", [
+    ("SOLVED \\boxed{7}", "solved", "7"),
+    ("solved.\n\nThe answer is \\boxed{\\frac{1}{2}}", "solved", "\\frac{1}{2}"),
+    ("<think>maybe NEED MORE INFO? no.</think>\nSOLVED \\boxed{3}", "solved", "3"),
+    ("<think>I have all I need</think>NEED MORE INFO\nWhat is the width of the rectangle?", "ask",
+     "What is the width of the rectangle?"),
+    ("  Need More Information:  how many blue shapes are there?  ", "ask", "how many blue shapes are there?"),
+    ("NEED MORE INFO\nQuestion: What is the base of the triangle?\nThanks", "ask", "What is the base of the triangle?"),
+    ("I think \\boxed{4} but NEED MORE INFO\n- what is the height of the green bar ?", "ask",
+     "what is the height of the green bar ?"),
+    ("NEED MORE INFO", "malformed", "ask_without_question"),
+    ("SOLVED", "malformed", "no_answer"),
+    ("", "malformed", "empty"),
+    ("<think>still thinking about the bars", "malformed", "only_thinking"),
+    ("The figure is nice.", "malformed", "no_decision"),
+])
+def test_parse_reply(text, kind, field):
+    r = parse_reply(text)
+    assert r.kind == kind
+    assert {"solved": r.answer, "ask": r.question, "malformed": r.reason}[kind] == field
+
+
+def test_prompts_round_trip_through_parse_prompt():
+    q, c = "what is the sum of the red and blue bars ?", "a bar chart ; the red bar is 3"
+    d = parse_prompt(decision_prompt(q, c))
+    assert (d["question"], d["caption"], d["mode"]) == (q, c, "decide")
+    assert parse_prompt(single_pass_prompt(q, c))["mode"] == "answer"
+    f = parse_prompt(final_prompt(q, c, "what is the height of the blue bar ?", "the blue bar is 4"))
+    assert (f["mode"], f["asked"], f["clarification"], f["caption"]) == (
+        "final", "what is the height of the blue bar ?", "the blue bar is 4", c)
+
+
+def test_tier_reward_values():
+    assert tier_reward("direct_correct") == 1.0
+    assert tier_reward("clarified_correct", 0.7) == 0.7
+    assert tier_reward("clarified_correct", 0.0) == 0.0
+    assert tier_reward("wrong") == 0.0
+    with pytest.raises(ValueError):
+        EpisodeConfig(clarification="maybe")
