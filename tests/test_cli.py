@@ -55,3 +55,21 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, micro_captioner):
 def test_unknown_config_key_is_a_clear_error(tmp_path):
     p = run_cli("train", "--config", MICRO, "--set", "train.lr_typo=1", "--out", tmp_path, check=False)
     assert p.returncode == 2 and "lr_typo" in p.stderr
+
+
+def test_train_with_lora_through_the_cli(tmp_path, micro_captioner):
+    run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", tmp_path, "--steps", 2,
+            "--set", "captioner.lora.enabled=true", "--set", "captioner.lora.r=4", "--quiet")
+    assert (tmp_path / "checkpoint" / "policy" / "adapter" / "adapter_config.json").exists()
+    m = _lines(tmp_path / "metrics.jsonl")
+    assert len(m) == 2 and all("loss" in x for x in m)
+
+
+def test_missing_tracker_package_is_a_clear_error(tmp_path, micro_captioner):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb"):
+        return
+    p = run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", tmp_path, "--report-to",
+                "wandb", check=False)
+    assert p.returncode == 2 and "pip install wandb" in p.stderr

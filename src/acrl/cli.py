@@ -61,6 +61,8 @@ def cmd_train(args) -> int:
         cfg.train.steps = args.steps
     if args.alpha is not None:
         cfg.train.alpha = args.alpha
+    if args.report_to:
+        cfg.train.report_to = args.report_to
     base = args.captioner or captioner_path(cfg)
     start = os.path.join(args.out, "checkpoint", "policy") if args.resume else base
     policy = build_policy(cfg, path=start, reference=base)
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--alpha", type=float, help="override train.alpha (0 = binary-reward ablation)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--report-to", help="also log to tensorboard / wandb / all (through accelerate's trackers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 

@@ -74,6 +74,8 @@ class TrainConfig:
         log_episodes: groups per step whose transcripts go to ``episodes.jsonl``.
         seed: seed of model sampling and data order.
         threads: torch CPU threads (0: torch's default).
+        report_to: also send step metrics to experiment trackers through accelerate (``tensorboard``, ``wandb``,
+            ``all``; empty: only ``metrics.jsonl``). The tracker's package must be installed.
     """
 
     steps: int = 100
@@ -99,6 +101,7 @@ class TrainConfig:
     log_episodes: int = 2
     seed: int = 0
     threads: int = 0
+    report_to: str = ""
 
 
 @dataclass

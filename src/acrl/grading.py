@@ -522,7 +522,6 @@ def _exact_letter(pred: str) -> str | None:
     m = _EXACT_LETTER_RE.match(pred)
     if m is None:
         return None
-    # Without a parenthesis / keyword, a lone lowercase word-letter is still taken as a letter ("b").
     return m.group(1).upper()
 
 

@@ -170,6 +170,7 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
         _truncate_jsonl(os.path.join(out, "metrics.jsonl"), state.step)
         _truncate_jsonl(os.path.join(out, "episodes.jsonl"), state.step)
     history: list[dict] = []
+    tracker = _Trackers(tc.report_to, out, cfg) if tc.report_to else None
     mf = open(os.path.join(out, "metrics.jsonl"), mode)
     ef = open(os.path.join(out, "episodes.jsonl"), mode)
     bar = tqdm(total=tc.steps, initial=state.step, desc=f"train α={tc.alpha}", disable=not progress,
@@ -216,6 +217,8 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
                     ef.write(json.dumps({"step": state.step, **ep.to_json()}) + "\n")
             ef.flush()
             history.append(rec)
+            if tracker:
+                tracker.log(rec)
             bar.update(1)
             bar.set_postfix(reward=f"{rec['reward']:.2f}", direct=f"{rec['direct_correct']:.2f}",
                             clar=f"{rec['clarification_rate']:.2f}", kl=f"{rec.get('kl_mean', 0):.3f}")
@@ -225,7 +228,38 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
         bar.close()
         mf.close()
         ef.close()
+        if tracker:
+            tracker.close()
     return history
+
+
+class _Trackers:
+    """Step metrics to TensorBoard / Weights & Biases through accelerate's tracker API."""
+
+    def __init__(self, report_to: str, out: str, cfg: Config):
+        import importlib.util
+
+        from accelerate import Accelerator
+
+        need = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}
+        for name in (list(need) if report_to == "all" else report_to.split(",")):
+            if name not in need:
+                raise ValueError(f"train.report_to: unknown tracker {name!r} (tensorboard, wandb, all)")
+            if not any(importlib.util.find_spec(m) for m in need[name]):
+                raise ValueError(f"train.report_to={report_to!r} needs the {need[name][0]!r} package: "
+                                 f"pip install {need[name][0]}")
+        self.acc = Accelerator(log_with=report_to, project_dir=out, cpu=True)
+        flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if isinstance(d, dict)
+                for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+        self.acc.init_trackers("acrl", config=flat)
+
+    def log(self, rec: dict) -> None:
+        vals = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+        vals.update({f"eval/{k}": v for k, v in rec.get("eval", {}).items()})
+        self.acc.log(vals, step=rec["step"])
+
+    def close(self) -> None:
+        self.acc.end_training()
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:

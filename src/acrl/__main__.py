@@ -1,0 +1,3 @@
+from acrl.cli import main
+
+raise SystemExit(main())
