@@ -73,3 +73,17 @@ def test_missing_tracker_package_is_a_clear_error(tmp_path, micro_captioner):
     p = run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", tmp_path, "--report-to",
                 "wandb", check=False)
     assert p.returncode == 2 and "pip install wandb" in p.stderr
+
+
+def test_demo_pipeline_on_a_micro_budget(tmp_path):
+    """The whole `acrl demo` pipeline (shipped captioner, both arms, report) on a tiny budget."""
+    run_cli("demo", "--config", MICRO, "--out", tmp_path, "--set", "train.eval_every=2", "--set", "train.eval_n=8")
+    report = (tmp_path / "report.md").read_text()
+    assert "AC-RL" in report and "binary" in report and "single-pass" in report
+    assert (tmp_path / "curves-default.png").stat().st_size > 5000
+    for arm in ("pretrained", "acrl", "binary"):
+        s = json.load(open(tmp_path / "default" / f"eval-{arm}" / "summary.json"))
+        assert s["overall"]["n"] == 8
+    hist = _lines(tmp_path / "default" / "acrl" / "metrics.jsonl")
+    assert [h["step"] for h in hist] == [1, 2, 3] and "eval" in hist[1]
+    assert (tmp_path / "world" / "contact_sheet.png").exists()

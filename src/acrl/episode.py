@@ -24,7 +24,7 @@ from typing import Protocol, Sequence
 
 from PIL import Image
 
-from acrl.grading import extract_answer, grade
+from acrl.grading import extract_answer, grade, strip_think
 from acrl.problem import Problem
 
 # --- prompts -----------------------------------------------------------------------------------------------------
@@ -135,19 +135,8 @@ class Reply:
     reason: str | None = None
 
 
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 _ASK = re.compile(r"need\s+more\s+info(?:rmation)?\b[\s:.\-]*", re.I)
 _SOLVED = re.compile(r"\bsolved\b", re.I)
-
-
-def strip_think(text: str) -> str:
-    """Remove R1-style ``<think>...</think>`` blocks (and a reply that opens its thinking without the tag)."""
-    text = _THINK.sub(" ", text)
-    if "</think>" in text.lower():                      # "...thinking</think> answer" (opening tag in the prompt)
-        text = re.split(r"</think>", text, flags=re.I)[-1]
-    if "<think>" in text.lower():                       # unclosed: everything after the tag is unfinished thought
-        text = re.split(r"<think>", text, flags=re.I)[0]
-    return text.strip()
 
 
 def parse_reply(text: str) -> Reply:
@@ -157,7 +146,7 @@ def parse_reply(text: str) -> Reply:
     """
     if not isinstance(text, str) or not text.strip():
         return Reply("malformed", reason="empty")
-    body = strip_think(text)
+    body = strip_think(text).strip()
     if not body:
         return Reply("malformed", reason="only_thinking")
     asks = list(_ASK.finditer(body))

@@ -1,0 +1,639 @@
+"""Hugging Face vision-language captioners (Qwen2-VL, Qwen2.5-VL, InternVL, Llava) behind the ``Policy`` protocol.
+
+``HFCaptioner`` wraps an ``AutoModelForImageTextToText`` checkpoint and its processor:
+
+* the user turn is ``[image, captioner_prompt(question)]`` rendered by the processor's chat template; images larger
+  than ``max_pixels`` are downscaled first; prompts are left-padded for batched generation;
+* ``generate`` samples ``n`` captions per prompt and records the per-token log-probs of the sampled tokens under the
+  temperature-scaled policy (a logits processor reads the raw logits before any warping; ``top_p`` then filters the
+  sampling distribution only, as in verl/TRL the log-probs stay full-vocabulary);
+* ``logprobs`` recomputes them teacher-forced over prompt + caption with the image tokens in place, in micro-batches
+  built from per-problem encodings (pixel values and ``image_grid_thw`` per image, ``mm_token_type_ids`` zero-padded
+  over the caption), and only materialises the logits of the caption positions (``logits_to_keep``);
+* PEFT LoRA on the language model's linear layers (vision tower and projector frozen by default); the reference
+  π_ref is the same weights under ``disable_adapter()``. Without LoRA a frozen copy is kept;
+* ``save`` writes a standard PEFT adapter directory plus ``acrl_captioner.json`` pointing at the base model;
+  :func:`export_merged` writes a merged, stand-alone checkpoint.
+
+Without torchvision, processors that require a video processor (Qwen-VL, InternVL, SmolVLM) can't be built by
+``AutoProcessor``; :func:`load_processor` then falls back to :func:`no_video_processor_class`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from acrl.backends.base import Rollout
+from acrl.episode import captioner_prompt, clarify_prompt
+
+META_FILE = "acrl_captioner.json"
+DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+_TINY_DEFAULT_TARGETS = r".*decoder.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"   # LoraSettings' default (tiny)
+_SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class HFSettings:
+    """Runtime settings of an :class:`HFCaptioner` (the ``captioner:`` config fields of the ``hf`` backend).
+
+    Attributes:
+        dtype: ``auto`` (bf16 on a GPU that supports it, else fp32), ``bf16``, ``fp16`` or ``fp32``.
+        device: ``auto`` (``cuda`` when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        gradient_checkpointing: recompute activations in the backward pass (saves memory on long prompts).
+        max_pixels: downscale images with more pixels than this before the processor (0: processor default).
+        freeze_vision: keep the vision tower and projector frozen (LoRA targets only the language model; a full
+            fine-tune trains only the language model).
+        top_p: nucleus sampling for training captions (log-probs stay full-vocabulary, temperature-scaled).
+        generation_batch_size: caption rows per ``generate`` call (0: all rows at once).
+        logprob_batch_size: rows per teacher-forced forward inside one ``logprobs`` call (0: all rows at once).
+        recompute_logprobs: replace the log-probs recorded during generation by a teacher-forced forward (the
+            same kernels as the update: no bf16 cache/no-cache mismatch in the PPO ratio; one more forward).
+        answer_max_new_tokens: length cap of π_ref's clarification answers.
+        processor_kwargs: extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL
+            tiles) or ``{max_pixels: 401408}`` (Qwen-VL's own resize bound).
+        trust_remote_code: passed to ``from_pretrained`` (not needed for the supported families).
+    """
+
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    max_pixels: int = 0
+    freeze_vision: bool = True
+    top_p: float = 1.0
+    generation_batch_size: int = 0
+    logprob_batch_size: int = 0
+    recompute_logprobs: bool = False
+    answer_max_new_tokens: int = 64
+    processor_kwargs: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> HFSettings:
+        """Pick the fields of this class that ``cfg`` (e.g. ``Config.captioner``) has; the rest keep defaults."""
+        out = cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+        out.processor_kwargs = dict(out.processor_kwargs or {})
+        return out
+
+
+@dataclass
+class _Lora:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: str = DEFAULT_TARGETS
+
+
+def _lora_settings(lora: Any) -> _Lora:
+    if lora is None:
+        return _Lora(enabled=False)
+    out = _Lora(**{f.name: getattr(lora, f.name) for f in fields(_Lora) if hasattr(lora, f.name)})
+    if not out.targets or out.targets == _TINY_DEFAULT_TARGETS:
+        out.targets = DEFAULT_TARGETS
+    return out
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+def no_video_processor_class(cls):
+    """``cls`` without its video processor (which needs torchvision); same class name, so saved files stay standard.
+
+    ``__init__`` keeps the original parameters minus ``video_processor`` as real arguments: ``save_pretrained`` and
+    ``from_pretrained`` read them from the signature and the code object (e.g. InternVL's ``image_seq_length``).
+    """
+    sig = inspect.signature(cls.__init__)
+    if "video_processor" not in sig.parameters:
+        return cls
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [n for n, p in sig.parameters.items() if p.kind in kinds and n not in ("self", "video_processor")]
+    defaults = {n: (None if sig.parameters[n].default is inspect.Parameter.empty else sig.parameters[n].default)
+                for n in names}
+    src = (f"def __init__(self, {''.join(f'{n}=_d[{n!r}], ' for n in names)}**kwargs):\n"
+           f"    kwargs.pop('video_processor', None)\n"
+           f"    _cls.__init__(self, video_processor=None, {''.join(f'{n}={n}, ' for n in names)}**kwargs)\n")
+    scope: dict = {"_d": defaults, "_cls": cls}
+    exec(compile(src, f"<no-video {cls.__name__}>", "exec"), scope)  # noqa: S102 - our own generated source
+    return type(cls.__name__, (cls,), {"__init__": scope["__init__"], "__module__": cls.__module__})
+
+
+def _read_json(path: str, name: str) -> dict | None:
+    """``name`` from a local directory or the hub cache (None when absent or unreachable)."""
+    try:
+        if os.path.isdir(path):
+            f = os.path.join(path, name)
+        else:
+            from transformers.utils import cached_file
+
+            f = cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        if f and os.path.exists(f):
+            with open(f) as fh:
+                return json.load(fh)
+    except Exception:  # noqa: BLE001 - a missing or unreadable file only disables a fallback
+        return None
+    return None
+
+
+def _processor_class_name(path: str) -> str | None:
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        data = _read_json(path, name) or {}
+        if data.get("processor_class"):
+            return data["processor_class"]
+    model_type = (_read_json(path, "config.json") or {}).get("model_type")
+    if model_type:
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        return PROCESSOR_MAPPING_NAMES.get(model_type)
+    return None
+
+
+def _hub_error(path: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"could not load the captioner {path!r}: it is not a local directory and fetching it from the Hugging Face "
+        f"hub failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). On a machine with "
+        f"network access run `hf download {path} --local-dir DIR` and set captioner.path=DIR.")
+
+
+def load_processor(path: str, trust_remote_code: bool = False):
+    """``AutoProcessor``, or the processor class without its video processor when torchvision is missing."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        name = _processor_class_name(path)
+        if not name:
+            raise (_hub_error(path, err) if not os.path.isdir(path) else err)
+        from transformers.models.auto.processing_auto import processor_class_from_name
+
+        cls = processor_class_from_name(name)
+        if cls is None:
+            raise
+        return no_video_processor_class(cls).from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _torch_dtype(name: str, device: str) -> torch.dtype:
+    name = name.lower()
+    if name == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"captioner.dtype must be one of auto, bf16, fp16, fp32; got {name!r}")
+    return table[name]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_model(path: str, settings: HFSettings):
+    """The image-text-to-text model at ``path`` (local directory or hub name) in eval mode on the chosen device."""
+    from transformers import AutoModelForImageTextToText
+
+    if not os.path.isdir(path) and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"captioner checkpoint directory {path!r} not found (nor a hub name 'org/model')")
+    device = _device(settings.device)
+    kw = {"dtype": _torch_dtype(settings.dtype, device), "trust_remote_code": settings.trust_remote_code}
+    if settings.attn_implementation:
+        kw["attn_implementation"] = settings.attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kw)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(path):
+            raise
+        raise _hub_error(path, err) from err
+    return model.to(device).eval()
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str | None]:
+    """(base model, adapter directory or None) of a captioner checkpoint: an ``HFCaptioner.save`` directory
+    (``acrl_captioner.json``), a plain PEFT adapter directory, or a base model (local directory or hub name)."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, META_FILE)):
+        with open(os.path.join(path, META_FILE)) as fh:
+            meta = json.load(fh)
+        base = meta.get("base") or "."
+        if base == ".":
+            base = path
+        elif not os.path.isabs(base) and os.path.isdir(os.path.join(path, base)):
+            base = os.path.join(path, base)
+        return base, (path if meta.get("lora") else None)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")):
+        with open(os.path.join(path, "adapter_config.json")) as fh:
+            base = json.load(fh).get("base_model_name_or_path") or ""
+        if not base:
+            raise ValueError(f"adapter {path!r} names no base model (base_model_name_or_path)")
+        return base, path
+    return path, None
+
+
+def load_merged_model(path: str, settings: HFSettings):
+    """The plain model of a checkpoint, with its adapter (if any) merged in (frozen references, exports)."""
+    base, adapter = resolve_checkpoint(path)
+    model = load_model(base, settings)
+    if adapter is not None:
+        from peft import PeftModel
+
+        with _quiet():
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+# --- batching ---------------------------------------------------------------------------------------------------------
+@dataclass
+class HFContext:
+    """Per-problem processor outputs (batch dimension 1, on CPU); row ``r`` of a rollout uses problem ``r // n``."""
+
+    encodings: list[dict[str, torch.Tensor]]
+    n: int
+
+
+class _Recorder:
+    """Logits processor: log-prob of each sampled token under softmax(logits / T), then the sampling warp.
+
+    It sees the raw logits (no other processor runs: the generation config asks for none) and returns
+    ``log_softmax(logits / T)`` (top-p filtered when ``top_p < 1``), from which ``generate`` samples.
+    The token chosen at step t is read at step t+1 from ``input_ids``; :meth:`finish` reads the last one.
+    """
+
+    def __init__(self, temperature: float, top_p: float = 1.0, banned: torch.Tensor | None = None):
+        self.temperature, self.top_p, self.banned = temperature, top_p, banned
+        self.prev: torch.Tensor | None = None
+        self.out: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.out.append(self.prev.gather(1, input_ids[:, -1:])[:, 0])
+        logp = torch.log_softmax(_ban(scores.float(), self.banned) / self.temperature, -1)
+        self.prev = logp
+        if self.top_p < 1.0:
+            srt, idx = logp.sort(-1, descending=True)
+            drop = srt.exp().cumsum(-1) - srt.exp() > self.top_p   # keep the smallest prefix with mass >= top_p
+            logp = logp.scatter(1, idx, srt.masked_fill(drop, float("-inf")))
+        return logp
+
+    def finish(self, last: torch.Tensor) -> torch.Tensor:
+        self.out.append(self.prev.gather(1, last[:, None])[:, 0])
+        return torch.stack(self.out, 1)
+
+
+def _collate(encs: list[dict[str, torch.Tensor]], pad_id: int, tails: torch.Tensor | None = None,
+             device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Left-pad the per-problem token rows into a batch (plus right ``tails``: caption tokens, mask 1, type 0);
+    concatenate everything else (pixel values, ``image_grid_thw``, ...) along dim 0."""
+    width = max(e["input_ids"].shape[1] for e in encs)
+    out: dict[str, Any] = {}
+    ids, att, types = [], [], {}
+    for e in encs:
+        k = width - e["input_ids"].shape[1]
+        ids.append(F.pad(e["input_ids"][0], (k, 0), value=pad_id))
+        att.append(F.pad(torch.ones(e["input_ids"].shape[1], dtype=torch.long), (k, 0), value=0))
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in e:
+                types.setdefault(key, []).append(F.pad(e[key][0], (k, 0), value=0))
+    out["input_ids"], out["attention_mask"] = torch.stack(ids), torch.stack(att)
+    out.update({k: torch.stack(v) for k, v in types.items()})
+    if tails is not None:
+        out["input_ids"] = torch.cat([out["input_ids"], tails], 1)
+        out["attention_mask"] = torch.cat([out["attention_mask"], torch.ones_like(tails)], 1)
+        for k in types:
+            out[k] = torch.cat([out[k], torch.zeros_like(tails, dtype=out[k].dtype)], 1)
+    for key in encs[0]:
+        if key not in _SEQ_KEYS:
+            out[key] = torch.cat([e[key] for e in encs], 0)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+# --- the policy ---------------------------------------------------------------------------------------------------------
+class HFCaptioner:
+    """``Policy`` over a Hugging Face image-text-to-text model (PEFT LoRA or full fine-tuning)."""
+
+    def __init__(self, model, processor, lora: Any = None, settings: HFSettings | None = None, base_path: str = "",
+                 reference_model=None):
+        from peft import PeftModel
+
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.settings = settings or HFSettings()
+        self.base_path = base_path
+        self.device = str(next(model.parameters()).device)
+        self.lora = _lora_settings(lora)
+        if isinstance(model, PeftModel):
+            self.lora.enabled = True
+            self.model = model
+            self.ref_model = None
+        elif self.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            targets = self.lora_target_modules(model, self.lora.targets, self.settings.freeze_vision)
+            with _quiet():
+                self.model = get_peft_model(model, LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha,
+                                                              lora_dropout=self.lora.dropout, target_modules=targets))
+            self.ref_model = None
+        else:
+            self.model = model
+            self.ref_model = (reference_model or copy.deepcopy(model)).eval().requires_grad_(False)
+            if self.settings.freeze_vision:
+                lm = _language_model_prefix(model)
+                for name, p in model.named_parameters():
+                    if not name.startswith((lm + ".", "lm_head")):
+                        p.requires_grad_(False)
+        if self.lora.enabled:
+            peft_cfg = self.model.peft_config[self.model.active_adapter]
+            peft_cfg.base_model_name_or_path = base_path or peft_cfg.base_model_name_or_path
+        if self.settings.gradient_checkpointing:
+            base = self.base_model()
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        gc = self.base_model().generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        pad = gc.pad_token_id if gc.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self._mrope = hasattr(getattr(self.base_model(), "model", None), "get_rope_index")
+        self.banned = self._banned_tokens()
+        self.model.eval()
+
+    # --- construction / persistence ---------------------------------------------------------------------------
+    @staticmethod
+    def lora_target_modules(model, regex: str, freeze_vision: bool = True) -> list[str]:
+        """Names of the linear layers LoRA adapts: full match of ``regex``, inside the language model when
+        ``freeze_vision``."""
+        lm = _language_model_prefix(model)
+        pat = re.compile(regex)
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pat.fullmatch(n)
+                 and (not freeze_vision or n.startswith(lm + "."))]
+        if not names:
+            raise ValueError(f"LoRA target regex {regex!r} matches no linear layer of the language model "
+                             f"({lm or 'unknown'}); e.g. {DEFAULT_TARGETS!r}")
+        return names
+
+    @classmethod
+    def load(cls, path: str, lora: Any = None, settings: HFSettings | None = None,
+             reference: str | None = None) -> HFCaptioner:
+        """Load a base checkpoint (local directory or hub name), an ``HFCaptioner.save`` directory (adapter + json
+        pointing at the base) or a plain PEFT adapter directory.
+
+        ``lora``: LoRA settings for a fresh adapter (a saved adapter keeps its own rank/targets and stays trainable;
+        with ``lora.enabled: false`` a saved adapter is merged and all weights train). ``reference``: π_ref's
+        checkpoint for a full fine-tune (default: a frozen copy of the loaded weights).
+        """
+        settings = settings or HFSettings()
+        base, adapter = resolve_checkpoint(path)
+        model = load_model(base, settings)
+        processor = load_processor(base, settings.trust_remote_code)
+        wants_lora = getattr(lora, "enabled", False) if adapter is None else getattr(lora, "enabled", True)
+        if adapter is not None:
+            from peft import PeftModel
+
+            with _quiet():
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            if not wants_lora:
+                model = model.merge_and_unload()
+        ref = None
+        if not wants_lora and reference and os.path.abspath(reference) != os.path.abspath(path):
+            ref = load_merged_model(reference, settings)
+        return cls(model, processor, lora if adapter is None else None, settings, base_path=base,
+                   reference_model=ref)
+
+    def base_model(self):
+        return self.model.get_base_model() if self.lora.enabled else self.model
+
+    def save(self, path: str) -> None:
+        """LoRA: a standard PEFT directory (``PeftModel.from_pretrained(base, path)``) + ``acrl_captioner.json``
+        naming the base. Full fine-tune: the whole model and processor (``save_pretrained``)."""
+        os.makedirs(path, exist_ok=True)
+        if self.lora.enabled:
+            self.model.save_pretrained(path)
+            base = self.base_path
+            if base and os.path.isdir(base):
+                base = os.path.abspath(base)
+        else:
+            self.model.save_pretrained(path)
+            self.processor.save_pretrained(path)
+            base = "."
+        with open(os.path.join(path, META_FILE), "w") as fh:
+            json.dump({"format": 1, "backend": "hf", "base": base, "lora": self.lora.enabled,
+                       "model_type": getattr(self.base_model().config, "model_type", "")}, fh, indent=1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.base_model().parameters())
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _reference(self):
+        if self.lora.enabled:
+            with self.model.disable_adapter():
+                yield self.base_model()
+        else:
+            yield self.ref_model
+
+    def _banned_tokens(self) -> torch.Tensor:
+        """Ids a caption never contains: image/video placeholders and markers, padding (unless it ends a caption),
+        and the unused rows of a head larger than the tokenizer. Masked in sampling and in every log-prob."""
+        ids: set[int] = set()
+        cfg = self.base_model().config
+        for src in (cfg, self.processor, self.tokenizer):
+            for key in dir(src) if src is not cfg else list(cfg.to_dict()):
+                if key.endswith(("_token_id", "_token_index")) and not key.startswith(("eos", "bos", "pad")):
+                    with contextlib.suppress(Exception):
+                        v = getattr(src, key)
+                        if isinstance(v, int) and v >= 0:
+                            ids.add(v)
+        if self.pad_id not in self.eos_ids:
+            ids.add(self.pad_id)
+        vocab = self.base_model().get_output_embeddings().weight.shape[0]
+        ids |= set(range(len(self.tokenizer), vocab))
+        return torch.tensor(sorted(i for i in ids if i < vocab and i not in self.eos_ids), dtype=torch.long)
+
+    # --- encoding ---------------------------------------------------------------------------------------------
+    def _fit(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB")
+        cap = self.settings.max_pixels
+        if cap and image.width * image.height > cap:
+            s = (cap / (image.width * image.height)) ** 0.5
+            image = image.resize((max(1, int(image.width * s)), max(1, int(image.height * s))), Image.BICUBIC)
+        return image
+
+    def encode(self, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
+        """Processor output for one user turn ``[image, text]`` + the generation prompt (batch dimension 1)."""
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        enc = self.processor(text=[prompt], images=[self._fit(image)], return_tensors="pt",
+                             **(self.settings.processor_kwargs or {}))
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
+
+    # --- generation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate(self, model, encs: list[dict], rows_of: list[int], temperature: float, max_new: int, greedy: bool,
+                  top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generate for rows (``rows_of[r]`` = encoding index). Returns tokens, mask, log-probs (CPU, right-padded)."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        chunk = self.settings.generation_batch_size or len(rows_of)
+        parts = []
+        for i in range(0, len(rows_of), chunk):
+            batch = _collate([encs[j] for j in rows_of[i:i + chunk]], self.pad_id, device=self.device)
+            rec = _Recorder(1.0 if greedy else temperature, 1.0 if greedy else top_p, self.banned.to(self.device))
+            gcfg = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new, eos_token_id=self.eos_ids,
+                                    pad_token_id=self.pad_id, bos_token_id=None, temperature=1.0, top_p=1.0,
+                                    top_k=None, use_cache=True)
+            out = model.generate(**batch, generation_config=gcfg, logits_processor=LogitsProcessorList([rec]))
+            gen = out[:, batch["input_ids"].shape[1]:]
+            parts.append((gen.cpu(), rec.finish(gen[:, -1]).cpu()))
+        width = max(g.shape[1] for g, _ in parts)
+        tokens = torch.cat([F.pad(g, (0, width - g.shape[1]), value=self.pad_id) for g, _ in parts])
+        lps = torch.cat([F.pad(lp, (0, width - lp.shape[1])) for _, lp in parts]).float()
+        is_eos = torch.isin(tokens, torch.tensor(self.eos_ids))
+        before = (is_eos.long().cumsum(1) - is_eos.long()) == 0     # up to and including the first end token
+        mask = before.float()
+        tokens = torch.where(before, tokens, torch.full_like(tokens, self.pad_id))
+        return tokens, mask, torch.where(before, lps, torch.zeros_like(lps))
+
+    def _decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        rows = [t[: int(m.sum())].tolist() for t, m in zip(tokens, mask)]
+        return [s.strip() for s in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    def generate(self, images: list[Image.Image], prompts: list[str], n: int = 1, temperature: float = 1.0,
+                 max_new_tokens: int = 48, greedy: bool = False) -> Rollout:
+        """``n`` captions per (image, question); ``prompts`` are the questions (wrapped by ``captioner_prompt``)."""
+        encs = [self.encode(im, captioner_prompt(q)) for im, q in zip(images, prompts)]
+        rows_of = [g for g in range(len(encs)) for _ in range(n)]
+        self.model.eval()
+        tokens, mask, lps = self._generate(self.base_model(), encs, rows_of, temperature, max_new_tokens, greedy,
+                                           self.settings.top_p)
+        texts = self._decode(tokens, mask)
+        roll = Rollout(texts=[texts[g * n:(g + 1) * n] for g in range(len(encs))], tokens=tokens, mask=mask,
+                       logprobs=lps, temperature=1.0 if greedy else temperature, context=HFContext(encs, n))
+        if self.settings.recompute_logprobs:
+            with torch.no_grad():
+                roll.logprobs = self._logprobs(self.base_model(), roll, 0, tokens.shape[0])
+        return roll
+
+    @torch.no_grad()
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        """π_ref (adapter disabled / frozen copy) answers clarification questions, greedy."""
+        if not images:
+            return []
+        encs = [self.encode(im, clarify_prompt(q)) for im, q in zip(images, questions)]
+        with self._reference() as ref:
+            ref.eval()
+            tokens, mask, _ = self._generate(ref, encs, list(range(len(encs))), 1.0,
+                                             self.settings.answer_max_new_tokens, greedy=True)
+        return self._decode(tokens, mask)
+
+    @torch.no_grad()
+    def policy_answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        """Answers by the current policy (diagnostics; training uses the reference's answers)."""
+        encs = [self.encode(im, clarify_prompt(q)) for im, q in zip(images, questions)]
+        self.model.eval()
+        tokens, mask, _ = self._generate(self.base_model(), encs, list(range(len(encs))), 1.0,
+                                         self.settings.answer_max_new_tokens, greedy=True)
+        return self._decode(tokens, mask)
+
+    # --- log-probs --------------------------------------------------------------------------------------------
+    def _logprobs(self, model, rollout: Rollout, start: int, stop: int) -> torch.Tensor:
+        ctx: HFContext = rollout.context
+        width = rollout.tokens.shape[1]
+        chunk = self.settings.logprob_batch_size or (stop - start)
+        parts = []
+        for a in range(start, stop, chunk):
+            b = min(stop, a + chunk)
+            mask = rollout.mask[a:b]
+            t = max(1, int(mask.sum(1).max()))
+            tails = rollout.tokens[a:b, :t]
+            batch = _collate([ctx.encodings[r // ctx.n] for r in range(a, b)], self.pad_id, tails, self.device)
+            if not self._mrope:   # M-RoPE models derive positions from the mask and mm_token_type_ids themselves
+                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logits = model(**batch, use_cache=False, logits_to_keep=t + 1).logits[:, :-1]
+            logp = torch.log_softmax(_ban(logits.float(), self.banned) / rollout.temperature, -1)
+            safe = torch.where(mask[:, :t] > 0, tails, torch.full_like(tails, self.eos_ids[0]))   # no -inf * 0
+            lp = logp.gather(-1, safe.to(logp.device)[..., None])[..., 0].cpu() * mask[:, :t]
+            parts.append(F.pad(lp, (0, width - t)))
+        return torch.cat(parts)
+
+    def logprobs(self, rollout: Rollout, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
+        """Per-token log-probs of ``rollout.tokens[rows]`` (CPU, float32): π_θ with gradient, or π_ref without."""
+        start, stop, _ = (rows or slice(None)).indices(rollout.tokens.shape[0])
+        if reference:
+            with torch.no_grad(), self._reference() as ref:
+                ref.eval()
+                return self._logprobs(ref, rollout, start, stop)
+        self.model.train()
+        try:
+            return self._logprobs(self.base_model(), rollout, start, stop)
+        finally:
+            self.model.eval()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence library deprecation notices that name internals (e.g. PEFT reading ``is_gradient_checkpointing``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def _ban(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    if banned is not None and banned.numel():
+        logits = logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+    return logits
+
+
+def _language_model_prefix(model) -> str:
+    """Dotted name of the language model inside a VLM (``model.language_model`` for the supported families)."""
+    names = [n for n, _ in model.named_modules() if n.split(".")[-1] == "language_model"]
+    if names:
+        return min(names, key=len)
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for n, m in model.named_modules():
+        if m is dec:
+            return n
+    return ""
+
+
+def export_merged(policy_or_path: HFCaptioner | str, out: str, dtype: str | None = None) -> str:
+    """Merge a LoRA captioner into its base weights and write a stand-alone checkpoint (model + processor) to
+    ``out``, loadable with ``AutoModelForImageTextToText.from_pretrained(out)`` (and by vLLM).
+
+    ``policy_or_path``: a live :class:`HFCaptioner` or a directory written by ``HFCaptioner.save`` (e.g.
+    ``RUN/checkpoint/policy``). The merge runs on CPU in fp32; the result is stored in ``dtype`` (``bf16``,
+    ``fp16``, ``fp32``; default: the dtype the base checkpoint declares).
+    """
+    if isinstance(policy_or_path, HFCaptioner):
+        with tempfile.TemporaryDirectory() as tmp:
+            policy_or_path.save(tmp)
+            return export_merged(tmp, out, dtype)
+    base, _ = resolve_checkpoint(policy_or_path)
+    model = load_merged_model(policy_or_path, HFSettings(device="cpu", dtype="fp32"))
+    if dtype is None:
+        cfg = _read_json(base, "config.json") or {}
+        declared = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+        dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(declared, "fp32")
+    model = model.to(_torch_dtype(dtype, "cpu"))
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    load_processor(base).save_pretrained(out)
+    return out

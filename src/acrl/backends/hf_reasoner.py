@@ -1,0 +1,100 @@
+"""A local Hugging Face text LLM as the reasoner (``acrl.episode.Reasoner``), without a server.
+
+``AutoTokenizer`` + ``AutoModelForCausalLM``; each prompt is one user message rendered through the tokenizer's chat
+template when it has one (otherwise the raw text); prompts are sorted by length and generated in left-padded
+batches, greedily at ``temperature=0`` or sampled otherwise. ``think="strip"`` removes R1-style ``<think>`` blocks
+(also the ``...</think>`` tail of a template that opens the thinking in the prompt), ``keep`` returns them.
+
+Also the engine of ``acrl serve reasoner --backend hf`` (:meth:`HFReasoner.chat` takes whole conversations).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from acrl.backends.openai_api import strip_thinking
+
+
+class HFReasoner:
+    def __init__(self, model_path: str, max_new_tokens: int = 1024, temperature: float = 0.0, batch_size: int = 8,
+                 think: str = "strip", device: str | None = None, dtype: str = "auto", seed: int = 0,
+                 top_p: float = 1.0, trust_remote_code: bool = False):
+        if think not in ("strip", "keep"):
+            raise ValueError(f"think must be strip or keep, got {think!r}")
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.name = os.path.basename(os.path.normpath(model_path)) if os.path.isdir(model_path) else model_path
+        self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
+        self.think, self.top_p, self.seed = think, top_p, seed
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise ValueError(f"tokenizer of {model_path!r} has neither a pad nor an eos token")
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        if self.device == "cpu" and dtype == "auto":
+            torch_dtype = torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
+                                                          trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval()
+        self._gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def render(self, messages: list[dict]) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+    def chat(self, conversations: Sequence[list[dict]], max_new_tokens: int | None = None,
+             temperature: float | None = None) -> list[tuple[str, int, int]]:
+        """``(text, prompt_tokens, completion_tokens)`` for each conversation (text after ``think`` handling)."""
+        torch = self.torch
+        tok = self.tokenizer
+        max_new = max_new_tokens or self.max_new_tokens
+        temp = self.temperature if temperature is None else float(temperature)
+        templated = bool(getattr(tok, "chat_template", None))
+        texts = [self.render(c) for c in conversations]
+        ids = [tok(t, add_special_tokens=not templated)["input_ids"] for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out: list[tuple[str, int, int] | None] = [None] * len(ids)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            batch = tok.pad({"input_ids": [ids[i] for i in idx]}, padding=True, return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            kw = {"do_sample": temp > 0, "max_new_tokens": max_new, "pad_token_id": tok.pad_token_id}
+            if temp > 0:
+                kw.update(temperature=temp, top_p=self.top_p)
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen)))
+            else:
+                kw.update(temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                gen = self.model.generate(**batch, **kw)
+            new = gen[:, batch["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                toks = new[row]
+                eos = tok.eos_token_id
+                n = int((toks != tok.pad_token_id).sum()) if tok.pad_token_id != eos else _until_eos(toks, eos)
+                text = tok.decode(toks, skip_special_tokens=True)
+                out[i] = (self._post(text), len(ids[i]), n)
+        return out
+
+    def _post(self, text: str) -> str:
+        return strip_thinking(text) if self.think == "strip" else text.strip()
+
+    def complete(self, prompts: list[str]) -> list[str]:
+        if not prompts:
+            return []
+        return [t for t, _, _ in self.chat([[{"role": "user", "content": p}] for p in prompts])]
+
+
+def _until_eos(toks, eos) -> int:
+    hits = (toks == eos).nonzero()
+    return int(hits[0, 0]) + 1 if len(hits) else len(toks)

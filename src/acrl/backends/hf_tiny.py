@@ -1,0 +1,198 @@
+"""Tiny random Hugging Face vision-language checkpoints built locally (no downloads), one per supported family.
+
+``make_tiny(family, out_dir, seed)`` trains a few-hundred-token byte-level BPE tokenizer on a small synthetic corpus
+(the project's prompts plus embedded-world questions and captions), builds the family's processor and a randomly
+initialised model of a few hundred thousand parameters, and writes both with ``save_pretrained``. The directory loads
+like a hub checkpoint: ``HFCaptioner.load(out_dir)`` (see :mod:`acrl.backends.hf`).
+
+Families (``FAMILIES``): ``qwen2-vl``, ``qwen2.5-vl``, ``internvl`` (the transformers-native InternVL) and ``llava``
+(SigLIP vision tower + Llama). Images are resized to 56x56 by every processor (Qwen: 2x2 merged patches of 14 px = 4
+image tokens; InternVL: 4x4 patches pixel-shuffled to 4 tokens; Llava: 16 tokens).
+
+Without torchvision, the Qwen-VL and InternVL processors can't build their video processors; the processor is then
+built through :func:`acrl.backends.hf.no_video_processor_class`, a subclass that drops the video processor and keeps
+the original class name, so the saved files are the standard ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "internvl", "llava")
+IMAGE_SIZE = 56
+VOCAB_SIZE = 400
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>",
+            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",   # Qwen-VL
+            "<img>", "</img>", "<IMG_CONTEXT>", "<video>",                              # InternVL
+            "<image>"]                                                                  # Llava
+
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_INTERNVL_TEMPLATE = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+_LLAVA_TEMPLATE = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+
+
+def _corpus() -> list[str]:
+    """Prompts, questions, captions and clarifications of the embedded world (a few hundred lines)."""
+    from acrl.episode import captioner_prompt, clarify_prompt
+
+    lines = [captioner_prompt("x"), clarify_prompt("x")]
+    try:   # the world's wording helps but is not essential to a tokenizer
+        from acrl.world import language
+
+        lines += [t.text for t in language.TEMPLATES]
+        lines += [str(v) for v in language.BASE_PHRASES.values()]
+        for sent, q, _, _ in language.FACT_KINDS.values():
+            for s in ("red", "green", "blue", "purple", "orange", "base", "height", "wide", "tall"):
+                lines += [sent.format(s=s, v=random.Random(s).randint(1, 20)), q.format(s=s)]
+    except (ImportError, AttributeError, KeyError, ValueError, IndexError):
+        lines += ["the red bar is 7", "how tall is the blue bar ?"]
+    lines += ["the red bar is 7 ; the blue bar is 12 ; the green bar is 3 .",
+              "a right triangle with base 6 and height 8 . SOLVED \\boxed{24}",
+              "there are 3 red circles , 2 blue squares and 1 green triangle ."]
+    lines += [f"{a} plus {b} is {a + b}" for a in range(20) for b in range(0, 20, 3)]
+    return lines
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json(seed: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(seed)
+    lines = _corpus()
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((lines[rng.randrange(len(lines))] for _ in range(4 * len(lines))), trainer)
+    return tok.to_str()
+
+
+def build_tokenizer(family: str, seed: int = 0):
+    """A fast tokenizer with the family's special tokens and chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    extra: dict = {}
+    template = _QWEN_TEMPLATE
+    if family == "internvl":
+        template = _INTERNVL_TEMPLATE
+        extra = {"extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
+                                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}
+    elif family == "llava":
+        template = _LLAVA_TEMPLATE
+        extra = {"extra_special_tokens": {"image_token": "<image>"}}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json(seed)),
+                                   eos_token="<|im_end|>", pad_token="<pad>", **extra)
+    fast.chat_template = template
+    return fast
+
+
+def _text_config(tok, hidden=64, layers=2, heads=4, kv_heads=2, **kw) -> dict:
+    ids = tok.convert_tokens_to_ids
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<pad>"), **kw)
+
+
+def build(family: str, seed: int = 0):
+    """(model, processor) for ``family``, randomly initialised with ``seed``."""
+    import torch
+
+    from acrl.backends.hf import no_video_processor_class
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r} (available: {', '.join(FAMILIES)})")
+    tok = build_tokenizer(family, seed)
+    ids = tok.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        from transformers import Qwen2VLImageProcessorPil
+
+        # head_dim 16: mrope_section sums to head_dim / 2
+        text = _text_config(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                  "rope_theta": 1e4})
+        ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                      min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+        common = {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+                  "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>"),
+                  "tie_word_embeddings": True}
+        if family == "qwen2-vl":
+            from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+            vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+            cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+            model, proc_cls = Qwen2VLForConditionalGeneration(cfg), Qwen2VLProcessor
+        else:
+            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+            vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                      "fullatt_block_indexes": [1]}
+            cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+            model, proc_cls = Qwen2_5_VLForConditionalGeneration(cfg), Qwen2_5_VLProcessor
+        proc = no_video_processor_class(proc_cls)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    elif family == "internvl":
+        from transformers import (
+            GotOcr2ImageProcessorPil,
+            InternVLConfig,
+            InternVLForConditionalGeneration,
+            InternVLProcessor,
+        )
+
+        ip = GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=False,
+                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        seq = (IMAGE_SIZE // 14) ** 2 // 4
+        cfg = InternVLConfig(
+            text_config={"model_type": "qwen2", **_text_config(tok)},
+            vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "intermediate_size": 64, "image_size": IMAGE_SIZE, "patch_size": 14},
+            image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=seq, downsample_ratio=0.5, tie_word_embeddings=True)
+        model = InternVLForConditionalGeneration(cfg)
+        proc = no_video_processor_class(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=seq,
+                                                           chat_template=tok.chat_template)
+    else:
+        from transformers import (
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+            SiglipImageProcessorPil,
+            SiglipVisionConfig,
+        )
+
+        ip = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="full",
+                              image_token="<image>", num_additional_image_tokens=0, chat_template=tok.chat_template)
+        cfg = LlavaConfig(
+            vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14),
+            text_config=LlamaConfig(**_text_config(tok)), image_token_id=ids("<image>"), vision_feature_layer=-1,
+            vision_feature_select_strategy="full", tie_word_embeddings=True)
+        model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = ids("<pad>")
+    model.generation_config.bos_token_id = None
+    return model.eval(), proc
+
+
+def make_tiny(family: str, out_dir: str, seed: int = 0) -> str:
+    """Write a tiny random checkpoint of ``family`` (model + processor) to ``out_dir``; returns ``out_dir``."""
+    model, proc = build(family, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    proc.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "acrl_tiny.json"), "w") as fh:
+        json.dump({"family": family, "seed": seed, "image_size": IMAGE_SIZE,
+                   "parameters": sum(p.numel() for p in model.parameters())}, fh, indent=1)
+    return out_dir

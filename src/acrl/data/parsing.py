@@ -1,0 +1,202 @@
+"""Text helpers for the loaders: option lists inside question text, answer types, letters, tolerances."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from acrl.problem import Problem
+
+__all__ = [
+    "ImageOptionsProblem", "answer_type_of", "as_list", "as_text", "letter_index", "letter_set",
+    "parse_lettered",
+    "precision_tolerance", "split_choices", "strip_image_tags", "unwrap_boxed",
+]
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+_INT_RE = re.compile(r"^[+-]?(?:\d+|\d{1,3}(?:,\d{3})+)$")
+_FLOAT_RE = re.compile(r"^[+-]?(?:\d+\.\d*|\.\d+|\d+(?:\.\d+)?[eE][+-]?\d+)$")
+# an option marker: "(A)", "A.", "A:", "A)", "A、" at the start of the text or after whitespace / ';' / ','
+_MARK_RE = re.compile(r"(?:(?<=^)|(?<=[\s;,]))(?:\(([A-Z])\)|([A-Z])\s*[.:：)、．])[ \t]*")
+_CHOICES_LABEL_RE = re.compile(r"(?:^|\n|\s)(?:answer\s+)?(?:choices|choice|options)\s*[:：]", re.IGNORECASE)
+_LABEL_RE = re.compile(r"(?:\b(?:answer\s+)?(?:choices|choice|options|option)\s*[:：]?\s*)$", re.IGNORECASE)
+
+
+@dataclass
+class ImageOptionsProblem(Problem):
+    """A multiple-choice problem whose option texts exist only in the image (MathVerse *Vision Only*, most of
+    LogicVista, MathVision questions with picture options).
+
+    ``choices`` holds the bare letters, so grading by letter works as for any multiple-choice problem, but
+    :meth:`question_with_choices` lists only the letters instead of pairing each letter with itself.
+    """
+
+    def question_with_choices(self) -> str:
+        letters = ", ".join(f"({c})" for c in self.choices or [])
+        note = f"Choices: {letters} (the options are shown in the image)."
+        return f"{self.question}\n{note}" if self.question else note
+
+
+def as_text(value: Any) -> str:
+    """A cell as stripped text; None / NaN -> ''."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if value.is_integer():
+            return str(int(value))
+    return str(value).strip()
+
+
+def as_list(value: Any) -> list[Any] | None:
+    """A list cell that may also be stored as its string form (``"['a', 'b']"``, JSON); None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if hasattr(value, "tolist"):
+        return list(value.tolist())
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        if s[0] in "[(":
+            for parse in (ast.literal_eval, json.loads):
+                try:
+                    out = parse(s)
+                except (ValueError, SyntaxError, TypeError):
+                    continue
+                if isinstance(out, (list, tuple)):
+                    return list(out)
+        return None
+    return None
+
+
+def strip_image_tags(text: str) -> str:
+    """Remove ``<image>`` / ``<image1>`` placeholder tokens (not MMMU's ``<image 1>`` references, which name
+    one of several images) and tidy the whitespace they leave."""
+    def drop(m: re.Match) -> str:
+        return m.group(0) if " " in m.group(0).strip("<>").strip() else ""
+
+    text = re.sub(r"<\s*image\s*\d*\s*>", drop, text, flags=re.IGNORECASE)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def unwrap_boxed(text: str) -> str:
+    """``\\boxed{x}`` -> ``x`` (training sets often store gold answers boxed)."""
+    s = text.strip()
+    m = re.fullmatch(r"\$?\\boxed\s*\{(.*)\}\$?", s, re.DOTALL)
+    return m.group(1).strip() if m else s
+
+
+def answer_type_of(answer: str) -> str:
+    """``integer`` / ``float`` for plain numbers, else ``free_form``."""
+    s = answer.strip()
+    if _INT_RE.match(s):
+        return "integer"
+    if _FLOAT_RE.match(s):
+        return "float"
+    return "free_form"
+
+
+def precision_tolerance(precision: Any, answer: str = "") -> float | None:
+    """Absolute tolerance equivalent to MathVista's rule "round the prediction to ``precision`` decimals and
+    compare": half a unit in the last requested place (precision 1 -> 0.05, 2 -> 0.005). Without a precision
+    the number of decimals of the gold answer is used; an integer gold gets None (exact)."""
+    p: float | None = None
+    try:
+        if precision is not None and not (isinstance(precision, float) and math.isnan(precision)):
+            p = float(precision)
+    except (TypeError, ValueError):
+        p = None
+    if p is None:
+        m = re.fullmatch(r"[+-]?\d*\.(\d+)", answer.strip())
+        if not m:
+            return None
+        p = float(len(m.group(1)))
+    if p < 0 or p > 12:
+        return None
+    return 0.5 * 10 ** (-int(p))
+
+
+def letter_index(text: str) -> int | None:
+    """Index of a bare option letter (``"B"``, ``"(B)"``, ``"B."``), else None."""
+    m = re.fullmatch(r"\s*\(?([A-Za-z])\)?[.:]?\s*", text or "")
+    if not m:
+        return None
+    return LETTERS.index(m.group(1).upper())
+
+
+def letter_set(text: str) -> list[str] | None:
+    """The option letters of a multi-letter answer (``"A, C"``, ``"AC"``, ``"A and C"``, ``"(B)(D)"``), sorted
+    and de-duplicated; None when the text is not made of option letters only (or names fewer than two)."""
+    s = (text or "").strip().upper()
+    if not s:
+        return None
+    s = re.sub(r"\bAND\b|&|\+", ",", s)
+    if re.fullmatch(r"[A-Z]{2,8}", s):
+        letters = list(s)
+    else:
+        parts = [p for p in re.split(r"[\s,;/]+|(?<=\))(?=\()", s) if p]
+        letters = []
+        for p in parts:
+            m = re.fullmatch(r"\(?([A-Z])\)?\.?", p)
+            if not m:
+                return None
+            letters.append(m.group(1))
+    uniq = sorted(set(letters))
+    return uniq if len(uniq) >= 2 else None
+
+
+def parse_lettered(text: str, min_options: int = 2) -> tuple[str, list[str]] | None:
+    """Find an option list ``A ... B ... C ...`` in ``text``; returns ``(text before it, [option texts])``.
+
+    Options are introduced by ``(A)``, ``A.``, ``A:``, ``A)``; letters must run A, B, C, ... in order. The
+    longest such run wins (the last one on ties), so a stray "A." inside the stem does not start a list."""
+    marks = [(m.start(), m.end(), m.group(1) or m.group(2)) for m in _MARK_RE.finditer(text)]
+    best: list[tuple[int, int, str]] = []
+    for i, (_, _, letter) in enumerate(marks):
+        if letter != "A":
+            continue
+        chain = [marks[i]]
+        for mk in marks[i + 1:]:
+            if mk[2] == LETTERS[len(chain)]:
+                chain.append(mk)
+        if len(chain) >= len(best):
+            best = chain
+    if len(best) < min_options:
+        return None
+    options = []
+    for k, (_, end, _) in enumerate(best):
+        stop = best[k + 1][0] if k + 1 < len(best) else len(text)
+        options.append(text[end:stop].strip().rstrip(";,").strip())
+    if any(not o for o in options):
+        return None
+    stem = _LABEL_RE.sub("", text[: best[0][0]].rstrip()).rstrip()
+    return stem, options
+
+
+def split_choices(question: str) -> tuple[str, list[str]] | None:
+    """Split a question whose options are written into its text (``Choices:\\nA:50°\\nB:60°`` or
+    ``Choices: (A) yes (B) no``) into ``(stem, options)``. A ``Choices:`` / ``Options:`` label is preferred as
+    the start of the list; otherwise the longest lettered run is used."""
+    m = None
+    for m in _CHOICES_LABEL_RE.finditer(question):
+        pass
+    if m is not None:
+        tail = question[m.end():]
+        parsed = parse_lettered(tail)
+        if parsed is not None and not parsed[0].strip():
+            return question[: m.start()].strip(), parsed[1]
+    parsed = parse_lettered(question)
+    if parsed is None:
+        return None
+    return parsed[0].strip(), parsed[1]

@@ -1,0 +1,218 @@
+"""HFCaptioner on tiny random checkpoints of each supported family, built locally (no downloads)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from acrl.backends import hf_tiny
+from acrl.backends.hf import HFCaptioner, HFSettings, export_merged
+from acrl.backends.tiny import LoraSettings
+
+LORA = LoraSettings(enabled=True, r=4, alpha=8)
+QUESTIONS = ["What is the height of the red bar?", "How many circles are there?"]
+
+
+def _images(k=2, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(k)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-tiny")
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = hf_tiny.make_tiny(family, str(root / family), seed=0)
+        return cache[family]
+
+    return get
+
+
+def _sgd_step(cap, roll, lr=1.0):
+    opt = torch.optim.SGD(cap.trainable_parameters(), lr=lr)
+    opt.zero_grad()
+    (-(cap.logprobs(roll) * roll.mask).sum()).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("family", hf_tiny.FAMILIES)
+def test_family_generate_logprobs_lora_step_save_load(family, tiny_dirs, tmp_path):
+    torch.manual_seed(0)
+    cap = HFCaptioner.load(tiny_dirs(family), lora=LORA, settings=HFSettings(device="cpu"))
+    images = _images()
+    roll = cap.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=6)
+    assert len(roll.texts) == 2 and all(len(g) == 2 and all(isinstance(t, str) for t in g) for g in roll.texts)
+    assert roll.tokens.shape == roll.mask.shape == roll.logprobs.shape and roll.tokens.shape[0] == 4
+    assert roll.tokens.shape[1] <= 6 and (roll.mask.sum(1) > 0).all()
+    assert (roll.logprobs <= 0).all() and (roll.logprobs[roll.mask == 0] == 0).all()
+
+    lp = cap.logprobs(roll)
+    assert lp.requires_grad and lp.shape == roll.tokens.shape
+    assert torch.allclose(lp.detach(), roll.logprobs, atol=1e-4), (lp - roll.logprobs).abs().max()
+    part = torch.cat([cap.logprobs(roll, slice(0, 1)), cap.logprobs(roll, slice(1, 4))]).detach()
+    assert torch.allclose(part, lp.detach(), atol=1e-5)
+    ref_before = cap.logprobs(roll, reference=True)
+    assert not ref_before.requires_grad
+    assert torch.allclose(ref_before, lp.detach(), atol=1e-5)        # before training π_θ = π_ref
+
+    names = [n for n, p in cap.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    lm = [n for n in names if "language_model" in n]
+    assert lm == names                                                  # vision tower and projector: no adapter
+    frozen = {n: p.detach().clone() for n, p in cap.model.named_parameters() if not p.requires_grad}
+    lora_before = {n: p.detach().clone() for n, p in cap.model.named_parameters() if p.requires_grad}
+    _sgd_step(cap, roll)
+    for n, p in cap.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, lora_before[n]) for n, p in cap.model.named_parameters() if n in lora_before)
+    after = cap.logprobs(roll).detach()
+    assert not torch.allclose(after, ref_before, atol=1e-4)
+    assert torch.allclose(cap.logprobs(roll, reference=True), ref_before, atol=1e-6)
+
+    cap.save(str(tmp_path / "run"))
+    assert (tmp_path / "run" / "adapter_config.json").exists()
+    meta = json.loads((tmp_path / "run" / "acrl_captioner.json").read_text())
+    assert meta["lora"] and os.path.samefile(meta["base"], tiny_dirs(family))
+    again = HFCaptioner.load(str(tmp_path / "run"), lora=LORA, settings=HFSettings(device="cpu"))
+    assert torch.allclose(again.logprobs(roll).detach(), after, atol=1e-5)
+    assert torch.allclose(again.logprobs(roll, reference=True), ref_before, atol=1e-6)
+    assert again.trainable_parameters()                                 # a resumed adapter keeps training
+
+    answers = again.answer(images, ["What colour is the bar?", "How tall is it?"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert again.answer([], []) == []
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_peft_loads_the_saved_adapter_and_export_merges(tiny_dirs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(1)
+    base = tiny_dirs("qwen2-vl")
+    cap = HFCaptioner.load(base, lora=LORA, settings=HFSettings(device="cpu"))
+    roll = cap.generate(_images(), QUESTIONS, n=2, max_new_tokens=5)
+    _sgd_step(cap, roll)
+    want = cap.logprobs(roll).detach()
+    cap.save(str(tmp_path / "run"))
+    peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), str(tmp_path / "run"))
+    assert sum("lora_" in n for n, _ in peft.named_parameters()) == sum("lora_" in n for n, _ in
+                                                                        cap.model.named_parameters())
+    out = export_merged(str(tmp_path / "run"), str(tmp_path / "merged"))
+    merged = HFCaptioner.load(out, settings=HFSettings(device="cpu"))  # a plain checkpoint: full fine-tune
+    assert not any("lora_" in n for n, _ in merged.model.named_parameters())
+    assert torch.allclose(merged.logprobs(roll).detach(), want, atol=1e-4)
+    out2 = export_merged(cap, str(tmp_path / "merged2"))               # from a live policy
+    assert os.path.exists(os.path.join(out2, "model.safetensors"))
+
+
+def test_variable_length_captions_greedy_and_chunked_batches(tiny_dirs):
+    """End tokens made likely (a hook on the head) -> captions of different lengths; chunked generation and
+    log-prob batches give the same numbers (top-p filters sampling only); greedy is deterministic."""
+    torch.manual_seed(2)
+    settings = HFSettings(device="cpu", generation_batch_size=3, logprob_batch_size=3, top_p=0.8)
+    cap = HFCaptioner.load(tiny_dirs("llava"), lora=LORA, settings=settings)
+    eos = cap.eos_ids[0]
+
+    def boost(_m, _i, out):
+        out = out.clone()
+        out[..., eos] += 4.0
+        return out
+
+    cap.base_model().get_output_embeddings().register_forward_hook(boost)
+    images = _images(3, seed=3)
+    roll = cap.generate(images, QUESTIONS + ["Which shape is largest?"], n=3, max_new_tokens=8)
+    lengths = roll.mask.sum(1)
+    assert lengths.min() < lengths.max()
+    for row, m in zip(roll.tokens, roll.mask):
+        k = int(m.sum())
+        assert (m[:k] == 1).all() and (m[k:] == 0).all()
+        if k < roll.tokens.shape[1]:
+            assert row[k - 1] == eos and (row[k:] == cap.pad_id).all()
+    assert torch.allclose(cap.logprobs(roll).detach(), roll.logprobs, atol=1e-4)
+    g1 = cap.generate(images, QUESTIONS + ["x"], greedy=True, max_new_tokens=5)
+    g2 = cap.generate(images, QUESTIONS + ["x"], greedy=True, max_new_tokens=5)
+    assert g1.texts == g2.texts and g1.temperature == 1.0
+    assert torch.allclose(cap.logprobs(g1).detach(), g1.logprobs, atol=1e-4)
+
+
+def test_full_finetune_keeps_frozen_reference_and_vision(tiny_dirs, tmp_path):
+    torch.manual_seed(3)
+    full = LoraSettings(enabled=False)
+    cap = HFCaptioner.load(tiny_dirs("qwen2.5-vl"), lora=full,
+                           settings=HFSettings(device="cpu", gradient_checkpointing=True, recompute_logprobs=True))
+    assert cap.ref_model is not None
+    trainable = {n for n, p in cap.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.language_model.", "lm_head")) for n in trainable)
+    roll = cap.generate(_images(), QUESTIONS, n=2, temperature=0.7, max_new_tokens=5)
+    ref_before = cap.logprobs(roll, reference=True)
+    assert torch.allclose(cap.logprobs(roll).detach(), roll.logprobs, atol=1e-5)
+    vision = {n: p.detach().clone() for n, p in cap.model.named_parameters() if n not in trainable}
+    _sgd_step(cap, roll, lr=0.5)
+    assert all(torch.equal(p, vision[n]) for n, p in cap.model.named_parameters() if n in vision)
+    after = cap.logprobs(roll).detach()
+    assert not torch.allclose(after, ref_before, atol=1e-4)
+    assert torch.allclose(cap.logprobs(roll, reference=True), ref_before, atol=1e-6)
+    cap.save(str(tmp_path / "full"))                                 # a whole checkpoint; π_ref from `reference`
+    again = HFCaptioner.load(str(tmp_path / "full"), lora=full, settings=HFSettings(device="cpu"),
+                             reference=tiny_dirs("qwen2.5-vl"))
+    assert torch.allclose(again.logprobs(roll).detach(), after, atol=1e-5)
+    assert torch.allclose(again.logprobs(roll, reference=True), ref_before, atol=1e-6)
+
+
+def test_trainer_update_on_hf_policy_with_image_tiles(tiny_dirs):
+    from acrl.config import Config
+    from acrl.trainer import update
+
+    torch.manual_seed(4)   # InternVL with tiling: images of different shapes give different numbers of tiles
+    settings = HFSettings(device="cpu", processor_kwargs={"crop_to_patches": True, "max_patches": 3})
+    cap = HFCaptioner.load(tiny_dirs("internvl"), lora=LORA, settings=settings)
+    images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (150, 60), "blue")]
+    tiles = [cap.encode(im, "q")["pixel_values"].shape[0] for im in images]
+    assert tiles[0] != tiles[1]
+    roll = cap.generate(images, QUESTIONS, n=2, max_new_tokens=5)
+    assert torch.allclose(cap.logprobs(roll, slice(1, 3)).detach(), roll.logprobs[1:3], atol=1e-4)
+    cfg = Config()
+    cfg.train.micro_batch = 3
+    opt = torch.optim.AdamW(cap.trainable_parameters(), lr=1e-2)
+    stats = update(cap, opt, roll, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool), cfg)
+    assert np.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+
+
+def test_settings_targets_images_and_errors(tiny_dirs, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dirs("qwen2-vl"))
+    names = HFCaptioner.lora_target_modules(model, r".*\.(q_proj|v_proj)")
+    assert names and all(n.startswith("model.language_model.") for n in names)
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        HFCaptioner.lora_target_modules(model, r".*\.nothing_here")
+    assert len(HFCaptioner.lora_target_modules(model, r".*\.(qkv|proj|q_proj)", freeze_vision=False)) > len(
+        HFCaptioner.lora_target_modules(model, r".*\.(qkv|proj|q_proj)"))
+
+    class Cfg:   # the captioner section of a config: unknown attributes are ignored
+        dtype, max_pixels, top_p, backend = "fp32", 1000, 0.9, "hf"
+
+    s = HFSettings.from_config(Cfg)
+    assert (s.dtype, s.max_pixels, s.top_p, s.device) == ("fp32", 1000, 0.9, "auto")
+    cap = HFCaptioner(model, hf_tiny.build("qwen2-vl")[1], LORA, HFSettings(device="cpu", max_pixels=40 * 40))
+    big = cap._fit(Image.new("RGB", (120, 80)))
+    assert big.width * big.height <= 40 * 40 and abs(big.width / big.height - 1.5) < 0.1
+
+    with pytest.raises(FileNotFoundError):
+        HFCaptioner.load("/nonexistent/dir/captioner")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="acrl-test/no-such-model"):
+        HFCaptioner.load("acrl-test/no-such-model")

@@ -1,0 +1,193 @@
+"""The OpenAI-compatible client against real local HTTP servers (``acrl.serve``) on 127.0.0.1."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from acrl.backends.openai_api import OpenAIClarifier, OpenAIReasoner, ServiceError, normalize_base_url
+from acrl.backends.world import WorldReasoner
+from acrl.episode import decision_prompt
+from acrl.serve import ClarifierBackend, Completion, WorldBackend, last_user_text, start_server
+from acrl.world import make_problems, oracle_caption_for
+
+
+def _stop(server):
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return make_problems("test", 12)
+
+
+@pytest.fixture(scope="module")
+def prompts(problems):
+    return [decision_prompt(p.question_with_choices(), oracle_caption_for(p)) for p in problems]
+
+
+@pytest.fixture(scope="module")
+def world():
+    server, _, url = start_server(WorldBackend())
+    yield url
+    _stop(server)
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Thinker:
+    """Replies with R1-style thinking, inline or (for prompts starting with 'split') in a separate field."""
+
+    name, max_batch = "thinker", 1
+
+    def prepare(self, body):
+        return last_user_text(body["messages"])
+
+    def run(self, items):
+        return [Completion("SOLVED \\boxed{3}", reasoning="plan") if p.startswith("split")
+                else Completion("<think>count the bars</think>\nSOLVED \\boxed{3}") for p in items]
+
+
+def test_base_url_forms():
+    for u in ("http://h:1", "http://h:1/", "http://h:1/v1", "http://h:1/v1/", "h:1"):
+        assert normalize_base_url(u) == "http://h:1"
+
+
+def test_replies_match_the_in_process_reasoner_and_stats(world, prompts):
+    r = OpenAIReasoner(world, "world", concurrency=4, timeout=5)
+    assert r.complete(prompts) == WorldReasoner().complete(prompts)
+    assert r.complete([]) == []
+    s = r.stats()
+    assert s["requests"] == len(prompts) and s["retries"] == s["failures"] == s["cache_hits"] == 0
+    assert s["calls"] == 1 and s["seconds"] > 0
+    r.close()
+    assert r.complete(prompts[:2]) == WorldReasoner().complete(prompts[:2])   # usable after close
+
+
+def test_empty_model_takes_the_served_one_and_unknown_model_is_an_error(world):
+    r = OpenAIReasoner(world).check()
+    assert r.model == "world"
+    with pytest.raises(ValueError, match="does not serve model 'nope'"):
+        OpenAIReasoner(world, "nope").check()
+
+
+def test_closed_port_fails_fast_naming_the_url():
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    for call in (lambda r: r.check(), lambda r: r.complete(["hello"])):
+        t = time.perf_counter()
+        with pytest.raises(ConnectionError, match=url.rsplit("/", 1)[0].replace(".", r"\.")):
+            call(OpenAIReasoner(url, "world", timeout=0.3))
+        assert time.perf_counter() - t < 3
+
+
+def test_think_strip_and_keep():
+    server, _, url = start_server(Thinker())
+    try:
+        strip = OpenAIReasoner(url, "thinker", think="strip").complete(["q", "split q"])
+        keep = OpenAIReasoner(url, "thinker", think="keep").complete(["q", "split q"])
+    finally:
+        _stop(server)
+    assert strip == ["SOLVED \\boxed{3}", "SOLVED \\boxed{3}"]
+    assert keep == ["<think>count the bars</think>\nSOLVED \\boxed{3}", "<think>plan</think>SOLVED \\boxed{3}"]
+
+
+def test_faults_are_retried_until_the_replies_match(prompts):
+    server, _, url = start_server(WorldBackend(), fail_rate=0.3, timeout_rate=0.1, malformed_rate=0.1, seed=1,
+                                  fault_sleep=0.6)
+    try:
+        r = OpenAIReasoner(url, "world", concurrency=6, timeout=0.3, max_retries=12, backoff=0.01,
+                           backoff_max=0.05)
+        assert r.complete(prompts) == WorldReasoner().complete(prompts)
+        s = r.stats()
+        assert s["retries"] > 0 and s["failures"] == 0 and s["requests"] == len(prompts) + s["retries"]
+        assert server.faults.counts["fail"] and server.faults.counts["malformed"]
+        assert server.faults.counts["timeout"]
+    finally:
+        _stop(server)
+
+
+def test_without_retries_a_fault_is_an_exception_in_its_slot(prompts):
+    server, _, url = start_server(WorldBackend(), fail_rate=0.5, seed=3)
+    try:
+        r = OpenAIReasoner(url, "world", timeout=2, max_retries=0)
+        out = r.complete(prompts)
+    finally:
+        _stop(server)
+    errs = [o for o in out if isinstance(o, Exception)]
+    assert 0 < len(errs) < len(prompts) and r.stats()["failures"] == len(errs)
+    assert all(isinstance(e, ServiceError) and e.status == 500 and url.removesuffix("/v1") in str(e) for e in errs)
+    good = WorldReasoner().complete(prompts)
+    assert [o for o in out if isinstance(o, str)] == [g for o, g in zip(out, good) if isinstance(o, str)]
+
+
+def test_other_4xx_are_not_retried(world):
+    r = OpenAIReasoner(world, "world", max_retries=5, extra_body={"n": 2})
+    (err,) = r.complete(["question"])
+    assert isinstance(err, ServiceError) and err.status == 400 and "HTTP 400" in str(err)
+    assert r.stats()["retries"] == 0 and r.stats()["requests"] == 1
+
+
+def test_temperature_zero_cache_in_memory_and_on_disk(tmp_path, prompts):
+    server, _, url = start_server(WorldBackend())
+    path = str(tmp_path / "cache.jsonl")
+    try:
+        r = OpenAIReasoner(url, "world", cache=path)
+        first = r.complete(prompts)
+        assert r.complete(prompts) == first
+        assert r.stats()["requests"] == len(prompts) and r.stats()["cache_hits"] == len(prompts)
+        hot = OpenAIReasoner(url, "world", temperature=0.7, cache="memory")
+        hot.complete(prompts[:3])
+        hot.complete(prompts[:3])
+        assert hot.stats()["cache_hits"] == 0 and hot.stats()["requests"] == 6
+    finally:
+        _stop(server)
+    again = OpenAIReasoner(url, "world", cache=path)               # the server is gone: all from disk
+    assert again.complete(prompts) == first and again.stats()["requests"] == 0
+
+
+def test_works_from_threads_from_a_running_loop_and_async(world, prompts):
+    r = OpenAIReasoner(world, "world", concurrency=3)
+    want = WorldReasoner().complete(prompts)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(r.complete(prompts))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [want] * 3
+
+    async def inside_a_loop():
+        out = r.complete(prompts), await r.acomplete(prompts)
+        await r.aclose()
+        return out
+
+    sync_out, async_out = asyncio.run(inside_a_loop())
+    assert sync_out == async_out == want
+
+
+def test_clarifier_sends_the_image_and_matches_in_process_answers(tmp_path, problems):
+    from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+
+    cap = TinyCaptioner.create(TinyVLMConfig(d_model=32, n_heads=2, n_layers=1, cnn_width=8, max_new_tokens=8))
+    cap.save(str(tmp_path / "ref"))
+    server, _, url = start_server(ClarifierBackend.load(str(tmp_path / "ref"), max_batch=1))
+    try:
+        clar = OpenAIClarifier(url, concurrency=4)
+        images = [p.image for p in problems[:5]]
+        questions = [f"what is the {w} ?" for w in ("red bar", "width", "height", "blue bar", "base")]
+        got = clar.answer(images, questions)
+        assert got == [cap.answer([im], [q])[0] for im, q in zip(images, questions)]
+        assert clar.model == "ref" and clar.stats()["requests"] == 5
+        bad = OpenAIReasoner(url, "ref", max_retries=3).complete(["no image here"])   # 400: not retried
+        assert isinstance(bad[0], ServiceError) and bad[0].status == 400
+    finally:
+        _stop(server)
