@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "reasoner_throughput.json"))
     args = ap.parse_args()
     prompts = _prompts(512)
+    load_before = os.getloadavg()[0]
 
     t = time.perf_counter()
     WorldReasoner().complete(prompts)
@@ -120,6 +121,7 @@ def main() -> None:
         "results": rows, "max_requests": args.max_requests, "max_seconds": args.max_seconds,
         "httpx": httpx.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+        "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:

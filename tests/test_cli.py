@@ -87,3 +87,17 @@ def test_demo_pipeline_on_a_micro_budget(tmp_path):
     hist = _lines(tmp_path / "default" / "acrl" / "metrics.jsonl")
     assert [h["step"] for h in hist] == [1, 2, 3] and "eval" in hist[1]
     assert (tmp_path / "world" / "contact_sheet.png").exists()
+
+
+def test_eval_on_a_benchmark_copy(tmp_path, micro_captioner):
+    from data.fixtures import mathvista_rows, write_parquet
+
+    write_parquet(mathvista_rows(), tmp_path / "mathvista" / "data" / "testmini-00000-of-00001.parquet")
+    run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--reference", micro_captioner,
+            "--benchmark", "mathvista", "--data", tmp_path / "mathvista", "--out", tmp_path / "ev")
+    s = json.load(open(tmp_path / "ev" / "summary.json"))
+    assert s["overall"]["n"] == len(_lines(tmp_path / "ev" / "items.jsonl")) > 0
+    assert s["by_category"] and "bad_rows" in s
+    p = run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--benchmark", "mathvista",
+                "--out", tmp_path / "x", check=False)
+    assert p.returncode == 2 and "--data" in p.stderr

@@ -136,11 +136,11 @@ def test_faults_and_a_restart_are_survived_with_retries(world):
     cfg = EpisodeConfig(clarification="on", record_deny=True)
     clean = run_episodes(problems, captions, WorldReasoner(), clarifier, cfg)
     server, _, url = start_server(WorldBackend(), fail_rate=0.2, timeout_rate=0.05, malformed_rate=0.05, seed=1,
-                                  fault_sleep=1.0)
+                                  fault_sleep=1.5)
     state: dict = {}
     watcher = threading.Thread(target=_restart_mid_run, args=(server, server.server_address[1], 40, 0.3, state))
     watcher.start()
-    reasoner = OpenAIReasoner(url, "world", concurrency=8, timeout=0.3, max_retries=10, backoff=0.05,
+    reasoner = OpenAIReasoner(url, "world", concurrency=8, timeout=1.0, max_retries=10, backoff=0.05,
                               backoff_max=0.3)
     try:
         groups = run_episodes(problems, captions, reasoner, clarifier, cfg)

@@ -29,20 +29,39 @@ def build_policy(cfg: Config, path: str | None = None, reference: str | None = N
 
 
 def build_reasoner(cfg: Config):
-    if cfg.reasoner.backend == "world":
+    rc = cfg.reasoner
+    if rc.backend == "world":
         from acrl.backends.world import WorldReasoner
 
-        return WorldReasoner(read_budget=cfg.reasoner.read_budget)
-    raise ValueError(f"unknown reasoner backend {cfg.reasoner.backend!r} (available: world)")
+        return WorldReasoner(read_budget=rc.read_budget)
+    if rc.backend == "openai":
+        from acrl.backends.openai_api import OpenAIReasoner
+
+        return OpenAIReasoner.from_config(rc).check()      # fails fast, naming the URL
+    if rc.backend == "hf":
+        from acrl.backends.hf_reasoner import HFReasoner
+
+        if not rc.model:
+            raise ValueError("reasoner.backend=hf needs reasoner.model (a model directory or hub id)")
+        return HFReasoner(rc.model, max_new_tokens=rc.max_tokens, temperature=rc.temperature,
+                          batch_size=rc.batch_size, think=rc.think)
+    raise ValueError(f"unknown reasoner backend {rc.backend!r} (available: world, openai, hf)")
 
 
 def build_clarifier(cfg: Config, reference, noise: float = 0.0, seed: int = 0):
-    """π_ref as the clarifier, optionally made imperfect (world regime with a noisy clarifier)."""
+    """π_ref (or a served VLM) as the clarifier, optionally made imperfect (world regime with a noisy clarifier)."""
+    clarifier = reference
+    if cfg.clarifier.backend == "openai":
+        from acrl.backends.openai_api import OpenAIClarifier
+
+        clarifier = OpenAIClarifier.from_config(cfg.clarifier).check()
+    elif cfg.clarifier.backend != "reference":
+        raise ValueError(f"unknown clarifier backend {cfg.clarifier.backend!r} (available: reference, openai)")
     if noise > 0:
         from acrl.backends.world import NoisyClarifier
 
-        return NoisyClarifier(reference, noise, seed)
-    return reference
+        return NoisyClarifier(clarifier, noise, seed)
+    return clarifier
 
 
 def world_source(cfg: Config, split: str = "train"):

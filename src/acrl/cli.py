@@ -1,4 +1,4 @@
-"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo."""
+"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, serve."""
 
 from __future__ import annotations
 
@@ -108,6 +108,8 @@ def cmd_eval(args) -> int:
     policy = build_policy(cfg, path=path, reference=ref_path)
     reference = policy if os.path.abspath(path) == os.path.abspath(ref_path) else build_policy(cfg, path=ref_path)
     clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, 12345)
+    if args.benchmark:
+        return _eval_benchmarks(args, cfg, policy, clarifier, path)
     problems = make_problems(cfg.eval.split, cfg.eval.n, cfg.world)
     t = time.time()
     summary, items = evaluate(policy, build_reasoner(cfg), clarifier, problems, cfg.eval.batch_size, progress=True)
@@ -115,6 +117,37 @@ def cmd_eval(args) -> int:
     write_results(args.out, summary, items, title=f"{os.path.basename(os.path.normpath(path))} on {cfg.eval.split}")
     print(markdown_table(summary))
     print(f"results in {args.out}")
+    return 0
+
+
+def _eval_benchmarks(args, cfg, policy, clarifier, captioner: str) -> int:
+    """``acrl eval --benchmark NAME|all --data PATH``: one results directory per benchmark."""
+    from acrl.build import build_reasoner
+    from acrl.data import aggregate_dynamath, breakdown_table, load_all, load_benchmark, summarize_by
+    from acrl.evaluate import evaluate, markdown_table, write_results
+
+    if not args.data:
+        raise ValueError("--benchmark needs --data PATH (see docs/benchmarks.md)")
+    if args.benchmark == "all":
+        loaded = load_all(args.data, split=args.split, limit=args.limit)
+    else:
+        loaded = {args.benchmark: load_benchmark(args.benchmark, args.data, split=args.split, limit=args.limit)}
+    reasoner = build_reasoner(cfg)
+    for name, res in loaded.items():
+        print(f"{name}: {res.describe()}")
+        t = time.time()
+        summary, items = evaluate(policy, reasoner, clarifier, res.problems, cfg.eval.batch_size, progress=True,
+                                  desc=name)
+        summary["by_category"] = summarize_by(items, "category")
+        if name == "dynamath":
+            summary["dynamath"] = aggregate_dynamath(items)
+        summary["bad_rows"] = [{"id": b.id, "reason": b.reason} for b in res.bad]
+        summary["captioner"], summary["data"], summary["seconds"] = captioner, res.path, round(time.time() - t, 1)
+        out = os.path.join(args.out, name) if args.benchmark == "all" else args.out
+        title = f"{os.path.basename(os.path.normpath(captioner))} on {name}"
+        write_results(out, summary, items, title=title)
+        print(markdown_table(summary, title) + "\n" + breakdown_table(summary["by_category"], label="category"))
+        print(f"results in {out}")
     return 0
 
 
@@ -164,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", help="π_ref checkpoint that answers clarifications (default: eval.reference, "
                                        "else the shipped warm-started captioner)")
     p.add_argument("--n", type=int, help="override eval.n")
+    p.add_argument("--benchmark", metavar="NAME",
+                   help="evaluate on a benchmark instead of the embedded world: mathvista, mathverse, mathvision, "
+                        "wemath, dynamath, logicvista, mmmu, or 'all' (see docs/benchmarks.md)")
+    p.add_argument("--data", metavar="PATH", help="local copy of the benchmark (save_to_disk directory, hub parquet "
+                                                  "files, or official JSON + images); with --benchmark all, a "
+                                                  "directory holding one sub-directory per benchmark")
+    p.add_argument("--split", help="benchmark split (default: the benchmark's evaluation split)")
+    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("demo", help="world -> warm start -> eval -> AC-RL -> eval -> binary RL -> eval -> report")
@@ -173,10 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmstart", action="store_true", help="re-run the warm start instead of the shipped one")
     p.set_defaults(fn=cmd_demo)
 
+    from acrl.serve import add_serve_parser
+
+    add_serve_parser(sub)
+
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"acrl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

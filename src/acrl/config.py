@@ -41,12 +41,56 @@ class ReasonerConfig:
     """The frozen text-only reasoner.
 
     Attributes:
-        backend: ``world`` (deterministic world reasoner).
-        read_budget: statements of a caption the world reasoner reads before it stops reading.
+        backend: ``world`` (deterministic world reasoner), ``openai`` (any OpenAI-compatible endpoint: vLLM,
+            SGLang, ``acrl serve reasoner``) or ``hf`` (a local Hugging Face text LLM, in process).
+        read_budget: (world) statements of a caption the world reasoner reads before it stops reading.
+        base_url: (openai) the server, e.g. ``http://127.0.0.1:8000/v1``.
+        model: (openai) served model name (empty: the server's first); (hf) model directory or hub id.
+        api_key_env: (openai) environment variable holding the API key.
+        concurrency: (openai) requests in flight at once.
+        timeout: (openai) seconds per request. max_retries: (openai) retries on connection errors, 429 and 5xx.
+        temperature: sampling temperature of the reasoner. max_tokens: reply length cap.
+        think: ``strip`` or ``keep`` R1-style ``<think>`` blocks before parsing.
+        cache: (openai) response cache for temperature-0 calls: ``""``, ``memory`` or a ``.jsonl`` path.
+        batch_size: (hf) prompts per generate call.
     """
 
     backend: str = "world"
     read_budget: int = 6
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 32
+    timeout: float = 300.0
+    max_retries: int = 4
+    temperature: float = 0.0
+    max_tokens: int = 4096
+    think: str = "strip"
+    cache: str = ""
+    batch_size: int = 8
+
+
+@dataclass
+class ClarifierConfig:
+    """Who answers clarification questions.
+
+    Attributes:
+        backend: ``reference`` (π_ref in process: the frozen starting captioner) or ``openai`` (a VLM behind an
+            OpenAI-compatible endpoint: vLLM, ``acrl serve clarifier``).
+        base_url, model, api_key_env, concurrency, timeout, max_retries, temperature, max_tokens, cache: as in
+            :class:`ReasonerConfig`.
+    """
+
+    backend: str = "reference"
+    base_url: str = "http://127.0.0.1:8001/v1"
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 32
+    timeout: float = 60.0
+    max_retries: int = 4
+    temperature: float = 0.0
+    max_tokens: int = 64
+    cache: str = ""
 
 
 @dataclass
@@ -122,13 +166,14 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """Everything one run needs. Sections: world, captioner, model (tiny captioner size), reasoner, warmstart,
-    train, eval."""
+    """Everything one run needs. Sections: world, captioner, model (tiny captioner size), reasoner, clarifier,
+    warmstart, train, eval."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     model: TinyVLMConfig = field(default_factory=TinyVLMConfig)
     reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
+    clarifier: ClarifierConfig = field(default_factory=ClarifierConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -24,7 +24,8 @@ from typing import Protocol, Sequence
 
 from PIL import Image
 
-from acrl.grading import extract_answer, grade, strip_think
+from acrl.data.answers import grade_problem as grade
+from acrl.grading import extract_answer, strip_think
 from acrl.problem import Problem
 
 # --- prompts -----------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequenc
     return summarize(items), items
 
 
-def _metrics(rows: list[dict]) -> dict:
+def group_metrics(rows: list[dict]) -> dict:
     live = [r for r in rows if not r["failed"]]
     n = len(live)
     if not n:
@@ -69,12 +69,12 @@ def _metrics(rows: list[dict]) -> dict:
 
 
 def summarize(items: list[dict]) -> dict:
-    out: dict = {"overall": _metrics(items)}
+    out: dict = {"overall": group_metrics(items)}
     for key in ("family", "needed"):
         groups: dict = defaultdict(list)
         for r in items:
             groups[r[key]].append(r)
-        out[f"by_{key}"] = {str(k): _metrics(v) for k, v in sorted(groups.items())}
+        out[f"by_{key}"] = {str(k): group_metrics(v) for k, v in sorted(groups.items())}
     return out
 
 

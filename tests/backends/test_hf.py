@@ -130,10 +130,13 @@ def test_variable_length_captions_greedy_and_chunked_batches(tiny_dirs):
         return out
 
     cap.base_model().get_output_embeddings().register_forward_hook(boost)
+    gc = cap.base_model().generation_config   # checkpoint sampling defaults (as in Qwen2.5-VL-Instruct) are ignored
+    gc.top_k, gc.top_p, gc.temperature, gc.repetition_penalty, gc.min_p = 1, 0.001, 0.1, 1.5, 0.9
     images = _images(3, seed=3)
     roll = cap.generate(images, QUESTIONS + ["Which shape is largest?"], n=3, max_new_tokens=8)
     lengths = roll.mask.sum(1)
     assert lengths.min() < lengths.max()
+    assert any(len(set(g)) > 1 for g in roll.texts)                   # sampled, not greedy
     for row, m in zip(roll.tokens, roll.mask):
         k = int(m.sum())
         assert (m[:k] == 1).all() and (m[k:] == 0).all()

@@ -102,9 +102,9 @@ def test_think_strip_and_keep():
 
 def test_faults_are_retried_until_the_replies_match(prompts):
     server, _, url = start_server(WorldBackend(), fail_rate=0.3, timeout_rate=0.1, malformed_rate=0.1, seed=1,
-                                  fault_sleep=0.6)
+                                  fault_sleep=1.5)
     try:
-        r = OpenAIReasoner(url, "world", concurrency=6, timeout=0.3, max_retries=12, backoff=0.01,
+        r = OpenAIReasoner(url, "world", concurrency=6, timeout=1.0, max_retries=12, backoff=0.01,
                            backoff_max=0.05)
         assert r.complete(prompts) == WorldReasoner().complete(prompts)
         s = r.stats()
@@ -118,7 +118,7 @@ def test_faults_are_retried_until_the_replies_match(prompts):
 def test_without_retries_a_fault_is_an_exception_in_its_slot(prompts):
     server, _, url = start_server(WorldBackend(), fail_rate=0.5, seed=3)
     try:
-        r = OpenAIReasoner(url, "world", timeout=2, max_retries=0)
+        r = OpenAIReasoner(url, "world", timeout=30, max_retries=0)
         out = r.complete(prompts)
     finally:
         _stop(server)

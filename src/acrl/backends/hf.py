@@ -497,10 +497,12 @@ class HFCaptioner:
         for i in range(0, len(rows_of), chunk):
             batch = _collate([encs[j] for j in rows_of[i:i + chunk]], self.pad_id, device=self.device)
             rec = _Recorder(1.0 if greedy else temperature, 1.0 if greedy else top_p, self.banned.to(self.device))
+            # every sampling knob neutral: the recorder sees raw logits and does the temperature / top-p itself
             gcfg = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new, eos_token_id=self.eos_ids,
-                                    pad_token_id=self.pad_id, bos_token_id=None, temperature=1.0, top_p=1.0,
-                                    top_k=None, use_cache=True)
-            out = model.generate(**batch, generation_config=gcfg, logits_processor=LogitsProcessorList([rec]))
+                                    pad_token_id=self.pad_id, temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0,
+                                    repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True)
+            with _plain_generation_config(model):
+                out = model.generate(**batch, generation_config=gcfg, logits_processor=LogitsProcessorList([rec]))
             gen = out[:, batch["input_ids"].shape[1]:]
             parts.append((gen.cpu(), rec.finish(gen[:, -1]).cpu()))
         width = max(g.shape[1] for g, _ in parts)
@@ -586,6 +588,22 @@ class HFCaptioner:
             return self._logprobs(self.base_model(), rollout, start, stop)
         finally:
             self.model.eval()
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model):
+    """Hide the checkpoint's ``generation_config.json`` (e.g. Qwen2.5-VL-Instruct's top_k=1, top_p=0.001,
+    repetition_penalty=1.05) during ``generate``: HF fills every unset option from it, which would warp the logits
+    before the recorder and bias the sampling policy away from softmax(logits / T)."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id,
+                                               bos_token_id=saved.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @contextlib.contextmanager

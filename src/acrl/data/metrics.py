@@ -106,7 +106,7 @@ def summarize_by(items: list[Mapping[str, Any]], key: str | Callable[[Mapping[st
     ``problem_version``, ``subject`` ...). Returns ``{str(group): metrics}``, sorted by group; the result can
     be stored as ``summary[f"by_{key}"]``.
     """
-    from acrl.evaluate import _metrics
+    from acrl.evaluate import group_metrics
 
     lookup: Mapping[str, Problem] | None = None
     if problems is not None:
@@ -114,7 +114,7 @@ def summarize_by(items: list[Mapping[str, Any]], key: str | Callable[[Mapping[st
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for it in items:
         groups[str(_value(it, key, lookup))].append(it)
-    return {g: _metrics(rows) for g, rows in sorted(groups.items())}
+    return {g: group_metrics(rows) for g, rows in sorted(groups.items())}
 
 
 def _fmt(x: Any) -> str:
