@@ -39,7 +39,8 @@ def test_train_checkpoint_resume_and_eval(tmp_path, micro_captioner):
         assert k in m, k
     eps = _lines(straight / "episodes.jsonl")
     assert eps and {"caption", "decision", "tier", "reward", "replies"} <= set(eps[0])
-    run_cli("eval", "--config", MICRO, "--captioner", straight / "checkpoint" / "policy", "--reference", micro_captioner, "--out", tmp_path / "ev")
+    run_cli("eval", "--config", MICRO, "--captioner", straight / "checkpoint" / "policy",
+            "--reference", micro_captioner, "--out", tmp_path / "ev")
     summary = json.load(open(tmp_path / "ev" / "summary.json"))
     assert summary["overall"]["n"] == 8
     assert 0 <= summary["overall"]["accuracy"] <= 1 and "by_family" in summary

@@ -3,8 +3,15 @@ import math
 import pytest
 
 from acrl.episode import (
-    EpisodeConfig, decision_prompt, episode_metrics, final_prompt, parse_prompt, parse_reply, run_episodes,
-    single_pass_prompt, tier_reward,
+    EpisodeConfig,
+    decision_prompt,
+    episode_metrics,
+    final_prompt,
+    parse_prompt,
+    parse_reply,
+    run_episodes,
+    single_pass_prompt,
+    tier_reward,
 )
 from acrl.problem import Problem
 

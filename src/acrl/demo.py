@@ -64,8 +64,8 @@ def run_regime(cfg: Config, name: str, out: str, base: str) -> dict:
         val = make_problems("val", acfg.train.eval_n, acfg.world)
         val_clar = build_clarifier(acfg, reference, acfg.train.clarifier_noise, 777)
 
-        def curve(step: int, policy=policy, val=val, val_clar=val_clar) -> dict:
-            s, _ = evaluate(policy, reasoner, val_clar, val, acfg.eval.batch_size)
+        def curve(step: int, policy=policy, val=val, val_clar=val_clar, bs=acfg.eval.batch_size) -> dict:
+            s, _ = evaluate(policy, reasoner, val_clar, val, bs)
             return {k: s["overall"][k] for k in ("accuracy", "clarification_rate", "accuracy_with_clarification")}
 
         run_dir = os.path.join(out, arm)

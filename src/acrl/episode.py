@@ -19,8 +19,9 @@ the reference, and all final prompts go to the reasoner in one more call.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from PIL import Image
 

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from tqdm import tqdm
 

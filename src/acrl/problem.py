@@ -1,4 +1,4 @@
-"""The `Problem` record: one (image, question, gold answer) shared by the embedded world, benchmarks and training sets."""
+"""The `Problem` record: one (image, question, gold answer) shared by the world, benchmarks and training sets."""
 
 from __future__ import annotations
 

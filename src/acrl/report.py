@@ -88,7 +88,8 @@ def verdict(r: dict) -> str:
     gain = 100 * (a["accuracy"] - p["accuracy"])
     cut = 1 - a["clarification_rate"] / p["clarification_rate"] if p["clarification_rate"] else float("nan")
     b = r["binary"]["overall"]
-    lead = "AC-RL" if a["accuracy"] > b["accuracy"] else "binary-reward RL" if b["accuracy"] > a["accuracy"] else "neither"
+    lead = ("AC-RL" if a["accuracy"] > b["accuracy"] else "binary-reward RL" if b["accuracy"] > a["accuracy"]
+            else "neither")
     return (f"AC-RL changed single-pass accuracy by {gain:+.1f} points over the pretrained captioner "
             f"(target: at least +10) and its clarification rate by {-100 * cut:+.0f}% relative (target: at least "
             f"-30%). On final single-pass accuracy {lead} is ahead "

@@ -5,7 +5,13 @@ import pytest
 from acrl.backends.world import OracleClarifier, WorldReasoner
 from acrl.episode import EpisodeConfig, run_episodes
 from acrl.world import (
-    FAMILIES, WorldConfig, clarification_pairs, human_caption_for, language, make_problem, make_problems,
+    FAMILIES,
+    WorldConfig,
+    clarification_pairs,
+    human_caption_for,
+    language,
+    make_problem,
+    make_problems,
     oracle_caption_for,
 )
 

@@ -108,7 +108,7 @@ def _lora_settings(lora: Any) -> _Lora:
     return out
 
 
-# --- loading ---------------------------------------------------------------------------------------------------------
+# --- loading ------------------------------------------------------------------------------------------------
 def no_video_processor_class(cls):
     """``cls`` without its video processor (which needs torchvision); same class name, so saved files stay standard.
 
@@ -177,7 +177,9 @@ def load_processor(path: str, trust_remote_code: bool = False):
     except Exception as err:
         name = _processor_class_name(path)
         if not name:
-            raise (_hub_error(path, err) if not os.path.isdir(path) else err)
+            if os.path.isdir(path):
+                raise
+            raise _hub_error(path, err) from err
         from transformers.models.auto.processing_auto import processor_class_from_name
 
         cls = processor_class_from_name(name)
@@ -257,7 +259,7 @@ def load_merged_model(path: str, settings: HFSettings):
     return model
 
 
-# --- batching ---------------------------------------------------------------------------------------------------------
+# --- batching -----------------------------------------------------------------------------------------------
 @dataclass
 class HFContext:
     """Per-problem processor outputs (batch dimension 1, on CPU); row ``r`` of a rollout uses problem ``r // n``."""
@@ -322,7 +324,7 @@ def _collate(encs: list[dict[str, torch.Tensor]], pad_id: int, tails: torch.Tens
     return {k: v.to(device) for k, v in out.items()}
 
 
-# --- the policy ---------------------------------------------------------------------------------------------------------
+# --- the policy ---------------------------------------------------------------------------------------------
 class HFCaptioner:
     """``Policy`` over a Hugging Face image-text-to-text model (PEFT LoRA or full fine-tuning)."""
 
@@ -374,7 +376,7 @@ class HFCaptioner:
         self.banned = self._banned_tokens()
         self.model.eval()
 
-    # --- construction / persistence ---------------------------------------------------------------------------
+    # --- construction / persistence -------------------------------------------------------------------------
     @staticmethod
     def lora_target_modules(model, regex: str, freeze_vision: bool = True) -> list[str]:
         """Names of the linear layers LoRA adapts: full match of ``regex``, inside the language model when
@@ -468,7 +470,7 @@ class HFCaptioner:
         ids |= set(range(len(self.tokenizer), vocab))
         return torch.tensor(sorted(i for i in ids if i < vocab and i not in self.eos_ids), dtype=torch.long)
 
-    # --- encoding ---------------------------------------------------------------------------------------------
+    # --- encoding -------------------------------------------------------------------------------------------
     def _fit(self, image: Image.Image) -> Image.Image:
         image = image.convert("RGB")
         cap = self.settings.max_pixels
@@ -485,7 +487,7 @@ class HFCaptioner:
                              **(self.settings.processor_kwargs or {}))
         return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
 
-    # --- generation -------------------------------------------------------------------------------------------
+    # --- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _generate(self, model, encs: list[dict], rows_of: list[int], temperature: float, max_new: int, greedy: bool,
                   top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -555,7 +557,7 @@ class HFCaptioner:
                                          self.settings.answer_max_new_tokens, greedy=True)
         return self._decode(tokens, mask)
 
-    # --- log-probs --------------------------------------------------------------------------------------------
+    # --- log-probs ------------------------------------------------------------------------------------------
     def _logprobs(self, model, rollout: Rollout, start: int, stop: int) -> torch.Tensor:
         ctx: HFContext = rollout.context
         width = rollout.tokens.shape[1]

@@ -236,8 +236,9 @@ class _ChatClient:
             raise ConnectionError(f"{self.what} at {url} did not answer within {self.check_timeout:g}s "
                                   f"({type(e).__name__}); is the server up?") from None
         except httpx.HTTPError as e:
-            raise ConnectionError(f"{self.what} at {url} is not reachable ({type(e).__name__}: {e}); start it "
-                                  f"(e.g. `vllm serve MODEL --port PORT` or `acrl serve ...`) or fix base_url") from None
+            raise ConnectionError(
+                f"{self.what} at {url} is not reachable ({type(e).__name__}: {e}); start it "
+                f"(e.g. `vllm serve MODEL --port PORT` or `acrl serve ...`) or fix base_url") from None
         if r.status_code in (401, 403):
             raise ConnectionError(f"{self.what} at {url} refused the API key (HTTP {r.status_code}); set the "
                                   f"environment variable named by api_key_env")

@@ -17,10 +17,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -77,7 +76,7 @@ def world_tokenizer() -> WordTokenizer:
                   for t in language.TEMPLATES]
         texts += [language.BASE_PHRASES[f].format(n=w, colour=c, article="an a") for f in language.BASE_PHRASES
                   for w in language.NUMBER_WORDS.values()]
-    for kind, (sent, q, _, _) in language.FACT_KINDS.items():
+    for sent, q, _, _ in language.FACT_KINDS.values():
         for s in colours + ["wide", "tall", "base", "height"]:
             texts += [sent.format(s=s, v=1), q.format(s=s)]
     texts += ["the bars are of similar height", "there are more red shapes", "the colours are balanced",

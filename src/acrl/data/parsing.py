@@ -189,7 +189,7 @@ def split_choices(question: str) -> tuple[str, list[str]] | None:
     ``Choices: (A) yes (B) no``) into ``(stem, options)``. A ``Choices:`` / ``Options:`` label is preferred as
     the start of the list; otherwise the longest lettered run is used."""
     m = None
-    for m in _CHOICES_LABEL_RE.finditer(question):
+    for m in _CHOICES_LABEL_RE.finditer(question):  # noqa: B007 (keep the last match)
         pass
     if m is not None:
         tail = question[m.end():]

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from acrl.problem import Problem
 from acrl.world import language
 from acrl.world.language import (
-    clarification_answer, clarification_question, fact_sentence, human_caption, oracle_caption,
+    clarification_answer,
+    clarification_question,
+    fact_sentence,
+    human_caption,
+    oracle_caption,
 )
 from acrl.world.scenes import render, sample_scene
 

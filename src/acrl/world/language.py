@@ -19,7 +19,8 @@ FACT_KINDS = {
               r"\bthere (?:are|is) (-?\d+) (\w+) shapes?\b", (1, 5)),
     "rect": ("the rectangle is {v} {s}", "how {s} is the rectangle ?", r"\bthe rectangle is (-?\d+) (wide|tall)\b",
              (1, 8)),
-    "tri": ("the triangle {s} is {v}", "what is the {s} of the triangle ?", r"\bthe triangle (base|height) is (-?\d+)\b",
+    "tri": ("the triangle {s} is {v}", "what is the {s} of the triangle ?",
+            r"\bthe triangle (base|height) is (-?\d+)\b",
             (1, 8)),
 }
 _RECT_SLOT = {"width": "wide", "height": "tall"}
@@ -98,7 +99,7 @@ class QuestionTemplate:
     def regex(self) -> re.Pattern:
         pat = re.escape(self.text)
         for i in range(1, 5):
-            pat = pat.replace(re.escape("{c%d}" % i), rf"(?P<c{i}>\w+)")
+            pat = pat.replace(re.escape(f"{{c{i}}}"), rf"(?P<c{i}>\w+)")
         return re.compile(pat)
 
 
@@ -193,7 +194,8 @@ def remarks(family: str, facts: dict[str, int], scene: dict) -> list[str]:
         return out
     if family == "rect":
         w, h = facts["rect.width"], facts["rect.height"]
-        return ["it is a square" if w == h else "it is wider than it is tall" if w > h else "it is taller than it is wide"]
+        return ["it is a square" if w == h else "it is wider than it is tall" if w > h
+                else "it is taller than it is wide"]
     if family == "tri":
         b, h = facts["tri.base"], facts["tri.height"]
         return ["the right angle is at the origin",
