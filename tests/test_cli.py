@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import MICRO, run_cli
 
 
@@ -102,3 +104,19 @@ def test_eval_on_a_benchmark_copy(tmp_path, micro_captioner):
     p = run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--benchmark", "mathvista",
                 "--out", tmp_path / "x", check=False)
     assert p.returncode == 2 and "--data" in p.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])
+def test_tiny_hf_family_trains_and_evaluates_through_the_cli(tmp_path, family):
+    run_cli("make-tiny", "--family", family, "--out", tmp_path / "base")
+    cfg = f"configs/{family}-tiny.yaml"
+    common = ["--set", f"captioner.path={tmp_path / 'base'}", "--set", "train.threads=1"]
+    run_cli("train", "--config", cfg, *common, "--out", tmp_path / "run", "--steps", 2, "--quiet")
+    m = _lines(tmp_path / "run" / "metrics.jsonl")
+    assert [x["step"] for x in m] == [1, 2] and all("loss" in x for x in m)
+    adapter = tmp_path / "run" / "checkpoint" / "policy"
+    run_cli("eval", "--config", cfg, *common, "--captioner", adapter, "--n", 4, "--out", tmp_path / "ev")
+    assert json.load(open(tmp_path / "ev" / "summary.json"))["overall"]["n"] == 4
+    if family == "qwen2-vl":
+        run_cli("export", "--merge", "--checkpoint", adapter, "--out", tmp_path / "merged")
+        assert (tmp_path / "merged" / "config.json").exists()

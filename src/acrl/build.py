@@ -10,6 +10,11 @@ from acrl.config import SHIPPED_CAPTIONER, Config
 
 
 def captioner_path(cfg: Config) -> str:
+    if cfg.captioner.backend == "hf":
+        if not cfg.captioner.path:
+            raise ValueError("captioner.path is required for backend hf (model directory, hub name or checkpoint); "
+                             "for a CPU check: acrl make-tiny --family qwen2-vl --out DIR")
+        return cfg.captioner.path
     return cfg.captioner.path or SHIPPED_CAPTIONER
 
 
@@ -17,8 +22,13 @@ def build_policy(cfg: Config, path: str | None = None, reference: str | None = N
     """The trainable captioner. ``path`` overrides ``cfg.captioner.path``; ``reference`` is π_ref's checkpoint."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.captioner.backend == "hf":
+        from acrl.backends.hf import HFCaptioner, HFSettings
+
+        return HFCaptioner.load(path or captioner_path(cfg), lora=cfg.captioner.lora,
+                                settings=HFSettings.from_config(cfg.captioner), reference=reference)
     if cfg.captioner.backend != "tiny":
-        raise ValueError(f"unknown captioner backend {cfg.captioner.backend!r} (available: tiny)")
+        raise ValueError(f"unknown captioner backend {cfg.captioner.backend!r} (available: tiny, hf)")
     from acrl.backends.tiny import TinyCaptioner
 
     path = path or captioner_path(cfg)

@@ -1,4 +1,4 @@
-"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, serve."""
+"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, serve, export, make-tiny."""
 
 from __future__ import annotations
 
@@ -78,13 +78,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _shares_reference(cfg) -> bool:
+    """With an hf LoRA captioner, the policy's own ``answer()`` is π_ref (adapter disabled): no second copy."""
+    return cfg.captioner.backend == "hf" and cfg.captioner.lora.enabled
+
+
 def _periodic_eval(cfg, policy, reference_path):
     from acrl.build import build_clarifier, build_policy, build_reasoner
     from acrl.evaluate import evaluate
     from acrl.world import make_problems
 
     problems = make_problems("val", cfg.train.eval_n, cfg.world)
-    reference = build_policy(cfg, path=reference_path)
+    reference = policy if _shares_reference(cfg) else build_policy(cfg, path=reference_path)
     clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, cfg.train.seed + 1)
     reasoner = build_reasoner(cfg)
 
@@ -105,7 +110,8 @@ def cmd_eval(args) -> int:
     ref_path = args.reference or cfg.eval.reference or captioner_path(cfg)
     path = args.captioner or captioner_path(cfg)
     policy = build_policy(cfg, path=path, reference=ref_path)
-    reference = policy if os.path.abspath(path) == os.path.abspath(ref_path) else build_policy(cfg, path=ref_path)
+    same = os.path.abspath(path) == os.path.abspath(ref_path) or _shares_reference(cfg)
+    reference = policy if same else build_policy(cfg, path=ref_path)
     clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, 12345)
     if args.benchmark:
         return _eval_benchmarks(args, cfg, policy, clarifier, path)
@@ -147,6 +153,22 @@ def _eval_benchmarks(args, cfg, policy, clarifier, captioner: str) -> int:
         write_results(out, summary, items, title=title)
         print(markdown_table(summary, title) + "\n" + breakdown_table(summary["by_category"], label="category"))
         print(f"results in {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from acrl.backends.hf import export_merged
+
+    if not args.merge:
+        raise ValueError("acrl export: only --merge is supported")
+    print(f"merged checkpoint written to {export_merged(args.checkpoint, args.out, dtype=args.dtype)}")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from acrl.backends.hf_tiny import make_tiny
+
+    print(f"tiny {args.family} checkpoint written to {make_tiny(args.family, args.out, seed=args.seed)}")
     return 0
 
 
@@ -212,6 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="also run the sparse and noisy-clarifier regimes")
     p.add_argument("--warmstart", action="store_true", help="re-run the warm start instead of the shipped one")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("export", help="write a stand-alone HF checkpoint from a trained hf captioner")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    p.add_argument("--checkpoint", required=True, help="HFCaptioner.save directory, e.g. RUN/checkpoint/policy")
+    p.add_argument("--out", required=True, help="output directory (model + processor)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the base checkpoint's dtype")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("make-tiny", help="build a tiny random HF VLM checkpoint locally (no downloads)")
+    p.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_tiny)
 
     from acrl.serve import add_serve_parser
 

@@ -22,11 +22,27 @@ class CaptionerConfig:
     """The trainable captioner (and, through it, the reference π_ref).
 
     Attributes:
-        backend: ``tiny`` (the embedded world's PyTorch VLM).
-        path: checkpoint directory; empty = the shipped warm-started world captioner.
-        lora: LoRA settings (``lora.enabled: false`` trains all weights and keeps a frozen copy as π_ref).
+        backend: ``tiny`` (the embedded world's PyTorch VLM) or ``hf`` (a Hugging Face VLM: Qwen2-VL, Qwen2.5-VL,
+            InternVL, Llava).
+        path: checkpoint directory (hf: also a hub name or a saved adapter); empty (tiny) = the shipped
+            warm-started world captioner.
+        lora: LoRA settings (``lora.enabled: false`` trains all weights and keeps a frozen copy as π_ref; with LoRA
+            π_ref is the same model with the adapter disabled).
         temperature: sampling temperature for training captions.
         max_new_tokens: caption length cap in tokens.
+        dtype: (hf) ``auto`` (bf16 on a bf16 GPU, else fp32) | ``bf16`` | ``fp16`` | ``fp32``.
+        device: (hf) ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        attn_implementation: (hf) ``sdpa`` | ``eager`` | ``flash_attention_2``.
+        gradient_checkpointing: (hf) trade compute for memory in the update.
+        max_pixels: (hf) downscale larger images before the processor (0: the processor's own bound).
+        freeze_vision: (hf) train only inside the language model (vision tower and projector frozen).
+        top_p: (hf) nucleus sampling of captions (log-probs stay full-vocabulary).
+        generation_batch_size: (hf) rows per generate() call (0: all).
+        logprob_batch_size: (hf) rows per teacher-forced forward inside logprobs() (0: all).
+        recompute_logprobs: (hf) old log-probs from a teacher-forced forward (recommended in bf16).
+        answer_max_new_tokens: (hf) length cap of π_ref's clarification answers.
+        processor_kwargs: (hf) extra processor arguments, e.g. ``{crop_to_patches: true, max_patches: 6}``.
+        trust_remote_code: (hf) allow custom model code from the checkpoint.
     """
 
     backend: str = "tiny"
@@ -34,6 +50,19 @@ class CaptionerConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     temperature: float = 1.0
     max_new_tokens: int = 40
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    max_pixels: int = 0
+    freeze_vision: bool = True
+    top_p: float = 1.0
+    generation_batch_size: int = 0
+    logprob_batch_size: int = 0
+    recompute_logprobs: bool = False
+    answer_max_new_tokens: int = 64
+    processor_kwargs: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
 
 
 @dataclass

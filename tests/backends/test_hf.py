@@ -50,7 +50,8 @@ def test_family_generate_logprobs_lora_step_save_load(family, tiny_dirs, tmp_pat
     cap = HFCaptioner.load(tiny_dirs(family), lora=LORA, settings=HFSettings(device="cpu"))
     images = _images()
     roll = cap.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=6)
-    assert len(roll.texts) == 2 and all(len(g) == 2 and all(isinstance(t, str) for t in g) for g in roll.texts)
+    assert len(roll.texts) == 2
+    assert all(len(g) == 2 and all(isinstance(t, str) for t in g) for g in roll.texts)
     assert roll.tokens.shape == roll.mask.shape == roll.logprobs.shape and roll.tokens.shape[0] == 4
     assert roll.tokens.shape[1] <= 6 and (roll.mask.sum(1) > 0).all()
     assert (roll.logprobs <= 0).all() and (roll.logprobs[roll.mask == 0] == 0).all()
@@ -67,14 +68,15 @@ def test_family_generate_logprobs_lora_step_save_load(family, tiny_dirs, tmp_pat
     names = [n for n, p in cap.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     lm = [n for n in names if "language_model" in n]
-    assert lm == names                                                  # vision tower and projector: no adapter
+    assert lm == names                                   # no adapter on the vision tower or the projector
     frozen = {n: p.detach().clone() for n, p in cap.model.named_parameters() if not p.requires_grad}
     lora_before = {n: p.detach().clone() for n, p in cap.model.named_parameters() if p.requires_grad}
     _sgd_step(cap, roll)
     for n, p in cap.model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
-    assert any(not torch.equal(p, lora_before[n]) for n, p in cap.model.named_parameters() if n in lora_before)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in cap.model.named_parameters()
+               if n in lora_before)
     after = cap.logprobs(roll).detach()
     assert not torch.allclose(after, ref_before, atol=1e-4)
     assert torch.allclose(cap.logprobs(roll, reference=True), ref_before, atol=1e-6)
@@ -100,9 +102,10 @@ def test_peft_loads_the_saved_adapter_and_export_merges(tiny_dirs, tmp_path):
 
     torch.manual_seed(1)
     base = tiny_dirs("qwen2-vl")
-    cap = HFCaptioner.load(base, lora=LORA, settings=HFSettings(device="cpu"))
+    cap = HFCaptioner.load(base, lora=LORA, settings=HFSettings(device="cpu", gradient_checkpointing=True))
     roll = cap.generate(_images(), QUESTIONS, n=2, max_new_tokens=5)
-    _sgd_step(cap, roll)
+    _sgd_step(cap, roll)                                  # LoRA under gradient checkpointing gets gradients
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in cap.trainable_parameters())
     want = cap.logprobs(roll).detach()
     cap.save(str(tmp_path / "run"))
     peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), str(tmp_path / "run"))
@@ -130,7 +133,7 @@ def test_variable_length_captions_greedy_and_chunked_batches(tiny_dirs):
         return out
 
     cap.base_model().get_output_embeddings().register_forward_hook(boost)
-    gc = cap.base_model().generation_config   # checkpoint sampling defaults (as in Qwen2.5-VL-Instruct) are ignored
+    gc = cap.base_model().generation_config   # checkpoint sampling defaults (as Qwen2.5-VL's) are ignored
     gc.top_k, gc.top_p, gc.temperature, gc.repetition_penalty, gc.min_p = 1, 0.001, 0.1, 1.5, 0.9
     images = _images(3, seed=3)
     roll = cap.generate(images, QUESTIONS + ["Which shape is largest?"], n=3, max_new_tokens=8)
@@ -153,7 +156,8 @@ def test_full_finetune_keeps_frozen_reference_and_vision(tiny_dirs, tmp_path):
     torch.manual_seed(3)
     full = LoraSettings(enabled=False)
     cap = HFCaptioner.load(tiny_dirs("qwen2.5-vl"), lora=full,
-                           settings=HFSettings(device="cpu", gradient_checkpointing=True, recompute_logprobs=True))
+                           settings=HFSettings(device="cpu", gradient_checkpointing=True,
+                                               recompute_logprobs=True))
     assert cap.ref_model is not None
     trainable = {n for n, p in cap.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("model.language_model.", "lm_head")) for n in trainable)
@@ -166,7 +170,7 @@ def test_full_finetune_keeps_frozen_reference_and_vision(tiny_dirs, tmp_path):
     after = cap.logprobs(roll).detach()
     assert not torch.allclose(after, ref_before, atol=1e-4)
     assert torch.allclose(cap.logprobs(roll, reference=True), ref_before, atol=1e-6)
-    cap.save(str(tmp_path / "full"))                                 # a whole checkpoint; π_ref from `reference`
+    cap.save(str(tmp_path / "full"))                      # a whole checkpoint; π_ref from `reference`
     again = HFCaptioner.load(str(tmp_path / "full"), lora=full, settings=HFSettings(device="cpu"),
                              reference=tiny_dirs("qwen2.5-vl"))
     assert torch.allclose(again.logprobs(roll).detach(), after, atol=1e-5)

@@ -1,21 +1,22 @@
-"""Hugging Face vision-language captioners (Qwen2-VL, Qwen2.5-VL, InternVL, Llava) behind the ``Policy`` protocol.
+"""Hugging Face vision-language captioners (Qwen2-VL, Qwen2.5-VL, InternVL, Llava) as a ``Policy``.
 
 ``HFCaptioner`` wraps an ``AutoModelForImageTextToText`` checkpoint and its processor:
 
-* the user turn is ``[image, captioner_prompt(question)]`` rendered by the processor's chat template; images larger
-  than ``max_pixels`` are downscaled first; prompts are left-padded for batched generation;
-* ``generate`` samples ``n`` captions per prompt and records the per-token log-probs of the sampled tokens under the
-  temperature-scaled policy (a logits processor reads the raw logits before any warping; ``top_p`` then filters the
-  sampling distribution only, as in verl/TRL the log-probs stay full-vocabulary);
-* ``logprobs`` recomputes them teacher-forced over prompt + caption with the image tokens in place, in micro-batches
-  built from per-problem encodings (pixel values and ``image_grid_thw`` per image, ``mm_token_type_ids`` zero-padded
-  over the caption), and only materialises the logits of the caption positions (``logits_to_keep``);
-* PEFT LoRA on the language model's linear layers (vision tower and projector frozen by default); the reference
-  π_ref is the same weights under ``disable_adapter()``. Without LoRA a frozen copy is kept;
+* the user turn is ``[image, captioner_prompt(question)]`` rendered by the processor's chat template; images
+  larger than ``max_pixels`` are downscaled first; prompts are left-padded for batched generation;
+* ``generate`` samples ``n`` captions per prompt and records the per-token log-probs of the sampled tokens
+  under the temperature-scaled policy (a logits processor reads the raw logits before any warping; ``top_p``
+  then filters the sampling distribution only, as in verl/TRL the log-probs stay full-vocabulary);
+* ``logprobs`` recomputes them teacher-forced over prompt + caption with the image tokens in place, in
+  micro-batches built from per-problem encodings (pixel values and ``image_grid_thw`` per image,
+  ``mm_token_type_ids`` zero-padded over the caption), and only materialises the logits of the caption
+  positions (``logits_to_keep``);
+* PEFT LoRA on the language model's linear layers (vision tower and projector frozen by default); the
+  reference π_ref is the same weights under ``disable_adapter()``. Without LoRA a frozen copy is kept;
 * ``save`` writes a standard PEFT adapter directory plus ``acrl_captioner.json`` pointing at the base model;
   :func:`export_merged` writes a merged, stand-alone checkpoint.
 
-Without torchvision, processors that require a video processor (Qwen-VL, InternVL, SmolVLM) can't be built by
+Without torchvision, processors that require a video processor (Qwen-VL, InternVL) can't be built by
 ``AutoProcessor``; :func:`load_processor` then falls back to :func:`no_video_processor_class`.
 """
 
@@ -41,7 +42,6 @@ from acrl.episode import captioner_prompt, clarify_prompt
 
 META_FILE = "acrl_captioner.json"
 DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-_TINY_DEFAULT_TARGETS = r".*decoder.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"   # LoraSettings' default (tiny)
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
@@ -55,11 +55,11 @@ class HFSettings:
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
         gradient_checkpointing: recompute activations in the backward pass (saves memory on long prompts).
         max_pixels: downscale images with more pixels than this before the processor (0: processor default).
-        freeze_vision: keep the vision tower and projector frozen (LoRA targets only the language model; a full
-            fine-tune trains only the language model).
+        freeze_vision: keep the vision tower and projector frozen (LoRA targets only the language model; a
+            full fine-tune trains only the language model).
         top_p: nucleus sampling for training captions (log-probs stay full-vocabulary, temperature-scaled).
         generation_batch_size: caption rows per ``generate`` call (0: all rows at once).
-        logprob_batch_size: rows per teacher-forced forward inside one ``logprobs`` call (0: all rows at once).
+        logprob_batch_size: rows per teacher-forced forward inside one ``logprobs`` call (0: all at once).
         recompute_logprobs: replace the log-probs recorded during generation by a teacher-forced forward (the
             same kernels as the update: no bf16 cache/no-cache mismatch in the PPO ratio; one more forward).
         answer_max_new_tokens: length cap of π_ref's clarification answers.
@@ -84,7 +84,7 @@ class HFSettings:
 
     @classmethod
     def from_config(cls, cfg: Any) -> HFSettings:
-        """Pick the fields of this class that ``cfg`` (e.g. ``Config.captioner``) has; the rest keep defaults."""
+        """The fields of this class that ``cfg`` (e.g. ``Config.captioner``) has; the rest keep defaults."""
         out = cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
         out.processor_kwargs = dict(out.processor_kwargs or {})
         return out
@@ -102,26 +102,30 @@ class _Lora:
 def _lora_settings(lora: Any) -> _Lora:
     if lora is None:
         return _Lora(enabled=False)
+    from acrl.backends.tiny import LoraSettings
+
     out = _Lora(**{f.name: getattr(lora, f.name) for f in fields(_Lora) if hasattr(lora, f.name)})
-    if not out.targets or out.targets == _TINY_DEFAULT_TARGETS:
+    if not out.targets or out.targets == LoraSettings().targets:   # the tiny default names no HF layer
         out.targets = DEFAULT_TARGETS
     return out
 
 
 # --- loading ------------------------------------------------------------------------------------------------
 def no_video_processor_class(cls):
-    """``cls`` without its video processor (which needs torchvision); same class name, so saved files stay standard.
+    """``cls`` without its video processor (which needs torchvision), under the same class name so that saved
+    files stay standard.
 
-    ``__init__`` keeps the original parameters minus ``video_processor`` as real arguments: ``save_pretrained`` and
-    ``from_pretrained`` read them from the signature and the code object (e.g. InternVL's ``image_seq_length``).
+    ``__init__`` keeps the original parameters minus ``video_processor`` as real arguments:
+    ``save_pretrained`` and ``from_pretrained`` read them from the signature and the code object (e.g.
+    ``image_seq_length``).
     """
     sig = inspect.signature(cls.__init__)
     if "video_processor" not in sig.parameters:
         return cls
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     names = [n for n, p in sig.parameters.items() if p.kind in kinds and n not in ("self", "video_processor")]
-    defaults = {n: (None if sig.parameters[n].default is inspect.Parameter.empty else sig.parameters[n].default)
-                for n in names}
+    empty = inspect.Parameter.empty
+    defaults = {n: (None if sig.parameters[n].default is empty else sig.parameters[n].default) for n in names}
     src = (f"def __init__(self, {''.join(f'{n}=_d[{n!r}], ' for n in names)}**kwargs):\n"
            f"    kwargs.pop('video_processor', None)\n"
            f"    _cls.__init__(self, video_processor=None, {''.join(f'{n}={n}, ' for n in names)}**kwargs)\n")
@@ -162,10 +166,11 @@ def _processor_class_name(path: str) -> str | None:
 
 
 def _hub_error(path: str, err: Exception) -> RuntimeError:
+    first = str(err).splitlines()[0] if str(err) else ""
     return RuntimeError(
-        f"could not load the captioner {path!r}: it is not a local directory and fetching it from the Hugging Face "
-        f"hub failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). On a machine with "
-        f"network access run `hf download {path} --local-dir DIR` and set captioner.path=DIR.")
+        f"could not load the captioner {path!r}: it is not a local directory and fetching it from the "
+        f"Hugging Face hub failed ({type(err).__name__}: {first}). On a machine with network access run "
+        f"`hf download {path} --local-dir DIR` and set captioner.path=DIR.")
 
 
 def load_processor(path: str, trust_remote_code: bool = False):
@@ -194,8 +199,8 @@ def _torch_dtype(name: str, device: str) -> torch.dtype:
         if device.startswith("cuda") and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
     if name not in table:
         raise ValueError(f"captioner.dtype must be one of auto, bf16, fp16, fp32; got {name!r}")
     return table[name]
@@ -208,11 +213,11 @@ def _device(name: str) -> str:
 
 
 def load_model(path: str, settings: HFSettings):
-    """The image-text-to-text model at ``path`` (local directory or hub name) in eval mode on the chosen device."""
+    """The image-text-to-text model at ``path`` (directory or hub name), in eval mode on the chosen device."""
     from transformers import AutoModelForImageTextToText
 
     if not os.path.isdir(path) and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
-        raise FileNotFoundError(f"captioner checkpoint directory {path!r} not found (nor a hub name 'org/model')")
+        raise FileNotFoundError(f"captioner checkpoint directory {path!r} not found (nor a hub name)")
     device = _device(settings.device)
     kw = {"dtype": _torch_dtype(settings.dtype, device), "trust_remote_code": settings.trust_remote_code}
     if settings.attn_implementation:
@@ -228,7 +233,7 @@ def load_model(path: str, settings: HFSettings):
 
 def resolve_checkpoint(path: str) -> tuple[str, str | None]:
     """(base model, adapter directory or None) of a captioner checkpoint: an ``HFCaptioner.save`` directory
-    (``acrl_captioner.json``), a plain PEFT adapter directory, or a base model (local directory or hub name)."""
+    (``acrl_captioner.json``), a plain PEFT adapter directory, or a base model (directory or hub name)."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, META_FILE)):
         with open(os.path.join(path, META_FILE)) as fh:
             meta = json.load(fh)
@@ -262,7 +267,7 @@ def load_merged_model(path: str, settings: HFSettings):
 # --- batching -----------------------------------------------------------------------------------------------
 @dataclass
 class HFContext:
-    """Per-problem processor outputs (batch dimension 1, on CPU); row ``r`` of a rollout uses problem ``r // n``."""
+    """Per-problem processor outputs (batch of 1, on CPU); rollout row ``r`` uses problem ``r // n``."""
 
     encodings: list[dict[str, torch.Tensor]]
     n: int
@@ -288,7 +293,7 @@ class _Recorder:
         self.prev = logp
         if self.top_p < 1.0:
             srt, idx = logp.sort(-1, descending=True)
-            drop = srt.exp().cumsum(-1) - srt.exp() > self.top_p   # keep the smallest prefix with mass >= top_p
+            drop = srt.exp().cumsum(-1) - srt.exp() > self.top_p   # keep the shortest prefix of mass >= top_p
             logp = logp.scatter(1, idx, srt.masked_fill(drop, float("-inf")))
         return logp
 
@@ -299,8 +304,8 @@ class _Recorder:
 
 def _collate(encs: list[dict[str, torch.Tensor]], pad_id: int, tails: torch.Tensor | None = None,
              device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-pad the per-problem token rows into a batch (plus right ``tails``: caption tokens, mask 1, type 0);
-    concatenate everything else (pixel values, ``image_grid_thw``, ...) along dim 0."""
+    """Left-pad the per-problem token rows into a batch, append ``tails`` (caption tokens: mask 1, type 0) on
+    the right, and concatenate everything else (pixel values, ``image_grid_thw``, ...) along dim 0."""
     width = max(e["input_ids"].shape[1] for e in encs)
     out: dict[str, Any] = {}
     ids, att, types = [], [], {}
@@ -328,8 +333,8 @@ def _collate(encs: list[dict[str, torch.Tensor]], pad_id: int, tails: torch.Tens
 class HFCaptioner:
     """``Policy`` over a Hugging Face image-text-to-text model (PEFT LoRA or full fine-tuning)."""
 
-    def __init__(self, model, processor, lora: Any = None, settings: HFSettings | None = None, base_path: str = "",
-                 reference_model=None):
+    def __init__(self, model, processor, lora: Any = None, settings: HFSettings | None = None,
+                 base_path: str = "", reference_model=None):
         from peft import PeftModel
 
         self.processor = processor
@@ -347,8 +352,9 @@ class HFCaptioner:
 
             targets = self.lora_target_modules(model, self.lora.targets, self.settings.freeze_vision)
             with _quiet():
-                self.model = get_peft_model(model, LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha,
-                                                              lora_dropout=self.lora.dropout, target_modules=targets))
+                config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                                    target_modules=targets)
+                self.model = get_peft_model(model, config)
             self.ref_model = None
         else:
             self.model = model
@@ -393,12 +399,12 @@ class HFCaptioner:
     @classmethod
     def load(cls, path: str, lora: Any = None, settings: HFSettings | None = None,
              reference: str | None = None) -> HFCaptioner:
-        """Load a base checkpoint (local directory or hub name), an ``HFCaptioner.save`` directory (adapter + json
-        pointing at the base) or a plain PEFT adapter directory.
+        """Load a base checkpoint (local directory or hub name), an ``HFCaptioner.save`` directory (adapter +
+        json pointing at the base) or a plain PEFT adapter directory.
 
-        ``lora``: LoRA settings for a fresh adapter (a saved adapter keeps its own rank/targets and stays trainable;
-        with ``lora.enabled: false`` a saved adapter is merged and all weights train). ``reference``: π_ref's
-        checkpoint for a full fine-tune (default: a frozen copy of the loaded weights).
+        ``lora``: LoRA settings for a fresh adapter (a saved adapter keeps its own rank/targets and stays
+        trainable; with ``lora.enabled: false`` a saved adapter is merged and all weights train).
+        ``reference``: π_ref's checkpoint for a full fine-tune (default: a frozen copy of the loaded weights).
         """
         settings = settings or HFSettings()
         base, adapter = resolve_checkpoint(path)
@@ -422,8 +428,9 @@ class HFCaptioner:
         return self.model.get_base_model() if self.lora.enabled else self.model
 
     def save(self, path: str) -> None:
-        """LoRA: a standard PEFT directory (``PeftModel.from_pretrained(base, path)``) + ``acrl_captioner.json``
-        naming the base. Full fine-tune: the whole model and processor (``save_pretrained``)."""
+        """LoRA: a standard PEFT directory (``PeftModel.from_pretrained(base, path)``) +
+        ``acrl_captioner.json`` naming the base. Full fine-tune: the whole model and processor
+        (``save_pretrained``)."""
         os.makedirs(path, exist_ok=True)
         if self.lora.enabled:
             self.model.save_pretrained(path)
@@ -453,8 +460,9 @@ class HFCaptioner:
             yield self.ref_model
 
     def _banned_tokens(self) -> torch.Tensor:
-        """Ids a caption never contains: image/video placeholders and markers, padding (unless it ends a caption),
-        and the unused rows of a head larger than the tokenizer. Masked in sampling and in every log-prob."""
+        """Ids a caption never contains: image/video placeholders and markers, padding (unless it ends a
+        caption), and the unused rows of a head larger than the tokenizer. Masked in sampling and in every
+        log-prob."""
         ids: set[int] = set()
         cfg = self.base_model().config
         for src in (cfg, self.processor, self.tokenizer):
@@ -480,7 +488,7 @@ class HFCaptioner:
         return image
 
     def encode(self, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
-        """Processor output for one user turn ``[image, text]`` + the generation prompt (batch dimension 1)."""
+        """Processor output for one user turn ``[image, text]`` + the generation prompt (batch of 1)."""
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         prompt = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         enc = self.processor(text=[prompt], images=[self._fit(image)], return_tensors="pt",
@@ -489,22 +497,25 @@ class HFCaptioner:
 
     # --- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate(self, model, encs: list[dict], rows_of: list[int], temperature: float, max_new: int, greedy: bool,
-                  top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Generate for rows (``rows_of[r]`` = encoding index). Returns tokens, mask, log-probs (CPU, right-padded)."""
+    def _generate(self, model, encs: list[dict], rows_of: list[int], temperature: float, max_new: int,
+                  greedy: bool, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generate for rows (``rows_of[r]``: encoding index); tokens, mask, log-probs (CPU, right-padded)."""
         from transformers import GenerationConfig, LogitsProcessorList
 
         chunk = self.settings.generation_batch_size or len(rows_of)
         parts = []
         for i in range(0, len(rows_of), chunk):
             batch = _collate([encs[j] for j in rows_of[i:i + chunk]], self.pad_id, device=self.device)
-            rec = _Recorder(1.0 if greedy else temperature, 1.0 if greedy else top_p, self.banned.to(self.device))
-            # every sampling knob neutral: the recorder sees raw logits and does the temperature / top-p itself
+            rec = _Recorder(1.0 if greedy else temperature, 1.0 if greedy else top_p,
+                            self.banned.to(self.device))
+            # all sampling options neutral: the recorder sees raw logits, applies temperature and top-p itself
             gcfg = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new, eos_token_id=self.eos_ids,
-                                    pad_token_id=self.pad_id, temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0,
-                                    repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True)
+                                    pad_token_id=self.pad_id, temperature=1.0, top_k=0, top_p=1.0,
+                                    typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                    use_cache=True)
             with _plain_generation_config(model):
-                out = model.generate(**batch, generation_config=gcfg, logits_processor=LogitsProcessorList([rec]))
+                out = model.generate(**batch, generation_config=gcfg,
+                                     logits_processor=LogitsProcessorList([rec]))
             gen = out[:, batch["input_ids"].shape[1]:]
             parts.append((gen.cpu(), rec.finish(gen[:, -1]).cpu()))
         width = max(g.shape[1] for g, _ in parts)
@@ -522,12 +533,12 @@ class HFCaptioner:
 
     def generate(self, images: list[Image.Image], prompts: list[str], n: int = 1, temperature: float = 1.0,
                  max_new_tokens: int = 48, greedy: bool = False) -> Rollout:
-        """``n`` captions per (image, question); ``prompts`` are the questions (wrapped by ``captioner_prompt``)."""
+        """``n`` captions per (image, question); ``prompts`` are questions for ``captioner_prompt``."""
         encs = [self.encode(im, captioner_prompt(q)) for im, q in zip(images, prompts)]
         rows_of = [g for g in range(len(encs)) for _ in range(n)]
         self.model.eval()
-        tokens, mask, lps = self._generate(self.base_model(), encs, rows_of, temperature, max_new_tokens, greedy,
-                                           self.settings.top_p)
+        tokens, mask, lps = self._generate(self.base_model(), encs, rows_of, temperature, max_new_tokens,
+                                           greedy, self.settings.top_p)
         texts = self._decode(tokens, mask)
         roll = Rollout(texts=[texts[g * n:(g + 1) * n] for g in range(len(encs))], tokens=tokens, mask=mask,
                        logprobs=lps, temperature=1.0 if greedy else temperature, context=HFContext(encs, n))
@@ -568,18 +579,19 @@ class HFCaptioner:
             mask = rollout.mask[a:b]
             t = max(1, int(mask.sum(1).max()))
             tails = rollout.tokens[a:b, :t]
-            batch = _collate([ctx.encodings[r // ctx.n] for r in range(a, b)], self.pad_id, tails, self.device)
-            if not self._mrope:   # M-RoPE models derive positions from the mask and mm_token_type_ids themselves
+            encs = [ctx.encodings[r // ctx.n] for r in range(a, b)]
+            batch = _collate(encs, self.pad_id, tails, self.device)
+            if not self._mrope:   # M-RoPE models derive positions from the mask and mm_token_type_ids
                 batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             logits = model(**batch, use_cache=False, logits_to_keep=t + 1).logits[:, :-1]
             logp = torch.log_softmax(_ban(logits.float(), self.banned) / rollout.temperature, -1)
-            safe = torch.where(mask[:, :t] > 0, tails, torch.full_like(tails, self.eos_ids[0]))   # no -inf * 0
+            safe = torch.where(mask[:, :t] > 0, tails, torch.full_like(tails, self.eos_ids[0]))  # no -inf * 0
             lp = logp.gather(-1, safe.to(logp.device)[..., None])[..., 0].cpu() * mask[:, :t]
             parts.append(F.pad(lp, (0, width - t)))
         return torch.cat(parts)
 
     def logprobs(self, rollout: Rollout, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
-        """Per-token log-probs of ``rollout.tokens[rows]`` (CPU, float32): π_θ with gradient, or π_ref without."""
+        """Per-token log-probs of ``rollout.tokens[rows]`` (CPU float32): π_θ with gradient, π_ref without."""
         start, stop, _ = (rows or slice(None)).indices(rollout.tokens.shape[0])
         if reference:
             with torch.no_grad(), self._reference() as ref:
@@ -595,13 +607,13 @@ class HFCaptioner:
 @contextlib.contextmanager
 def _plain_generation_config(model):
     """Hide the checkpoint's ``generation_config.json`` (e.g. Qwen2.5-VL-Instruct's top_k=1, top_p=0.001,
-    repetition_penalty=1.05) during ``generate``: HF fills every unset option from it, which would warp the logits
-    before the recorder and bias the sampling policy away from softmax(logits / T)."""
+    repetition_penalty=1.05) during ``generate``: HF fills every unset option from it, which would warp the
+    logits before the recorder and bias the sampling policy away from softmax(logits / T)."""
     from transformers import GenerationConfig
 
     saved = model.generation_config
-    model.generation_config = GenerationConfig(eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id,
-                                               bos_token_id=saved.bos_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id, bos_token_id=saved.bos_token_id)
     try:
         yield
     finally:
@@ -610,7 +622,7 @@ def _plain_generation_config(model):
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence library deprecation notices that name internals (e.g. PEFT reading ``is_gradient_checkpointing``)."""
+    """Silence deprecation notices about library internals (PEFT reads ``is_gradient_checkpointing``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         yield
@@ -623,7 +635,7 @@ def _ban(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
 
 
 def _language_model_prefix(model) -> str:
-    """Dotted name of the language model inside a VLM (``model.language_model`` for the supported families)."""
+    """Dotted name of the language model inside a VLM (``model.language_model`` in the supported families)."""
     names = [n for n, _ in model.named_modules() if n.split(".")[-1] == "language_model"]
     if names:
         return min(names, key=len)

@@ -1,17 +1,17 @@
-"""Tiny random Hugging Face vision-language checkpoints built locally (no downloads), one per supported family.
+"""Tiny random Hugging Face vision-language checkpoints, built locally (no downloads), one per family.
 
-``make_tiny(family, out_dir, seed)`` trains a few-hundred-token byte-level BPE tokenizer on a small synthetic corpus
-(the project's prompts plus embedded-world questions and captions), builds the family's processor and a randomly
-initialised model of a few hundred thousand parameters, and writes both with ``save_pretrained``. The directory loads
-like a hub checkpoint: ``HFCaptioner.load(out_dir)`` (see :mod:`acrl.backends.hf`).
+``make_tiny(family, out_dir, seed)`` trains a 400-token byte-level BPE tokenizer on a small synthetic corpus
+(the project's prompts plus embedded-world questions and captions), builds the family's processor and a
+randomly initialised model of 0.16-0.20M parameters, and writes both with ``save_pretrained``. The directory
+loads like a hub checkpoint: ``HFCaptioner.load(out_dir)`` (see :mod:`acrl.backends.hf`).
 
-Families (``FAMILIES``): ``qwen2-vl``, ``qwen2.5-vl``, ``internvl`` (the transformers-native InternVL) and ``llava``
-(SigLIP vision tower + Llama). Images are resized to 56x56 by every processor (Qwen: 2x2 merged patches of 14 px = 4
-image tokens; InternVL: 4x4 patches pixel-shuffled to 4 tokens; Llava: 16 tokens).
+Families (``FAMILIES``): ``qwen2-vl``, ``qwen2.5-vl``, ``internvl`` (the transformers-native InternVL) and
+``llava`` (SigLIP vision tower + Llama). Every processor resizes images to 56x56 (Qwen: 2x2 merged patches of
+14 px = 4 image tokens; InternVL: 4x4 patches pixel-shuffled to 4 tokens; Llava: 16 tokens).
 
-Without torchvision, the Qwen-VL and InternVL processors can't build their video processors; the processor is then
-built through :func:`acrl.backends.hf.no_video_processor_class`, a subclass that drops the video processor and keeps
-the original class name, so the saved files are the standard ones.
+Without torchvision, the Qwen-VL and InternVL processors can't build their video processors; the processor is
+then built through :func:`acrl.backends.hf.no_video_processor_class`, a subclass that drops the video
+processor and keeps the original class name, so the saved files are the standard ones.
 """
 
 from __future__ import annotations
@@ -99,9 +99,10 @@ def build_tokenizer(family: str, seed: int = 0):
 
 def _text_config(tok, hidden=64, layers=2, heads=4, kv_heads=2, **kw) -> dict:
     ids = tok.convert_tokens_to_ids
-    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-                bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<pad>"), **kw)
+    return {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 1024, "bos_token_id": None, "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<pad>"), **kw}
 
 
 def build(family: str, seed: int = 0):
@@ -124,8 +125,8 @@ def build(family: str, seed: int = 0):
         ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                       min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
         common = {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
-                  "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>"),
-                  "tie_word_embeddings": True}
+                  "vision_start_token_id": ids("<|vision_start|>"),
+                  "vision_end_token_id": ids("<|vision_end|>"), "tie_word_embeddings": True}
         if family == "qwen2-vl":
             from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
@@ -136,12 +137,13 @@ def build(family: str, seed: int = 0):
         else:
             from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-            vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-                      "fullatt_block_indexes": [1]}
+            vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                      "out_hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]}
             cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
             model, proc_cls = Qwen2_5_VLForConditionalGeneration(cfg), Qwen2_5_VLProcessor
-        proc = no_video_processor_class(proc_cls)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+        proc = no_video_processor_class(proc_cls)(image_processor=ip, tokenizer=tok,
+                                                  chat_template=tok.chat_template)
     elif family == "internvl":
         from transformers import (
             GotOcr2ImageProcessorPil,
@@ -157,10 +159,11 @@ def build(family: str, seed: int = 0):
             text_config={"model_type": "qwen2", **_text_config(tok)},
             vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                            "intermediate_size": 64, "image_size": IMAGE_SIZE, "patch_size": 14},
-            image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=seq, downsample_ratio=0.5, tie_word_embeddings=True)
+            image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=seq, downsample_ratio=0.5,
+            tie_word_embeddings=True)
         model = InternVLForConditionalGeneration(cfg)
-        proc = no_video_processor_class(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=seq,
-                                                           chat_template=tok.chat_template)
+        proc = no_video_processor_class(InternVLProcessor)(
+            image_processor=ip, tokenizer=tok, image_seq_length=seq, chat_template=tok.chat_template)
     else:
         from transformers import (
             LlamaConfig,
@@ -172,13 +175,14 @@ def build(family: str, seed: int = 0):
         )
 
         ip = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-        proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="full",
-                              image_token="<image>", num_additional_image_tokens=0, chat_template=tok.chat_template)
+        proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="full", image_token="<image>",
+                              num_additional_image_tokens=0, chat_template=tok.chat_template)
         cfg = LlavaConfig(
             vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14),
-            text_config=LlamaConfig(**_text_config(tok)), image_token_id=ids("<image>"), vision_feature_layer=-1,
-            vision_feature_select_strategy="full", tie_word_embeddings=True)
+            text_config=LlamaConfig(**_text_config(tok)), image_token_id=ids("<image>"),
+            vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True)
         model = LlavaForConditionalGeneration(cfg)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<pad>")
@@ -187,7 +191,7 @@ def build(family: str, seed: int = 0):
 
 
 def make_tiny(family: str, out_dir: str, seed: int = 0) -> str:
-    """Write a tiny random checkpoint of ``family`` (model + processor) to ``out_dir``; returns ``out_dir``."""
+    """Write a tiny random checkpoint of ``family`` (model + processor) to ``out_dir``; return ``out_dir``."""
     model, proc = build(family, seed)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
