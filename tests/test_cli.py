@@ -119,3 +119,13 @@ def test_tiny_hf_family_trains_and_evaluates_through_the_cli(tmp_path, family):
     if family == "qwen2-vl":
         run_cli("export", "--merge", "--checkpoint", adapter, "--out", tmp_path / "merged")
         assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_train_on_a_local_training_set(tmp_path, micro_captioner):
+    from data.fixtures import geometry3k_rows, write_parquet
+
+    write_parquet(geometry3k_rows(), tmp_path / "g3k" / "data" / "train-00000-of-00001.parquet")
+    run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--data", tmp_path / "g3k",
+            "--out", tmp_path / "run", "--steps", 2, "--quiet")
+    eps = _lines(tmp_path / "run" / "episodes.jsonl")
+    assert eps and not any(e["problem_id"].startswith("world-") for e in eps)

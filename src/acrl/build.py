@@ -74,6 +74,17 @@ def build_clarifier(cfg: Config, reference, noise: float = 0.0, seed: int = 0):
     return clarifier
 
 
+def data_source(path: str, limit: int | None = None):
+    """Training problems from a local visual-math set (ViRL39K, Geometry3K, ...), cycled in a fixed order."""
+    from acrl.data import load_training_set
+
+    res = load_training_set(path, limit=limit)
+    if not res.problems:
+        raise ValueError(f"training set {path!r} has no usable rows ({len(res.bad)} bad)")
+    problems = res.problems
+    return lambda start, n: [problems[(start + i) % len(problems)] for i in range(n)]
+
+
 def world_source(cfg: Config, split: str = "train"):
     from acrl.world import make_problems
 

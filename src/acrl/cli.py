@@ -52,7 +52,7 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from acrl.build import build_clarifier, build_policy, build_reasoner, captioner_path, world_source
+    from acrl.build import build_clarifier, build_policy, build_reasoner, captioner_path, data_source, world_source
     from acrl.trainer import train
 
     cfg = _cfg(args)
@@ -69,7 +69,8 @@ def cmd_train(args) -> int:
     eval_fn = None
     if cfg.train.eval_every:
         eval_fn = _periodic_eval(cfg, policy, base)
-    hist = train(cfg, policy, build_reasoner(cfg), clarifier, world_source(cfg), args.out, resume=args.resume,
+    source = data_source(args.data) if args.data else world_source(cfg)
+    hist = train(cfg, policy, build_reasoner(cfg), clarifier, source, args.out, resume=args.resume,
                  evaluate_fn=eval_fn, progress=not args.quiet)
     if hist:
         last = hist[-1]
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--alpha", type=float, help="override train.alpha (0 = binary-reward ablation)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--data", metavar="PATH", help="train on a local visual-math set (ViRL39K, Geometry3K, or the "
+                                                  "generic question/answer/images schema) instead of the world")
     p.add_argument("--report-to", help="also log to tensorboard / wandb / all (through accelerate's trackers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
