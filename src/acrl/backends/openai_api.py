@@ -28,7 +28,6 @@ import io
 import json
 import os
 import random
-import re
 import threading
 import time
 import weakref
@@ -38,24 +37,14 @@ from typing import Any
 import httpx
 
 from acrl.episode import clarify_prompt
+from acrl.grading import strip_think
 
 THINK_MODES = ("strip", "keep")
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
-_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 
 
 def strip_thinking(text: str) -> str:
-    """Remove R1-style reasoning: ``<think>...</think>`` blocks, a dangling ``...</think>`` prefix (the chat
-    template opened the thinking in the prompt) and an unclosed ``<think>`` with everything after it."""
-    text = _THINK_BLOCK.sub(" ", text)
-    closes = list(_THINK_CLOSE.finditer(text))
-    if closes:
-        text = text[closes[-1].end():]
-    opened = _THINK_OPEN.search(text)
-    if opened:
-        text = text[:opened.start()]
-    return text.strip()
+    """Remove R1-style reasoning (see :func:`acrl.grading.strip_think`) and surrounding whitespace."""
+    return strip_think(text).strip()
 
 
 class ServiceError(RuntimeError):
