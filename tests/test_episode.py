@@ -68,8 +68,8 @@ def test_every_tier_and_reward():
     assert rewards == [1.0, 0.0, 0.7, 0.0]
     assert math.isnan(groups[1][1].reward) and "HTTP 500" in groups[1][1].error
     assert groups[0][3].malformed == "no_decision"
-    # only the clarified subset went to the reference, in one batch
-    assert clar.calls == [["What is the height of the red bar?"] * 3]
+    # only the clarified subset went to the reference, in one batch, each distinct (problem, question) once
+    assert clar.calls == [["What is the height of the red bar?"] * 2]
     ep = groups[0][2]
     assert ep.question and ep.clarification == "the red bar is 7" and len(ep.replies) == 2
     m = episode_metrics(groups)

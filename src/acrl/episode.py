@@ -13,7 +13,8 @@ from c0: accuracy under denial, Acc_deny). With ``record_deny=True`` an ``on`` r
 that asked, what the reasoner answers when its request is denied, so one evaluation pass yields all metrics.
 
 The runner batches: all decision prompts of a step go to the reasoner in one call, only the clarified subset goes to
-the reference, and all final prompts go to the reasoner in one more call.
+the reference (each distinct question about a problem once: π_ref is frozen), and all final prompts go to the
+reasoner in one more call.
 """
 
 from __future__ import annotations
@@ -295,8 +296,13 @@ def run_episodes(
     if asked and cfg.clarification == "on":
         if clarifier is None:
             raise ValueError("clarification='on' needs a clarifier (the reference captioner)")
-        answers = clarifier.answer([problems[ep.group].image for ep in asked], [ep.question for ep in asked])
-        _check_len(answers, asked, "clarifier")
+        # π_ref is frozen: each distinct (problem, question) of the batch is asked once and the answer shared.
+        keys = [(ep.group, ep.question) for ep in asked]
+        unique = list(dict.fromkeys(keys))
+        got = clarifier.answer([problems[g].image for g, _ in unique], [q for _, q in unique])
+        _check_len(got, unique, "clarifier")
+        answer_of = dict(zip(unique, got))
+        answers = [answer_of[k] for k in keys]
         pending = []
         for ep, a in zip(asked, answers):
             if isinstance(a, Exception):
