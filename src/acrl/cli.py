@@ -118,7 +118,8 @@ def cmd_eval(args) -> int:
         return _eval_benchmarks(args, cfg, policy, clarifier, path)
     problems = make_problems(cfg.eval.split, cfg.eval.n, cfg.world)
     t = time.time()
-    summary, items = evaluate(policy, build_reasoner(cfg), clarifier, problems, cfg.eval.batch_size, progress=True)
+    summary, items = evaluate(policy, build_reasoner(cfg), clarifier, problems, cfg.eval.batch_size, progress=True,
+                              items_path=os.path.join(args.out, "items.jsonl"))
     summary["captioner"], summary["seconds"] = path, round(time.time() - t, 1)
     write_results(args.out, summary, items, title=f"{os.path.basename(os.path.normpath(path))} on {cfg.eval.split}")
     print(markdown_table(summary))
@@ -142,14 +143,14 @@ def _eval_benchmarks(args, cfg, policy, clarifier, captioner: str) -> int:
     for name, res in loaded.items():
         print(f"{name}: {res.describe()}")
         t = time.time()
+        out = os.path.join(args.out, name) if args.benchmark == "all" else args.out
         summary, items = evaluate(policy, reasoner, clarifier, res.problems, cfg.eval.batch_size, progress=True,
-                                  desc=name)
+                                  desc=name, items_path=os.path.join(out, "items.jsonl"))
         summary["by_category"] = summarize_by(items, "category")
         if name == "dynamath":
             summary["dynamath"] = aggregate_dynamath(items)
         summary["bad_rows"] = [{"id": b.id, "reason": b.reason} for b in res.bad]
         summary["captioner"], summary["data"], summary["seconds"] = captioner, res.path, round(time.time() - t, 1)
-        out = os.path.join(args.out, name) if args.benchmark == "all" else args.out
         title = f"{os.path.basename(os.path.normpath(captioner))} on {name}"
         write_results(out, summary, items, title=title)
         print(markdown_table(summary, title) + "\n" + breakdown_table(summary["by_category"], label="category"))

@@ -25,11 +25,43 @@ from acrl.problem import Problem
 
 
 def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequence[Problem], batch_size: int = 100,
-             progress: bool = False, desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Returns ``(summary, items)``; ``summary['overall']`` and ``summary['by_<key>'][value]`` hold the metrics."""
+             progress: bool = False, desc: str = "eval", items_path: str | None = None) -> tuple[dict, list[dict]]:
+    """Returns ``(summary, items)``; ``summary['overall']`` and ``summary['by_<key>'][value]`` hold the metrics.
+
+    With ``items_path``, every finished batch is appended to that JSONL file as it completes, and items already
+    there (from an interrupted run) are kept and skipped; items that failed (service errors) are tried again.
+    """
+    done: dict[str, dict] = {}
+    if items_path and os.path.exists(items_path):
+        with open(items_path) as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:      # a line cut off by the interruption
+                    continue
+                if not row.get("failed"):
+                    done[row["id"]] = row
+    todo = [p for p in problems if p.id not in done]
+    sink = None
+    if items_path:
+        os.makedirs(os.path.dirname(os.path.abspath(items_path)), exist_ok=True)
+        sink = open(items_path, "w")
+        for row in done.values():
+            sink.write(json.dumps(row) + "\n")
+        sink.flush()
+    new = _evaluate_batches(policy, reasoner, clarifier, todo, batch_size, progress, desc, sink)
+    if sink:
+        sink.close()
+    by_id = {**done, **{r["id"]: r for r in new}}
+    items = [by_id[p.id] for p in problems if p.id in by_id]
+    return summarize(items), items
+
+
+def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progress, desc, sink) -> list[dict]:
     items: list[dict] = []
     for i in tqdm(range(0, len(problems), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
         batch = list(problems[i:i + batch_size])
+        first = len(items)
         roll = policy.generate([p.image for p in batch], [p.question_with_choices() for p in batch], n=1, greedy=True)
         sp = run_episodes(batch, roll.texts, reasoner, None, EpisodeConfig(clarification="off"))
         cl = run_episodes(batch, roll.texts, reasoner, clarifier, EpisodeConfig(clarification="on", record_deny=True))
@@ -43,7 +75,11 @@ def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequenc
                 "clarified_prediction": b.prediction, "clarified_correct": b.correct,
                 "deny_correct": b.deny_correct,
             })
-    return summarize(items), items
+        if sink:
+            for row in items[first:]:
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+    return items
 
 
 def group_metrics(rows: list[dict]) -> dict:
