@@ -103,6 +103,10 @@ def test_eval_on_a_benchmark_copy(tmp_path, micro_captioner):
     p = run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--benchmark", "mathvista",
                 "--out", tmp_path / "x", check=False)
     assert p.returncode == 2 and "--data" in p.stderr
+    p = run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--benchmark", "mathvista",
+                "--data", tmp_path / "mathvista", "--judge-url", "http://127.0.0.1:9/v1", "--out", tmp_path / "y",
+                check=False)
+    assert p.returncode == 2 and "127.0.0.1:9" in p.stderr
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])

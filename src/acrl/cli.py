@@ -140,6 +140,11 @@ def _eval_benchmarks(args, cfg, policy, clarifier, captioner: str) -> int:
     else:
         loaded = {args.benchmark: load_benchmark(args.benchmark, args.data, split=args.split, limit=args.limit)}
     reasoner = build_reasoner(cfg)
+    judge = None
+    if args.judge_url:
+        from acrl.backends.openai_api import OpenAIReasoner
+
+        judge = OpenAIReasoner(args.judge_url, args.judge_model, temperature=0.0, max_tokens=16).check()
     for name, res in loaded.items():
         print(f"{name}: {res.describe()}")
         t = time.time()
@@ -147,6 +152,10 @@ def _eval_benchmarks(args, cfg, policy, clarifier, captioner: str) -> int:
         summary, items = evaluate(policy, reasoner, clarifier, res.problems, cfg.eval.batch_size, progress=True,
                                   desc=name, items_path=os.path.join(out, "items.jsonl"))
         summary["by_category"] = summarize_by(items, "category")
+        if judge is not None:
+            from acrl.data.judge import judge_items
+
+            summary["judge"] = judge_items(items, {p.id: p for p in res.problems}, judge)
         if name == "dynamath":
             summary["dynamath"] = aggregate_dynamath(items)
         summary["bad_rows"] = [{"id": b.id, "reason": b.reason} for b in res.bad]
@@ -230,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   "directory holding one sub-directory per benchmark")
     p.add_argument("--split", help="benchmark split (default: the benchmark's evaluation split)")
     p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
+    p.add_argument("--judge-url", help="optional LLM judge (OpenAI-compatible base URL) for free-form answers the "
+                                       "rules reject; reported separately as accuracy_judged")
+    p.add_argument("--judge-model", default="", help="served model name of the judge (default: the first)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("demo", help="world -> warm start -> eval -> AC-RL -> eval -> binary RL -> eval -> report")
