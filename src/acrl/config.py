@@ -43,6 +43,8 @@ class CaptionerConfig:
         answer_max_new_tokens: (hf) length cap of π_ref's clarification answers.
         processor_kwargs: (hf) extra processor arguments, e.g. ``{crop_to_patches: true, max_patches: 6}``.
         trust_remote_code: (hf) allow custom model code from the checkpoint.
+        share_prompt_cache: (hf) run each problem's prompt (image included) once and share its KV cache across
+            the problem's M samples, in generation and in the log-prob passes (off: one full forward per row).
     """
 
     backend: str = "tiny"
@@ -63,6 +65,7 @@ class CaptionerConfig:
     answer_max_new_tokens: int = 64
     processor_kwargs: dict = field(default_factory=dict)
     trust_remote_code: bool = False
+    share_prompt_cache: bool = True
 
 
 @dataclass

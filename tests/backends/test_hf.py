@@ -223,3 +223,83 @@ def test_settings_targets_images_and_errors(tiny_dirs, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="acrl-test/no-such-model"):
         HFCaptioner.load("acrl-test/no-such-model")
+
+
+@pytest.mark.parametrize("family", hf_tiny.FAMILIES)
+def test_shared_prompt_cache_matches_per_row_path(family, tiny_dirs):
+    """Prompt sharing (one prompt forward per problem, cache expanded to its samples) gives the per-row path's
+    numbers: log-probs of π_θ and π_ref, LoRA gradients (the prompt's share included), greedy captions and
+    answers; sampled log-probs match a teacher-forced recomputation. Images of different sizes (prompts of
+    different lengths, left padding), captions of different lengths, log-prob chunks that split problems."""
+    torch.manual_seed(5)
+    cap = HFCaptioner.load(tiny_dirs(family), lora=LORA, settings=HFSettings(device="cpu", logprob_batch_size=5))
+    assert cap.settings.share_prompt_cache
+    with torch.no_grad():                                   # an adapter that changes the prompt's keys/values
+        for p in cap.trainable_parameters():
+            p.normal_(0.0, 0.2)
+    eos = cap.eos_ids[0]
+
+    def boost(_m, _i, out):
+        out = out.clone()
+        out[..., eos] += 3.0
+        return out
+
+    hook = cap.base_model().get_output_embeddings().register_forward_hook(boost)
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(64, 64), (40, 90), (120, 50)]]
+    questions = QUESTIONS + ["Which shape is the largest of them all?"]
+    roll = cap.generate(images, questions, n=3, temperature=0.9, max_new_tokens=8)
+    assert roll.mask.sum(1).min() < roll.mask.sum(1).max()
+
+    def run():
+        cap.model.zero_grad()
+        lp = cap.logprobs(roll)
+        (lp * roll.mask).sum().backward()
+        grads = [p.grad.clone() for p in cap.trainable_parameters()]
+        greedy = cap.generate(images, questions, greedy=True, max_new_tokens=8)
+        return lp.detach(), cap.logprobs(roll, reference=True), grads, greedy, cap.answer(images, questions)
+
+    fast = run()
+    cap.settings.share_prompt_cache = False
+    slow = run()
+    assert torch.allclose(fast[0], roll.logprobs, atol=1e-5)
+    assert torch.allclose(fast[0], slow[0], atol=1e-5)
+    assert torch.allclose(fast[1], slow[1], atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in slow[2])
+    for a, b in zip(fast[2], slow[2]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (a - b).abs().max()
+    assert fast[3].texts == slow[3].texts and torch.equal(fast[3].tokens, slow[3].tokens)
+    assert torch.allclose(fast[3].logprobs, slow[3].logprobs, atol=1e-5)
+    assert fast[4] == slow[4]
+    old = cap.generate(images, questions, n=2, temperature=1.3, max_new_tokens=6)   # the per-row sampler
+    assert torch.allclose(cap.logprobs(old).detach(), old.logprobs, atol=1e-5)
+    hook.remove()
+
+
+def test_shared_sampler_top_p_and_gradient_checkpointing(tiny_dirs):
+    """A vanishing nucleus leaves only the arg-max token (sampling == greedy); under gradient checkpointing
+    the gradient pass takes the per-row path (checkpointed layers keep no cache) with the same gradients."""
+    torch.manual_seed(6)
+    cap = HFCaptioner.load(tiny_dirs("qwen2-vl"), lora=LORA, settings=HFSettings(device="cpu", top_p=1e-6))
+    images = _images(2, seed=6)
+    sampled = cap.generate(images, QUESTIONS, n=3, max_new_tokens=6)
+    greedy = cap.generate(images, QUESTIONS, greedy=True, max_new_tokens=6)
+    assert all(g == [t] * 3 for g, t in zip(sampled.texts, [g[0] for g in greedy.texts]))
+    assert torch.allclose(sampled.logprobs[::3], greedy.logprobs, atol=1e-6)
+
+    with torch.no_grad():
+        for p in cap.trainable_parameters():
+            p.normal_(0.0, 0.2)
+    ckpt = HFCaptioner.load(tiny_dirs("qwen2-vl"), lora=LORA,
+                            settings=HFSettings(device="cpu", gradient_checkpointing=True))
+    with torch.no_grad():
+        for p, q in zip(ckpt.trainable_parameters(), cap.trainable_parameters()):
+            p.copy_(q)
+    grads = []
+    for c in (cap, ckpt):
+        c.model.zero_grad()
+        (c.logprobs(sampled) * sampled.mask).sum().backward()
+        grads.append([p.grad.clone() for p in c.trainable_parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
+    assert all(g.abs().sum() > 0 for g in grads[1])

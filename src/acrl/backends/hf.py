@@ -5,12 +5,19 @@
 * the user turn is ``[image, captioner_prompt(question)]`` rendered by the processor's chat template; images
   larger than ``max_pixels`` are downscaled first; prompts are left-padded for batched generation;
 * ``generate`` samples ``n`` captions per prompt and records the per-token log-probs of the sampled tokens
-  under the temperature-scaled policy (a logits processor reads the raw logits before any warping; ``top_p``
-  then filters the sampling distribution only, as in verl/TRL the log-probs stay full-vocabulary);
+  under the temperature-scaled policy (log-probs of the raw logits before any warping; ``top_p`` then filters
+  the sampling distribution only, as in verl/TRL the log-probs stay full-vocabulary);
 * ``logprobs`` recomputes them teacher-forced over prompt + caption with the image tokens in place, in
-  micro-batches built from per-problem encodings (pixel values and ``image_grid_thw`` per image,
-  ``mm_token_type_ids`` zero-padded over the caption), and only materialises the logits of the caption
-  positions (``logits_to_keep``);
+  micro-batches built from per-problem encodings, and only materialises the logits of the caption positions;
+* prompt sharing (``HFSettings.share_prompt_cache``, default on): the ``n`` samples of a problem share one
+  prompt. Its forward (vision tower included) runs once per problem with the KV cache on, the cache is
+  expanded to the problem's rows, and only caption tokens run per row, at the positions they have in the
+  full sequence (M-RoPE: 3-D positions continuing after the prompt's last position for Qwen2-VL/Qwen2.5-VL;
+  plain positions for Llava/InternVL). Generation is then a plain sampling loop over the expanded cache;
+  the teacher-forced pass keeps the gradient through the cached prompt keys/values, so LoRA layers still
+  get the prompt tokens' share. Off: every row runs prompt + caption (``generate`` over repeated prompts,
+  ``pixel_values`` per row, ``mm_token_type_ids`` zero-padded over the caption). The gradient pass falls
+  back to that path under gradient checkpointing (which drops the cache);
 * PEFT LoRA on the language model's linear layers (vision tower and projector frozen by default); the
   reference π_ref is the same weights under ``disable_adapter()``. Without LoRA a frozen copy is kept;
 * ``save`` writes a standard PEFT adapter directory plus ``acrl_captioner.json`` pointing at the base model;
@@ -63,6 +70,10 @@ class HFSettings:
         recompute_logprobs: replace the log-probs recorded during generation by a teacher-forced forward (the
             same kernels as the update: no bf16 cache/no-cache mismatch in the PPO ratio; one more forward).
         answer_max_new_tokens: length cap of π_ref's clarification answers.
+        share_prompt_cache: run each problem's prompt (image included) once and share its KV cache among the
+            problem's samples, in generation and in the teacher-forced log-prob passes (same numbers up to
+            float rounding; 2-3x faster with n=8). ``false``: the per-row path (each row recomputes prompt and
+            image). The gradient pass uses the per-row path under ``gradient_checkpointing``.
         processor_kwargs: extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL
             tiles) or ``{max_pixels: 401408}`` (Qwen-VL's own resize bound).
         trust_remote_code: passed to ``from_pretrained`` (not needed for the supported families).
@@ -79,6 +90,7 @@ class HFSettings:
     logprob_batch_size: int = 0
     recompute_logprobs: bool = False
     answer_max_new_tokens: int = 64
+    share_prompt_cache: bool = True
     processor_kwargs: dict = field(default_factory=dict)
     trust_remote_code: bool = False
 
@@ -291,15 +303,20 @@ class _Recorder:
             self.out.append(self.prev.gather(1, input_ids[:, -1:])[:, 0])
         logp = torch.log_softmax(_ban(scores.float(), self.banned) / self.temperature, -1)
         self.prev = logp
-        if self.top_p < 1.0:
-            srt, idx = logp.sort(-1, descending=True)
-            drop = srt.exp().cumsum(-1) - srt.exp() > self.top_p   # keep the shortest prefix of mass >= top_p
-            logp = logp.scatter(1, idx, srt.masked_fill(drop, float("-inf")))
-        return logp
+        return _top_p(logp, self.top_p)
 
     def finish(self, last: torch.Tensor) -> torch.Tensor:
         self.out.append(self.prev.gather(1, last[:, None])[:, 0])
         return torch.stack(self.out, 1)
+
+
+def _top_p(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logp`` with the tokens outside the nucleus set to -inf (the shortest prefix of mass >= ``top_p``)."""
+    if top_p >= 1.0:
+        return logp
+    srt, idx = logp.sort(-1, descending=True)
+    drop = srt.exp().cumsum(-1) - srt.exp() > top_p
+    return logp.scatter(1, idx, srt.masked_fill(drop, float("-inf")))
 
 
 def _collate(encs: list[dict[str, torch.Tensor]], pad_id: int, tails: torch.Tensor | None = None,
@@ -379,6 +396,8 @@ class HFCaptioner:
         pad = gc.pad_token_id if gc.pad_token_id is not None else self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self._mrope = hasattr(getattr(self.base_model(), "model", None), "get_rope_index")
+        params = inspect.signature(self.base_model().forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.banned = self._banned_tokens()
         self.model.eval()
 
@@ -505,6 +524,10 @@ class HFCaptioner:
         chunk = self.settings.generation_batch_size or len(rows_of)
         parts = []
         for i in range(0, len(rows_of), chunk):
+            if self.settings.share_prompt_cache:
+                parts.append(self._sample_shared(model, encs, rows_of[i:i + chunk], temperature, max_new, greedy,
+                                                 top_p))
+                continue
             batch = _collate([encs[j] for j in rows_of[i:i + chunk]], self.pad_id, device=self.device)
             rec = _Recorder(1.0 if greedy else temperature, 1.0 if greedy else top_p,
                             self.banned.to(self.device))
@@ -526,6 +549,72 @@ class HFCaptioner:
         mask = before.float()
         tokens = torch.where(before, tokens, torch.full_like(tokens, self.pad_id))
         return tokens, mask, torch.where(before, lps, torch.zeros_like(lps))
+
+    def _prompt_positions(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of a left-padded prompt batch (M-RoPE: ``(3, G, L)``; else ``(G, L)``) and, per row, the
+        position of the first token after the prompt."""
+        att = batch["attention_mask"]
+        if self._mrope:
+            kw = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts",
+                                        "mm_token_type_ids") if k in batch}
+            pos, _ = model.model.get_rope_index(batch["input_ids"], attention_mask=att, **kw)
+            return pos, pos.amax(dim=(0, 2)) + 1   # text after the prompt continues at (max position + 1)
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        return pos, pos[:, -1] + 1
+
+    def _step_positions(self, nxt: torch.Tensor, t: int) -> torch.Tensor:
+        """Positions of ``t`` tokens following the prompts whose next position is ``nxt`` (one per row)."""
+        pos = nxt[:, None] + torch.arange(t, device=nxt.device)[None]
+        return pos[None].expand(3, -1, -1) if self._mrope else pos
+
+    def _prefix(self, model, encs: list[dict], groups: list[int]):
+        """Forward of the distinct prompts ``encs`` (KV cache on), expanded to rows (``groups[r]``: index into
+        ``encs``): (cache, attention mask, next position, logits after the prompt), all with ``len(groups)``
+        rows."""
+        batch = _collate(encs, self.pad_id, device=self.device)
+        pos, nxt = self._prompt_positions(model, batch)
+        out = model(**batch, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        logits = out.logits[:, -1]
+        att = batch["attention_mask"]
+        if groups != list(range(len(encs))):
+            idx = torch.tensor(groups, device=att.device)
+            cache.batch_select_indices(idx)
+            att, nxt, logits = att[idx], nxt[idx], logits[idx]
+        return cache, att, nxt, logits
+
+    def _sample_shared(self, model, encs: list[dict], rows_of: list[int], temperature: float, max_new: int,
+                       greedy: bool, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill each distinct prompt once, then sample all rows in a plain decode loop over the shared
+        cache. Tokens (pad after an end token) and the log-probs of the sampled tokens under
+        softmax(banned logits / T), both (rows, steps) on CPU."""
+        uniq = sorted(set(rows_of))
+        where = {g: k for k, g in enumerate(uniq)}
+        cache, att, nxt, logits = self._prefix(model, [encs[g] for g in uniq], [where[g] for g in rows_of])
+        temp, top_p = (1.0, 1.0) if greedy else (temperature, top_p)
+        banned = self.banned.to(logits.device)
+        eos = torch.tensor(self.eos_ids, device=logits.device)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        toks = [torch.zeros(logits.shape[0], 0, dtype=torch.long, device=logits.device)]
+        lps = [torch.zeros(logits.shape[0], 0, device=logits.device)]
+        for step in range(max_new):
+            logp = torch.log_softmax(_ban(logits.float(), banned) / temp, -1)
+            if greedy:
+                tok = logp.argmax(-1)
+            else:
+                # exponential race == multinomial over softmax(filtered log-probs), without its per-row overhead
+                race = torch.empty_like(logp).exponential_().log()
+                tok = (_top_p(logp, top_p) - race).argmax(-1)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            toks.append(tok[:, None])
+            lps.append(logp.gather(1, tok[:, None]))
+            done |= torch.isin(tok, eos)
+            if step == max_new - 1 or bool(done.all()):
+                break
+            att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
+            logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=self._step_positions(nxt + step, 1),
+                           use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
+        return torch.cat(toks, 1).cpu(), torch.cat(lps, 1).cpu()
 
     def _decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
         rows = [t[: int(m.sum())].tolist() for t, m in zip(tokens, mask)]
@@ -569,21 +658,45 @@ class HFCaptioner:
         return self._decode(tokens, mask)
 
     # --- log-probs ------------------------------------------------------------------------------------------
+    def _shares_prompt(self, model) -> bool:
+        """Whether the teacher-forced pass runs prompts once per problem (not under gradient checkpointing
+        with gradients: checkpointed layers drop the KV cache)."""
+        return self.settings.share_prompt_cache and not (
+            self.settings.gradient_checkpointing and torch.is_grad_enabled() and model.training)
+
+    def _caption_logits(self, model, encs: list[dict], groups: list[int], tails: torch.Tensor,
+                        shared: bool) -> torch.Tensor:
+        """Logits predicting each of the ``t`` caption tokens ``tails`` (rows, t); row ``r`` follows the prompt
+        ``encs[groups[r]]``."""
+        t = tails.shape[1]
+        if shared:   # prompt once per problem, then captions (but the last token) over the expanded cache
+            cache, att, nxt, first = self._prefix(model, encs, groups)
+            if t == 1:
+                return first[:, None]
+            inp = tails[:, :-1].to(att.device)
+            att = torch.cat([att, torch.ones_like(inp)], 1)
+            logits = model(input_ids=inp, attention_mask=att, position_ids=self._step_positions(nxt, t - 1),
+                           use_cache=True, **{self._cache_kw: cache}).logits
+            return torch.cat([first[:, None], logits], 1)
+        batch = _collate([encs[g] for g in groups], self.pad_id, tails, self.device)
+        if not self._mrope:   # M-RoPE models derive positions from the mask and mm_token_type_ids
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return model(**batch, use_cache=False, logits_to_keep=t + 1).logits[:, :-1]
+
     def _logprobs(self, model, rollout: Rollout, start: int, stop: int) -> torch.Tensor:
         ctx: HFContext = rollout.context
         width = rollout.tokens.shape[1]
         chunk = self.settings.logprob_batch_size or (stop - start)
+        shared = self._shares_prompt(model)
         parts = []
         for a in range(start, stop, chunk):
             b = min(stop, a + chunk)
             mask = rollout.mask[a:b]
             t = max(1, int(mask.sum(1).max()))
             tails = rollout.tokens[a:b, :t]
-            encs = [ctx.encodings[r // ctx.n] for r in range(a, b)]
-            batch = _collate(encs, self.pad_id, tails, self.device)
-            if not self._mrope:   # M-RoPE models derive positions from the mask and mm_token_type_ids
-                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = model(**batch, use_cache=False, logits_to_keep=t + 1).logits[:, :-1]
+            g0, g1 = a // ctx.n, (b - 1) // ctx.n + 1
+            logits = self._caption_logits(model, ctx.encodings[g0:g1], [r // ctx.n - g0 for r in range(a, b)],
+                                          tails, shared)
             logp = torch.log_softmax(_ban(logits.float(), self.banned) / rollout.temperature, -1)
             safe = torch.where(mask[:, :t] > 0, tails, torch.full_like(tails, self.eos_ids[0]))  # no -inf * 0
             lp = logp.gather(-1, safe.to(logp.device)[..., None])[..., 0].cpu() * mask[:, :t]
