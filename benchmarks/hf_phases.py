@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
@@ -76,6 +77,10 @@ def main() -> None:
     a, b = out["seconds"]["per_row"], out["seconds"]["shared"]
     out["speedup"] = {k: round(a[k] / b[k], 2) for k in a}
     out["max_abs_logprob_diff"] = float((lps[True] - lps[False]).abs().max())
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"hf_phases_{args.family}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=1)
     print(json.dumps(out, indent=1))
 
 
