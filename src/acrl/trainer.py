@@ -4,22 +4,31 @@ One step::
 
     problems (B)  ──► policy.generate(n=M)      captions c0 with old log-probs
                   ──► run_episodes(...)          reasoner decides; π_ref answers the clarified subset; tiered reward
+                      ∥ π_ref log-probs          (for the KL term, computed meanwhile: they need only the captions)
                   ──► compute_advantages(...)    BNPO (or GRPO / RLOO) over each group of M
                   ──► policy_loss(...)           clipped surrogate + β·KL(π_θ || π_ref), only caption tokens
                   ──► optimizer step
 
 The trainer only talks to the ``Policy``, ``Reasoner`` and ``Clarifier`` protocols; which backend sits behind them
-is decided by ``acrl.build``.
+is decided by ``acrl.build``. A policy may also define ``before_update()`` / ``after_update()``, called around each
+optimisation step (a vLLM rollout engine sleeps during the update and receives the new adapter after it).
+
+Several processes (``accelerate launch``): each rank runs its share of the step's problems and the episodes are
+gathered, so advantages and metrics are computed over the whole batch; see :mod:`acrl.distributed`. With one
+process every distributed call is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +38,7 @@ from tqdm import tqdm
 from acrl.advantages import compute_advantages, tiered_components
 from acrl.backends.base import Policy
 from acrl.config import Config, to_dict
+from acrl.distributed import SINGLE, Dist, setup, shard
 from acrl.episode import Clarifier, EpisodeConfig, Reasoner, episode_metrics, run_episodes
 from acrl.loss import policy_loss
 from acrl.problem import Problem
@@ -37,17 +47,19 @@ ProblemSource = Callable[[int, int], list[Problem]]  # (start index, count) -> p
 
 
 class _Timed:
-    """Wraps a reasoner or clarifier and accumulates the seconds spent in it."""
+    """Wraps a reasoner or clarifier and accumulates the seconds spent in it (inside ``lock``, if given)."""
 
-    def __init__(self, inner, method: str):
+    def __init__(self, inner, method: str, lock: threading.Lock | None = None):
         self.inner, self.method, self.seconds = inner, method, 0.0
+        self.lock = lock or contextlib.nullcontext()
 
     def _call(self, *args):
-        t = time.perf_counter()
-        try:
-            return getattr(self.inner, self.method)(*args)
-        finally:
-            self.seconds += time.perf_counter() - t
+        with self.lock:
+            t = time.perf_counter()
+            try:
+                return getattr(self.inner, self.method)(*args)
+            finally:
+                self.seconds += time.perf_counter() - t
 
     def complete(self, prompts):
         return self._call(prompts)
@@ -78,14 +90,17 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def save_checkpoint(path: str, policy: Policy, opt: torch.optim.Optimizer, state: TrainState, cfg: Config) -> None:
-    """Write ``path`` atomically: everything goes to a temporary directory that is renamed into place."""
+def save_checkpoint(path: str, policy: Policy, opt: torch.optim.Optimizer, state: TrainState, cfg: Config,
+                    rng: list[dict] | None = None) -> None:
+    """Write ``path`` atomically: everything goes to a temporary directory that is renamed into place.
+
+    ``rng``: the random states of every rank, in rank order (default: this process's)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     policy.save(os.path.join(tmp, "policy"))
-    torch.save({"optimizer": opt.state_dict(), "rng": _rng_state(), "step": state.step, "cursor": state.cursor},
-               os.path.join(tmp, "state.pt"))
+    torch.save({"optimizer": opt.state_dict(), "rng": rng or [_rng_state()], "step": state.step,
+                "cursor": state.cursor}, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "config.json"), "w") as fh:
         json.dump(to_dict(cfg), fh, indent=1)
     old = path + ".old"
@@ -95,42 +110,96 @@ def save_checkpoint(path: str, policy: Policy, opt: torch.optim.Optimizer, state
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str, policy_opt: torch.optim.Optimizer) -> TrainState:
+def load_checkpoint(path: str, policy_opt: torch.optim.Optimizer, rank: int = 0) -> TrainState:
+    """Restore the optimiser and this rank's random state; returns the step and data cursor.
+
+    A rank the checkpoint holds no random state for (resumed with more processes than it was written with) is
+    seeded from the step and its rank instead."""
     blob = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     policy_opt.load_state_dict(blob["optimizer"])
-    _set_rng_state(blob["rng"])
+    rng = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
+    if rank < len(rng):
+        _set_rng_state(rng[rank])
+    else:
+        _set_seed(1_000_003 * blob["step"] + rank)
     return TrainState(step=blob["step"], cursor=blob["cursor"])
 
 
-def rollout_step(policy: Policy, problems: list[Problem], reasoner: Reasoner, clarifier: Clarifier, cfg: Config):
-    """Generate M captions per problem and run their episodes. Returns (rollout, groups, seconds per phase)."""
+def reference_logprobs(policy: Policy, rollout, micro_batch: int) -> torch.Tensor:
+    """π_ref's per-token log-probs of every rollout row (no gradient), ``micro_batch`` rows per forward."""
+    rows = rollout.tokens.shape[0]
+    return torch.cat([policy.logprobs(rollout, slice(i, i + micro_batch), reference=True)
+                      for i in range(0, rows, micro_batch)])
+
+
+def rollout_step(policy: Policy, problems: list[Problem], reasoner: Reasoner, clarifier: Clarifier, cfg: Config,
+                 overlap: bool = True):
+    """Generate M captions per problem, run their episodes and (if ``kl_beta > 0``) compute π_ref's log-probs.
+
+    Returns ``(rollout, groups, reference log-probs or None, seconds per phase)``.
+
+    ``overlap``: the episodes run in a worker thread while this thread computes π_ref's log-probs, which need only
+    the captions; the reasoner's calls (a server round trip, or a model on another device) then do not wait for
+    them. The clarifier and the log-prob pass may share a model (π_ref is the policy with its adapter disabled),
+    so they take turns through a lock. Neither consumes random numbers, so the results do not depend on ``overlap``.
+    """
     tc = cfg.train
     t0 = time.perf_counter()
     rollout = policy.generate([p.image for p in problems], [p.question_with_choices() for p in problems],
                               n=tc.samples_per_problem, temperature=cfg.captioner.temperature,
                               max_new_tokens=cfg.captioner.max_new_tokens)
-    t_gen = time.perf_counter() - t0
-    timed_r, timed_c = _Timed(reasoner, "complete"), _Timed(clarifier, "answer")
-    groups = run_episodes(problems, rollout.texts, timed_r, timed_c, EpisodeConfig(alpha=tc.alpha, clarification="on"))
-    return rollout, groups, {"generation": t_gen, "reasoner": timed_r.seconds, "clarification": timed_c.seconds}
+    times = {"generation": time.perf_counter() - t0, "reference": 0.0}
+    lock = threading.Lock()
+    timed_r, timed_c = _Timed(reasoner, "complete"), _Timed(clarifier, "answer", lock)
+
+    def episodes():
+        return run_episodes(problems, rollout.texts, timed_r, timed_c,
+                            EpisodeConfig(alpha=tc.alpha, clarification="on"))
+
+    def reference():
+        with lock:
+            t = time.perf_counter()
+            out = reference_logprobs(policy, rollout, tc.micro_batch) if tc.kl_beta > 0 else None
+            times["reference"] = time.perf_counter() - t
+            return out
+
+    t0 = time.perf_counter()
+    if overlap and tc.kl_beta > 0:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(episodes)
+            ref = reference()
+            groups = running.result()
+    else:
+        groups = episodes()
+        ref = reference()
+    times.update(episodes=time.perf_counter() - t0, reasoner=timed_r.seconds, clarification=timed_c.seconds)
+    return rollout, groups, ref, times
+
+
+_STATS = ("loss", "kl_mean", "clip_frac", "ratio_mean")
 
 
 def update(policy: Policy, opt: torch.optim.Optimizer, rollout, advantages: torch.Tensor, valid: torch.Tensor,
-           cfg: Config) -> dict:
-    """One or more optimisation epochs over the rollout; only valid (non-failed) caption rows carry gradient."""
+           cfg: Config, ref: torch.Tensor | None = None, dist: Dist = SINGLE) -> dict:
+    """One or more optimisation epochs over the rollout; only valid (non-failed) caption rows carry gradient.
+
+    ``ref``: π_ref's log-probs of the rollout (computed here when missing and ``kl_beta > 0``). With several
+    processes, ``rollout`` holds this rank's rows: the loss is normalised by the token / sequence counts of the
+    whole batch, so the gradients summed over ranks equal the single-process gradient of the whole batch.
+    """
     tc = cfg.train
     rows = rollout.tokens.shape[0]
     mask = rollout.mask * valid[:, None].float()
     adv = advantages.to(torch.float32)
-    ref = torch.cat([policy.logprobs(rollout, slice(i, i + tc.micro_batch), reference=True)
-                     for i in range(0, rows, tc.micro_batch)]) if tc.kl_beta > 0 else None
-    total_tokens = mask.sum().clamp(min=1)
-    n_seqs = (mask.sum(1) > 0).sum().clamp(min=1)
+    if ref is None and tc.kl_beta > 0:
+        ref = reference_logprobs(policy, rollout, tc.micro_batch)
+    counts = dist.all_sum(torch.stack([mask.sum(), (mask.sum(1) > 0).sum().float()]))
+    total_tokens, n_seqs = counts.clamp(min=1)
     params = policy.trainable_parameters()
     stats: dict[str, float] = {}
     for _ in range(tc.epochs):
         opt.zero_grad(set_to_none=True)
-        agg: dict[str, float] = {}
+        agg = torch.zeros(len(_STATS) + 1, dtype=torch.float64)   # share-weighted stats, then "trained at all"
         for i in range(0, rows, tc.micro_batch):
             sl = slice(i, i + tc.micro_batch)
             m = mask[sl]
@@ -142,13 +211,20 @@ def update(policy: Policy, opt: torch.optim.Optimizer, rollout, advantages: torc
                                    aggregation=tc.aggregation)
             share = (m.sum() / total_tokens) if tc.aggregation == "token-mean" else ((m.sum(1) > 0).sum() / n_seqs)
             (loss * share).backward()
-            for k in ("loss", "kl_mean", "clip_frac", "ratio_mean"):
-                if k in st:
-                    agg[k] = agg.get(k, 0.0) + float(st[k]) * float(share)
+            agg += torch.tensor([float(st[k]) * float(share) for k in _STATS] + [1.0], dtype=torch.float64)
+        dist.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
-        stats = {**agg, "grad_norm": float(grad_norm)}
+        agg = dist.all_sum(agg)
+        stats = {**(dict(zip(_STATS, agg.tolist())) if agg[-1] > 0 else {}), "grad_norm": float(grad_norm)}
     return stats
+
+
+def _call_hook(policy: Policy, name: str) -> None:
+    """Call ``policy.<name>()`` if the policy defines it (``before_update`` / ``after_update``)."""
+    hook = getattr(policy, name, None)
+    if callable(hook):
+        hook()
 
 
 def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier, problems: ProblemSource,
