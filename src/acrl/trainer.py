@@ -230,35 +230,49 @@ def _call_hook(policy: Policy, name: str) -> None:
 def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier, problems: ProblemSource,
           out: str, resume: bool = False, evaluate_fn: Callable[[int], dict] | None = None,
           progress: bool = True) -> list[dict]:
-    """Run AC-RL; writes ``metrics.jsonl``, ``episodes.jsonl``, ``checkpoint/`` under ``out``. Returns the metrics."""
+    """Run AC-RL; writes ``metrics.jsonl``, ``episodes.jsonl``, ``checkpoint/`` under ``out``. Returns the metrics.
+
+    Under ``accelerate launch`` every process runs this function on its own replica of the policy; only rank 0
+    writes files and runs ``evaluate_fn`` (see the module docstring)."""
     tc = cfg.train
+    d = setup()
+    mine = shard(tc.problems_per_step, d)   # this rank's problems of each step
+    main = d.is_main
     os.makedirs(out, exist_ok=True)
-    _set_seed(tc.seed)
+    _set_seed(tc.seed + d.rank)             # rank 0 samples as a single process would
+    d.broadcast(policy.trainable_parameters())
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     state = TrainState()
     ckpt = os.path.join(out, "checkpoint")
     if resume:
         if not os.path.exists(os.path.join(ckpt, "state.pt")):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt!r}")
-        state = load_checkpoint(ckpt, opt)
+        state = load_checkpoint(ckpt, opt, d.rank)
     mode = "a" if resume else "w"
-    if resume:   # keep only the metrics of steps that the checkpoint covers
+    if resume and main:   # keep only the metrics of steps that the checkpoint covers
         _truncate_jsonl(os.path.join(out, "metrics.jsonl"), state.step)
         _truncate_jsonl(os.path.join(out, "episodes.jsonl"), state.step)
     history: list[dict] = []
-    tracker = _Trackers(tc.report_to, out, cfg) if tc.report_to else None
-    mf = open(os.path.join(out, "metrics.jsonl"), mode)
-    ef = open(os.path.join(out, "episodes.jsonl"), mode)
-    bar = tqdm(total=tc.steps, initial=state.step, desc=f"train α={tc.alpha}", disable=not progress,
+    tracker = _Trackers(tc.report_to, out, cfg, cpu=d.device.type == "cpu") if tc.report_to and main else None
+    mf = open(os.path.join(out, "metrics.jsonl") if main else os.devnull, mode)
+    ef = open(os.path.join(out, "episodes.jsonl") if main else os.devnull, mode)
+    bar = tqdm(total=tc.steps, initial=state.step, desc=f"train α={tc.alpha}", disable=not (progress and main),
                dynamic_ncols=True)
     try:
         while state.step < tc.steps:
             t_step = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = tc.lr * min(1.0, (state.step + 1) / tc.warmup) if tc.warmup else tc.lr
-            batch = problems(state.cursor, tc.problems_per_step)
+            batch = problems(state.cursor + mine.start, mine.stop - mine.start)
             state.cursor += tc.problems_per_step
-            rollout, groups, times = rollout_step(policy, batch, reasoner, clarifier, cfg)
+            rollout, groups, ref, times = rollout_step(policy, batch, reasoner, clarifier, cfg,
+                                                       overlap=getattr(tc, "overlap", True))
+            t0 = time.perf_counter()
+            groups = [g for part in d.gather(groups) for g in part]   # the whole batch, in rank order
+            for i, g in enumerate(groups):
+                for ep in g:
+                    ep.group = i
+            times["sync"] = time.perf_counter() - t0
             rewards = torch.tensor([[ep.reward for ep in g] for g in groups], dtype=torch.float64)
             valid = torch.tensor([[ep.tier != "failed" for ep in g] for g in groups])
             em = episode_metrics(groups)
@@ -266,7 +280,8 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
             failed_frac = 1.0 - valid.float().mean().item()
             if failed_frac > tc.max_failed_fraction:
                 rec["skipped"] = f"{failed_frac:.0%} of episodes failed (limit {tc.max_failed_fraction:.0%})"
-                tqdm.write(f"step {state.step + 1}: skipped, {rec['skipped']}")
+                if main:
+                    tqdm.write(f"step {state.step + 1}: skipped, {rec['skipped']}")
             else:
                 kw = {}
                 if tc.advantage == "bnpo_decomposed":
@@ -275,16 +290,18 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
                     kw["components"], kw["weights"] = tiered_components(correct, direct, tc.alpha)
                 adv, ast = compute_advantages(torch.nan_to_num(rewards, nan=0.0), tc.advantage, mask=valid, **kw)
                 t0 = time.perf_counter()
-                ust = update(policy, opt, rollout, adv.reshape(-1), valid.reshape(-1), cfg)
+                _call_hook(policy, "before_update")
+                ust = update(policy, opt, rollout, adv[mine].reshape(-1), valid[mine].reshape(-1), cfg, ref, d)
+                _call_hook(policy, "after_update")
                 times["update"] = time.perf_counter() - t0
                 rec.update({k: v for k, v in ast.items() if isinstance(v, (int, float))})
                 rec.update(ust)
-            rec["caption_tokens"] = float(rollout.mask.sum(1).mean())
+            rec["caption_tokens"] = float(d.all_sum(rollout.mask.sum()) / rewards.numel())
             rec["lr"] = opt.param_groups[0]["lr"]
-            rec.update({f"time_{k}": round(v, 4) for k, v in times.items()})
+            rec.update({f"time_{k}": round(v, 4) for k, v in times.items()})   # rank 0's own timings
             rec["time_step"] = round(time.perf_counter() - t_step, 4)
             state.step += 1
-            if evaluate_fn and tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
+            if main and evaluate_fn and tc.eval_every and (state.step % tc.eval_every == 0 or state.step == tc.steps):
                 rec["eval"] = evaluate_fn(state.step)
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
@@ -299,7 +316,9 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
             bar.set_postfix(reward=f"{rec['reward']:.2f}", direct=f"{rec['direct_correct']:.2f}",
                             clar=f"{rec['clarification_rate']:.2f}", kl=f"{rec.get('kl_mean', 0):.3f}")
             if state.step % tc.checkpoint_every == 0 or state.step == tc.steps:
-                save_checkpoint(ckpt, policy, opt, state, cfg)
+                rng = d.gather(_rng_state())   # every rank's, so that a resumed rank samples as it would have
+                if main:
+                    save_checkpoint(ckpt, policy, opt, state, cfg, rng)
     finally:
         bar.close()
         mf.close()
@@ -312,7 +331,7 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
 class _Trackers:
     """Step metrics to TensorBoard / Weights & Biases through accelerate's tracker API."""
 
-    def __init__(self, report_to: str, out: str, cfg: Config):
+    def __init__(self, report_to: str, out: str, cfg: Config, cpu: bool = True):
         import importlib.util
 
         from accelerate import Accelerator
@@ -324,7 +343,7 @@ class _Trackers:
             if not any(importlib.util.find_spec(m) for m in need[name]):
                 raise ValueError(f"train.report_to={report_to!r} needs the {need[name][0]!r} package: "
                                  f"pip install {need[name][0]}")
-        self.acc = Accelerator(log_with=report_to, project_dir=out, cpu=True)
+        self.acc = Accelerator(log_with=report_to, project_dir=out, cpu=cpu)
         flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if isinstance(d, dict)
                 for k, v in d.items() if isinstance(v, (int, float, str, bool))}
         self.acc.init_trackers("acrl", config=flat)
@@ -335,7 +354,8 @@ class _Trackers:
         self.acc.log(vals, step=rec["step"])
 
     def close(self) -> None:
-        self.acc.end_training()
+        for t in self.acc.trackers:   # not end_training(): that also ends a multi-process run's process group
+            t.finish()
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:
