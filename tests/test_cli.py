@@ -100,6 +100,7 @@ def test_eval_on_a_benchmark_copy(tmp_path, micro_captioner):
     s = json.load(open(tmp_path / "ev" / "summary.json"))
     assert s["overall"]["n"] == len(_lines(tmp_path / "ev" / "items.jsonl")) > 0
     assert s["by_category"] and "bad_rows" in s
+    assert (tmp_path / "ev" / "by_category.png").stat().st_size > 3000
     p = run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--benchmark", "mathvista",
                 "--out", tmp_path / "x", check=False)
     assert p.returncode == 2 and "--data" in p.stderr

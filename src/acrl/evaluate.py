@@ -142,3 +142,36 @@ def write_results(out: str, summary: dict, items: list[dict], title: str = "") -
             fh.write(json.dumps(r) + "\n")
     with open(os.path.join(out, "table.md"), "w") as fh:
         fh.write(markdown_table(summary, title))
+    plot_by_category(summary, os.path.join(out, "by_category.png"), title)
+
+
+def plot_by_category(summary: dict, path: str, title: str = "") -> None:
+    """Bar chart of single-pass accuracy, accuracy with clarification and clarification rate per category
+    (``by_category`` when the summary has it, else ``by_family``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = summary.get("by_category") or summary.get("by_family") or {}
+    groups = {k: v for k, v in groups.items() if v.get("n")}
+    if not groups:
+        return
+    names = list(groups)
+    series = [("accuracy", "single-pass accuracy"), ("accuracy_with_clarification", "accuracy with clarification"),
+              ("clarification_rate", "clarification rate")]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4))
+    for i, (key, label) in enumerate(series):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        ax.bar(xs, [100 * groups[n].get(key, 0.0) for n in names], width, label=label)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{n}\n(n={groups[n]['n']})" for n in names], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "by category", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
