@@ -25,8 +25,15 @@ def build_policy(cfg: Config, path: str | None = None, reference: str | None = N
     if cfg.captioner.backend == "hf":
         from acrl.backends.hf import HFCaptioner, HFSettings
 
-        return HFCaptioner.load(path or captioner_path(cfg), lora=cfg.captioner.lora,
-                                settings=HFSettings.from_config(cfg.captioner), reference=reference)
+        policy = HFCaptioner.load(path or captioner_path(cfg), lora=cfg.captioner.lora,
+                                  settings=HFSettings.from_config(cfg.captioner), reference=reference)
+        if cfg.captioner.rollout_engine == "vllm":
+            from acrl.backends.vllm_engine import make_engine
+
+            policy.rollout_engine = make_engine(policy, cfg.captioner.vllm)
+        elif cfg.captioner.rollout_engine != "hf":
+            raise ValueError(f"unknown captioner.rollout_engine {cfg.captioner.rollout_engine!r} (hf, vllm)")
+        return policy
     if cfg.captioner.backend != "tiny":
         raise ValueError(f"unknown captioner backend {cfg.captioner.backend!r} (available: tiny, hf)")
     from acrl.backends.tiny import TinyCaptioner

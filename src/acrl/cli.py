@@ -53,9 +53,11 @@ def cmd_warmstart(args) -> int:
 
 def cmd_train(args) -> int:
     from acrl.build import build_clarifier, build_policy, build_reasoner, captioner_path, data_source, world_source
+    from acrl.distributed import setup
     from acrl.trainer import train
 
     cfg = _cfg(args)
+    dist = setup()   # under `accelerate launch`: join the process group and pick this rank's GPU before loading
     if args.steps:
         cfg.train.steps = args.steps
     if args.alpha is not None:
@@ -65,14 +67,14 @@ def cmd_train(args) -> int:
     base = args.captioner or captioner_path(cfg)
     start = os.path.join(args.out, "checkpoint", "policy") if args.resume else base
     policy = build_policy(cfg, path=start, reference=base)
-    clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed)
+    clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
     eval_fn = None
-    if cfg.train.eval_every:
+    if cfg.train.eval_every and dist.is_main:   # only rank 0 evaluates
         eval_fn = _periodic_eval(cfg, policy, base)
     source = data_source(args.data) if args.data else world_source(cfg)
     hist = train(cfg, policy, build_reasoner(cfg), clarifier, source, args.out, resume=args.resume,
                  evaluate_fn=eval_fn, progress=not args.quiet)
-    if hist:
+    if hist and dist.is_main:
         last = hist[-1]
         print(f"done: step {last['step']} reward {last['reward']:.3f} direct-correct {last['direct_correct']:.3f} "
               f"clarification rate {last['clarification_rate']:.3f}; outputs in {args.out}")

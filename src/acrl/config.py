@@ -10,6 +10,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from acrl.backends.tiny import LoraSettings, TinyVLMConfig
+from acrl.backends.vllm_engine import VLLMSettings
 from acrl.warmstart import WarmStartConfig
 from acrl.world import WorldConfig
 
@@ -45,6 +46,11 @@ class CaptionerConfig:
         trust_remote_code: (hf) allow custom model code from the checkpoint.
         share_prompt_cache: (hf) run each problem's prompt (image included) once and share its KV cache across
             the problem's M samples, in generation and in the log-prob passes (off: one full forward per row).
+        rollout_engine: (hf) what samples the captions and π_ref's answers: ``hf`` (the training model itself) or
+            ``vllm`` (a vLLM engine with the base weights and the current LoRA adapter; needs ``lora.enabled``
+            and the ``[gpu]`` extra; see docs/scaling.md).
+        vllm: (hf, ``rollout_engine: vllm``) the engine's settings: ``mode`` (colocate | server),
+            ``gpu_memory_utilization``, ``sleep_level``, ... (:class:`acrl.backends.vllm_engine.VLLMSettings`).
     """
 
     backend: str = "tiny"
@@ -66,6 +72,8 @@ class CaptionerConfig:
     processor_kwargs: dict = field(default_factory=dict)
     trust_remote_code: bool = False
     share_prompt_cache: bool = True
+    rollout_engine: str = "hf"
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
 
 @dataclass
@@ -152,6 +160,8 @@ class TrainConfig:
         threads: torch CPU threads (0: torch's default).
         report_to: also send step metrics to experiment trackers through accelerate (``tensorboard``, ``wandb``,
             ``all``; empty: only ``metrics.jsonl``). The tracker's package must be installed.
+        overlap: compute π_ref's log-probs for the KL term while the step's episodes run (in a worker thread),
+            so the reasoner's calls do not wait for them; the results are the same either way.
     """
 
     steps: int = 100
@@ -178,6 +188,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     report_to: str = ""
+    overlap: bool = True
 
 
 @dataclass

@@ -319,6 +319,7 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
                 rng = d.gather(_rng_state())   # every rank's, so that a resumed rank samples as it would have
                 if main:
                     save_checkpoint(ckpt, policy, opt, state, cfg, rng)
+                d.barrier()                    # no rank goes on (or returns) before the checkpoint is written
     finally:
         bar.close()
         mf.close()

@@ -350,6 +350,18 @@ def _collate(encs: list[dict[str, torch.Tensor]], pad_id: int, tails: torch.Tens
 class HFCaptioner:
     """``Policy`` over a Hugging Face image-text-to-text model (PEFT LoRA or full fine-tuning)."""
 
+    rollout_engine = None   # samples captions and π_ref's answers instead (acrl.backends.vllm_engine); None: HF
+
+    def before_update(self) -> None:
+        """Called by the trainer before each optimisation step: the rollout engine frees the GPU."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.sleep()
+
+    def after_update(self) -> None:
+        """Called by the trainer after each optimisation step: the rollout engine gets the new adapter."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.push_adapter()
+
     def __init__(self, model, processor, lora: Any = None, settings: HFSettings | None = None,
                  base_path: str = "", reference_model=None):
         from peft import PeftModel
@@ -622,18 +634,22 @@ class HFCaptioner:
 
     def generate(self, images: list[Image.Image], prompts: list[str], n: int = 1, temperature: float = 1.0,
                  max_new_tokens: int = 48, greedy: bool = False) -> Rollout:
-        """``n`` captions per (image, question); ``prompts`` are questions for ``captioner_prompt``."""
-        encs = [self.encode(im, captioner_prompt(q)) for im, q in zip(images, prompts)]
-        rows_of = [g for g in range(len(encs)) for _ in range(n)]
+        """``n`` captions per (image, question); ``prompts`` are questions for ``captioner_prompt``. With a
+        ``rollout_engine`` (e.g. vLLM) the engine samples; the Rollout is the same either way."""
         self.model.eval()
-        tokens, mask, lps = self._generate(self.base_model(), encs, rows_of, temperature, max_new_tokens,
-                                           greedy, self.settings.top_p)
-        texts = self._decode(tokens, mask)
-        roll = Rollout(texts=[texts[g * n:(g + 1) * n] for g in range(len(encs))], tokens=tokens, mask=mask,
-                       logprobs=lps, temperature=1.0 if greedy else temperature, context=HFContext(encs, n))
+        if self.rollout_engine is not None:
+            roll = self.rollout_engine.generate(images, prompts, n, temperature, max_new_tokens, greedy)
+        else:
+            encs = [self.encode(im, captioner_prompt(q)) for im, q in zip(images, prompts)]
+            rows_of = [g for g in range(len(encs)) for _ in range(n)]
+            tokens, mask, lps = self._generate(self.base_model(), encs, rows_of, temperature, max_new_tokens,
+                                               greedy, self.settings.top_p)
+            texts = self._decode(tokens, mask)
+            roll = Rollout(texts=[texts[g * n:(g + 1) * n] for g in range(len(encs))], tokens=tokens, mask=mask,
+                           logprobs=lps, temperature=1.0 if greedy else temperature, context=HFContext(encs, n))
         if self.settings.recompute_logprobs:
             with torch.no_grad():
-                roll.logprobs = self._logprobs(self.base_model(), roll, 0, tokens.shape[0])
+                roll.logprobs = self._logprobs(self.base_model(), roll, 0, roll.tokens.shape[0])
         return roll
 
     @torch.no_grad()
@@ -641,6 +657,8 @@ class HFCaptioner:
         """π_ref (adapter disabled / frozen copy) answers clarification questions, greedy."""
         if not images:
             return []
+        if self.rollout_engine is not None:   # the engine's base weights without adapter
+            return self.rollout_engine.answer(images, questions)
         encs = [self.encode(im, clarify_prompt(q)) for im, q in zip(images, questions)]
         with self._reference() as ref:
             ref.eval()

@@ -1,0 +1,407 @@
+"""vLLM as the rollout engine of an ``hf`` LoRA captioner: fast sampling, training stays in PyTorch.
+
+One vLLM engine holds the *base* weights with LoRA enabled. It serves two roles from the same weights:
+
+* the policy π_θ: captions are sampled with the current adapter. After every update the trainer calls
+  ``policy.after_update()``; the captioner then calls :meth:`push_adapter`, which writes the PEFT adapter to a
+  fresh directory and switches to a new ``LoRARequest(name, int_id, path)`` (a new id each time: vLLM caches
+  adapters by id). Only the adapter moves; the base weights are never merged or re-sent;
+* π_ref: clarification answers come from the same engine without an adapter (the base model, as in the
+  ``hf`` backend where π_ref is the policy with its adapter disabled).
+
+Each sample comes back as token ids plus the log-prob of every sampled token (``SamplingParams(logprobs=0)``;
+the engine runs with ``logprobs_mode="processed_logprobs"``, i.e. after temperature, as the PPO ratio needs).
+:func:`rollout_from_samples` turns them into the same :class:`~acrl.backends.base.Rollout` that
+``HFCaptioner.generate`` returns (right-padded ids with the end token, mask, log-probs, per-problem encodings), so
+``HFCaptioner.logprobs`` recomputes them teacher-forced for the update. vLLM's kernels (and bf16) do not give
+exactly the training model's numbers; with ``captioner.recompute_logprobs: true`` the old log-probs are taken
+from the training model's first forward instead (recommended), and vLLM's are only used to sample.
+
+Two modes (``VLLMSettings.mode``):
+
+``colocate``
+    ``vllm.LLM`` in the training process, on the training GPU: ``gpu_memory_utilization`` bounds its share, and
+    with ``sleep_level`` 1 the engine offloads its weights to host memory and drops its KV cache
+    (``llm.sleep(level=1)``) while the update runs, waking up (``llm.wake_up()``) for the next rollout. Under
+    ``accelerate launch`` every rank holds its own engine (``distributed_executor_backend="external_launcher"``,
+    seed + rank).
+``server``
+    An OpenAI-compatible ``vllm serve BASE --enable-lora --max-lora-rank R`` started with
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; adapters are loaded through ``POST /v1/load_lora_adapter`` (and
+    the previous one unloaded) from ``adapter_dir``, which the server must be able to read. Captions come from
+    ``/v1/chat/completions`` with ``model=<adapter name>``, answers with ``model=<base name>``.
+
+Nothing here imports vLLM at module level: the settings and the conversion functions work without it (they are
+unit-tested on CPU with stand-in objects). The engines themselves need a GPU and ``pip install -e '.[gpu]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from acrl.backends.base import Rollout
+from acrl.episode import captioner_prompt, clarify_prompt
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the max_lora_rank values vLLM accepts
+BAN_BIAS = -100.0   # logit bias of the tokens a caption never contains (vLLM clamps biases to [-100, 100])
+
+
+@dataclass
+class VLLMSettings:
+    """The ``captioner.vllm`` config section (used when ``captioner.rollout_engine: vllm``).
+
+    Attributes:
+        mode: ``colocate`` (an engine inside each training process) or ``server`` (a running ``vllm serve``).
+        gpu_memory_utilization: (colocate) share of the GPU's memory vLLM may take (weights + KV cache); the
+            training model, its activations and optimizer state need the rest.
+        max_model_len: (colocate) context length of the engine (0: the model's own).
+        max_lora_rank: largest adapter rank the engine accepts (0: the captioner's rank, rounded up to a size vLLM
+            supports). The server must be started with ``--max-lora-rank`` at least this.
+        sleep_level: 1: offload the weights to host memory and drop the KV cache during each update (colocate:
+            ``llm.sleep``; server: ``POST /sleep``, which needs ``VLLM_SERVER_DEV_MODE=1``); 0: stay awake (a
+            server on its own GPUs).
+        enforce_eager: (colocate) no CUDA graphs (less memory, slower decoding).
+        seed: (colocate) sampling seed of the engine (plus the rank under ``accelerate launch``).
+        base_url: (server) e.g. ``http://127.0.0.1:8000/v1``.
+        model: (server) served name of the base model (``--served-model-name``; empty: the server's first model).
+        api_key_env: (server) environment variable holding the API key (unset: none is sent).
+        adapter_dir: where adapters are written (empty: a temporary directory; server: a path it can read).
+        concurrency: (server) chat requests in flight.
+        timeout: (server) seconds per request.
+        engine_kwargs: (colocate) more ``vllm.LLM(...)`` arguments, e.g. ``{max_num_seqs: 256}``.
+    """
+
+    mode: str = "colocate"
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int = 0
+    max_lora_rank: int = 0
+    sleep_level: int = 1
+    enforce_eager: bool = False
+    seed: int = 0
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    adapter_dir: str = ""
+    concurrency: int = 32
+    timeout: float = 600.0
+    engine_kwargs: dict = field(default_factory=dict)
+
+
+# --- vLLM outputs -> Rollout (pure; no vLLM needed) -----------------------------------------------------------
+@dataclass
+class Sample:
+    """One sampled caption: its token ids, the log-prob of each (None: not returned) and its text."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    text: str
+
+
+def _chosen_logprob(entry: Any, token: int) -> float:
+    """The sampled token's log-prob from one position of vLLM's ``logprobs`` (``{token_id: Logprob}``)."""
+    value = entry[token] if isinstance(entry, Mapping) else entry
+    return float(getattr(value, "logprob", value))
+
+
+def samples_from_outputs(outputs: Sequence[Any]) -> list[list[Sample]]:
+    """``LLM.generate`` results (``RequestOutput``, one per prompt, each with ``.outputs``: ``CompletionOutput``
+    with ``index``, ``token_ids``, ``logprobs``, ``text``) as samples per prompt, in sample order."""
+    groups = []
+    for request in outputs:
+        group = []
+        for out in sorted(request.outputs, key=lambda o: getattr(o, "index", 0)):
+            ids = [int(t) for t in out.token_ids]
+            lps = None if out.logprobs is None else [_chosen_logprob(e, t) for e, t in zip(out.logprobs, ids)]
+            group.append(Sample(ids, lps, out.text or ""))
+        groups.append(group)
+    return groups
+
+
+def samples_from_chat(response: Mapping) -> list[Sample]:
+    """One ``/v1/chat/completions`` response (with ``n`` choices) as samples, in choice order.
+
+    Token ids come from ``choice["token_ids"]`` (request field ``return_token_ids``) or else from the log-prob
+    entries, whose tokens read ``"token_id:<id>"`` with ``return_tokens_as_token_ids``."""
+    samples = []
+    for choice in sorted(response["choices"], key=lambda c: c.get("index", 0)):
+        content = (choice.get("logprobs") or {}).get("content")
+        ids = choice.get("token_ids")
+        if ids is None:
+            if content is None:
+                raise ValueError("the server returned neither token_ids nor log-probs: is it vLLM (>= 0.10)?")
+            ids = [int(e["token"].removeprefix("token_id:")) for e in content]
+        lps = None if content is None else [float(e["logprob"]) for e in content]
+        if lps is not None and len(lps) != len(ids):
+            raise ValueError(f"{len(ids)} token ids but {len(lps)} log-probs in a chat completion choice")
+        samples.append(Sample([int(t) for t in ids], lps, (choice.get("message") or {}).get("content") or ""))
+    return samples
+
+
+def rollout_from_samples(groups: Sequence[Sequence[Sample]], pad_id: int, eos_ids: Sequence[int],
+                         temperature: float, context: Any = None) -> Rollout:
+    """Samples (``groups[g]``: the ``n`` samples of problem ``g``) as a :class:`Rollout`, laid out like
+    ``HFCaptioner.generate``'s: row ``g * n + i``, ids up to and including the first end token, right-padded with
+    ``pad_id``; mask 1 on caption tokens; log-probs 0 on padding (and everywhere if the engine returned none: then
+    the old log-probs must be recomputed). A sample cut by the length limit has no end token."""
+    n = len(groups[0]) if groups else 0
+    if any(len(g) != n for g in groups):
+        raise ValueError(f"every problem needs the same number of samples, got {[len(g) for g in groups]}")
+    eos = set(int(e) for e in eos_ids)
+    rows, lps = [], []
+    for s in (s for g in groups for s in g):
+        end = next((i + 1 for i, t in enumerate(s.token_ids) if t in eos), len(s.token_ids))
+        rows.append(torch.tensor(s.token_ids[:end], dtype=torch.long))
+        lps.append(torch.tensor(s.logprobs[:end] if s.logprobs is not None else [0.0] * end, dtype=torch.float32))
+    width = max([1] + [len(r) for r in rows])
+    tokens = torch.stack([F.pad(r, (0, width - len(r)), value=pad_id) for r in rows]) if rows else \
+        torch.full((0, 1), pad_id, dtype=torch.long)
+    mask = torch.stack([F.pad(torch.ones(len(r)), (0, width - len(r))) for r in rows]) if rows else torch.zeros(0, 1)
+    logprobs = torch.stack([F.pad(lp, (0, width - len(lp))) for lp in lps]) if lps else torch.zeros(0, 1)
+    texts = [[s.text.strip() for s in g] for g in groups]
+    return Rollout(texts=texts, tokens=tokens, mask=mask, logprobs=torch.nan_to_num(logprobs) * mask,
+                   temperature=temperature, context=context)
+
+
+def lora_rank_for(r: int) -> int:
+    """The smallest rank vLLM accepts that holds an adapter of rank ``r``."""
+    for k in LORA_RANKS:
+        if k >= r:
+            return k
+    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest supported max_lora_rank {LORA_RANKS[-1]}")
+
+
+# --- the engines -------------------------------------------------------------------------------------------------
+class _Engine:
+    """What both modes share: prompts as the captioner renders them, the banned-token bias, adapter directories."""
+
+    def __init__(self, captioner, settings: VLLMSettings):
+        if not captioner.lora.enabled:
+            raise ValueError("captioner.rollout_engine: vllm moves only LoRA adapters into the engine; it needs "
+                             "captioner.lora.enabled: true")
+        self.cap, self.settings = captioner, settings
+        self.rank = int(os.environ.get("RANK", "0"))
+        if settings.adapter_dir:
+            os.makedirs(settings.adapter_dir, exist_ok=True)
+        self.root = tempfile.mkdtemp(prefix="acrl-lora-", dir=settings.adapter_dir or None)
+        self.version, self.adapter_path = 0, None
+        self.asleep = False
+        self.bias = {int(t): BAN_BIAS for t in captioner.banned.tolist()}
+
+    # prompts
+    def chat_text(self, text: str) -> str:
+        """The prompt text of one user turn ``[image, text]`` as ``HFCaptioner.encode`` renders it."""
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return self.cap.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def context(self, images, prompts: list[str], n: int):
+        """The per-problem encodings ``HFCaptioner.logprobs`` recomputes the captions with."""
+        from acrl.backends.hf import HFContext
+
+        return HFContext([self.cap.encode(im, captioner_prompt(q)) for im, q in zip(images, prompts)], n)
+
+    # adapters
+    def _write_adapter(self) -> str:
+        """Save the captioner's adapter to a new directory (removing the previous one); returns its path."""
+        self.version += 1
+        path = os.path.join(self.root, f"policy-{self.version}")
+        self.cap.model.save_pretrained(path)
+        if self.adapter_path:
+            shutil.rmtree(self.adapter_path, ignore_errors=True)
+        self.adapter_path = path
+        return path
+
+    def adapter_name(self) -> str:
+        return f"acrl-policy-r{self.rank}-{self.version}"
+
+    def _rollout(self, groups: list[list[Sample]], images, prompts, n, temperature, greedy) -> Rollout:
+        if greedy and n > 1:   # one greedy sample per problem, repeated
+            groups = [g * n for g in groups]
+        return rollout_from_samples(groups, self.cap.pad_id, self.cap.eos_ids, 1.0 if greedy else temperature,
+                                    self.context(images, prompts, n))
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class VLLMRolloutEngine(_Engine):
+    """``colocate`` mode: a ``vllm.LLM`` in this process (``llm``: an already built engine, e.g. for tests)."""
+
+    def __init__(self, captioner, settings: VLLMSettings | None = None, llm=None):
+        super().__init__(captioner, settings or VLLMSettings())
+        self.llm = llm if llm is not None else self._start()
+        self.lora = None
+        self.push_adapter()
+
+    def _start(self):
+        from vllm import LLM
+
+        s, cap = self.settings, self.cap
+        kw: dict[str, Any] = {
+            "model": cap.base_path, "enable_lora": True, "max_loras": 1,
+            "max_lora_rank": s.max_lora_rank or lora_rank_for(cap.lora.r),
+            "gpu_memory_utilization": s.gpu_memory_utilization, "enable_sleep_mode": s.sleep_level > 0,
+            "seed": s.seed + self.rank, "logprobs_mode": "processed_logprobs", "limit_mm_per_prompt": {"image": 1},
+            "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cap.settings.dtype, "auto"),
+            "enforce_eager": s.enforce_eager, "trust_remote_code": cap.settings.trust_remote_code,
+        }
+        if s.max_model_len:
+            kw["max_model_len"] = s.max_model_len
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # one engine per rank, on the rank's own GPU
+            kw["distributed_executor_backend"] = "external_launcher"
+        kw.update(s.engine_kwargs)
+        return LLM(**kw)
+
+    def _requests(self, images, texts: list[str]) -> list[dict]:
+        extra = {"mm_processor_kwargs": dict(self.cap.settings.processor_kwargs)} \
+            if self.cap.settings.processor_kwargs else {}
+        return [{"prompt": self.chat_text(t), "multi_modal_data": {"image": self.cap._fit(im)}, **extra}
+                for im, t in zip(images, texts)]
+
+    def _params(self, n: int, temperature: float, max_tokens: int, greedy: bool, top_p: float = 1.0):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=1 if greedy else n, temperature=0.0 if greedy else temperature,
+                              top_p=1.0 if greedy else top_p, max_tokens=max_tokens, logprobs=0,
+                              stop_token_ids=list(self.cap.eos_ids), logit_bias=self.bias or None,
+                              skip_special_tokens=True)
+
+    def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
+                 greedy: bool = False) -> Rollout:
+        """``n`` captions per (image, question) with the current adapter: the Rollout ``HFCaptioner.generate``
+        would return (its ``recompute_logprobs`` then applies as usual)."""
+        self.wake_up()
+        outputs = self.llm.generate(self._requests(images, [captioner_prompt(q) for q in prompts]),
+                                    self._params(n, temperature, max_new_tokens, greedy, self.cap.settings.top_p),
+                                    lora_request=self.lora, use_tqdm=False)
+        return self._rollout(samples_from_outputs(outputs), images, prompts, n, temperature, greedy)
+
+    def answer(self, images, questions: list[str]) -> list[str]:
+        """π_ref's greedy clarification answers: the base weights, no adapter."""
+        if not images:
+            return []
+        self.wake_up()
+        outputs = self.llm.generate(self._requests(images, [clarify_prompt(q) for q in questions]),
+                                    self._params(1, 1.0, self.cap.settings.answer_max_new_tokens, greedy=True),
+                                    lora_request=None, use_tqdm=False)
+        return [g[0].text.strip() for g in samples_from_outputs(outputs)]
+
+    def push_adapter(self) -> None:
+        """Hand the captioner's current adapter to the engine (loaded at the next ``generate``)."""
+        from vllm.lora.request import LoRARequest
+
+        path = self._write_adapter()
+        self.lora = LoRARequest(self.adapter_name(), self.version, path)
+
+    def sleep(self) -> None:
+        """Free the GPU for the update: weights to host memory, KV cache dropped (``sleep_level`` 1)."""
+        if self.settings.sleep_level > 0 and not self.asleep:
+            self.llm.sleep(level=self.settings.sleep_level)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+class VLLMServerEngine(_Engine):
+    """``server`` mode: a running ``vllm serve BASE --enable-lora`` with runtime LoRA updating.
+
+    ``client``: an ``httpx.Client``-like object with ``post(url, json=...)`` (default: a new ``httpx.Client``)."""
+
+    def __init__(self, captioner, settings: VLLMSettings | None = None, client=None):
+        super().__init__(captioner, settings or VLLMSettings(mode="server"))
+        import httpx
+
+        s = self.settings
+        key = os.environ.get(s.api_key_env or "", "")
+        self.url = s.base_url.rstrip("/")
+        self.client = client or httpx.Client(timeout=s.timeout,
+                                             headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.base_name = s.model or self._first_model()
+        self.lora_name: str | None = None
+        self.push_adapter()
+
+    def _post(self, path: str, body: dict | None = None, root: bool = False) -> Any:
+        url = (self.url.removesuffix("/v1") if root else self.url) + path
+        r = self.client.post(url, json=body) if body is not None else self.client.post(url)
+        if r.status_code >= 400:
+            raise RuntimeError(f"vLLM server {url}: HTTP {r.status_code}: {r.text[:500]}")
+        return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+
+    def _first_model(self) -> str:
+        r = self.client.get(self.url + "/models")
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+
+    def _body(self, model: str, image, text: str, n: int, temperature: float, max_tokens: int, greedy: bool,
+              top_p: float = 1.0) -> dict:
+        from acrl.backends.openai_api import image_data_url
+
+        body = {"model": model, "n": 1 if greedy else n, "temperature": 0.0 if greedy else temperature,
+                "top_p": 1.0 if greedy else top_p, "max_tokens": max_tokens, "logprobs": True, "top_logprobs": 0,
+                "return_tokens_as_token_ids": True, "return_token_ids": True, "skip_special_tokens": True,
+                "stop_token_ids": list(self.cap.eos_ids), "logit_bias": {str(k): v for k, v in self.bias.items()},
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image_data_url(self.cap._fit(image))}},
+                    {"type": "text", "text": text}]}]}
+        if self.cap.settings.processor_kwargs:
+            body["mm_processor_kwargs"] = dict(self.cap.settings.processor_kwargs)
+        return body
+
+    def _chat(self, bodies: list[dict]) -> list[list[Sample]]:
+        with ThreadPoolExecutor(max(1, min(self.settings.concurrency, len(bodies)))) as pool:
+            return list(pool.map(lambda b: samples_from_chat(self._post("/chat/completions", b)), bodies))
+
+    def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
+                 greedy: bool = False) -> Rollout:
+        self.wake_up()
+        bodies = [self._body(self.lora_name, im, captioner_prompt(q), n, temperature, max_new_tokens, greedy,
+                             self.cap.settings.top_p) for im, q in zip(images, prompts)]
+        return self._rollout(self._chat(bodies), images, prompts, n, temperature, greedy)
+
+    def answer(self, images, questions: list[str]) -> list[str]:
+        if not images:
+            return []
+        self.wake_up()
+        bodies = [self._body(self.base_name, im, clarify_prompt(q), 1, 1.0,
+                             self.cap.settings.answer_max_new_tokens, greedy=True) for im, q in zip(images, questions)]
+        return [g[0].text.strip() for g in self._chat(bodies)]
+
+    def push_adapter(self) -> None:
+        """Write the adapter where the server can read it, load it under a new name, unload the previous one
+        (the server is woken up first: this runs after the update)."""
+        self.wake_up()
+        path = self._write_adapter()
+        old, self.lora_name = self.lora_name, self.adapter_name()
+        self._post("/load_lora_adapter", {"lora_name": self.lora_name, "lora_path": path})
+        if old:
+            self._post("/unload_lora_adapter", {"lora_name": old})
+
+    def sleep(self) -> None:
+        if self.settings.sleep_level > 0 and not self.asleep:
+            self._post(f"/sleep?level={self.settings.sleep_level}", root=True)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self._post("/wake_up", root=True)
+            self.asleep = False
+
+
+def make_engine(captioner, settings: VLLMSettings):
+    """The engine ``settings.mode`` names, for an ``HFCaptioner`` with LoRA."""
+    if settings.mode == "colocate":
+        return VLLMRolloutEngine(captioner, settings)
+    if settings.mode == "server":
+        return VLLMServerEngine(captioner, settings)
+    raise ValueError(f"captioner.vllm.mode must be colocate or server, got {settings.mode!r}")

@@ -1,0 +1,317 @@
+"""The vLLM rollout engine: conversion of vLLM outputs into Rollouts (CPU, stand-in objects with vLLM's attribute
+names), both engines driven through stand-ins for ``vllm`` and for the server, and a real-engine check that only
+runs where vLLM and a CUDA GPU are present."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from acrl.backends import hf_tiny  # noqa: E402
+from acrl.backends.hf import HFCaptioner, HFSettings  # noqa: E402
+from acrl.backends.tiny import LoraSettings  # noqa: E402
+from acrl.backends.vllm_engine import (  # noqa: E402
+    Sample,
+    VLLMRolloutEngine,
+    VLLMServerEngine,
+    VLLMSettings,
+    lora_rank_for,
+    make_engine,
+    rollout_from_samples,
+    samples_from_chat,
+    samples_from_outputs,
+)
+
+LORA = LoraSettings(enabled=True, r=4, alpha=8)
+QUESTIONS = ["What is the height of the red bar?", "How many circles are there?"]
+EOS, PAD = 2, 0
+
+
+def _completion(index, ids, lps, text="", extra=None):
+    """A stand-in for vLLM's CompletionOutput; ``logprobs`` as with SamplingParams(logprobs=0)."""
+    entries = None if lps is None else [{t: NS(logprob=lp, rank=1), **(extra or {})} for t, lp in zip(ids, lps)]
+    return NS(index=index, token_ids=ids, logprobs=entries, text=text, finish_reason="stop")
+
+
+# --- pure conversion -------------------------------------------------------------------------------------------
+def test_request_outputs_become_a_padded_rollout():
+    outputs = [
+        NS(outputs=[_completion(1, [7, 8, EOS], [-0.5, -0.25, -0.125], " b "),       # out of order: sorted by index
+                    _completion(0, [5, EOS, 9], [-1.0, -2.0, -3.0], "a")]),           # tokens after EOS dropped
+        NS(outputs=[_completion(0, [4, 4, 4, 4], [-0.1] * 4, "cut"),                   # length limit: no EOS
+                    _completion(1, [6, EOS], [-0.3, -0.2], "d", extra={99: NS(logprob=-9.0, rank=2)})]),
+    ]
+    groups = samples_from_outputs(outputs)
+    assert [[s.text for s in g] for g in groups] == [["a", " b "], ["cut", "d"]]
+    assert groups[1][1].logprobs == [-0.3, -0.2]          # the sampled token's entry, not a top-k neighbour
+    roll = rollout_from_samples(groups, PAD, [EOS], temperature=0.7, context="ctx")
+    assert roll.texts == [["a", "b"], ["cut", "d"]] and roll.n == 2 and roll.context == "ctx"
+    assert roll.temperature == 0.7
+    assert roll.tokens.tolist() == [[5, EOS, PAD, PAD], [7, 8, EOS, PAD], [4, 4, 4, 4], [6, EOS, PAD, PAD]]
+    assert roll.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert torch.allclose(roll.logprobs[0], torch.tensor([-1.0, -2.0, 0.0, 0.0]))
+    assert roll.tokens.dtype == torch.long and roll.logprobs.dtype == roll.mask.dtype == torch.float32
+
+
+def test_missing_logprobs_give_zeros_and_group_sizes_must_match():
+    groups = samples_from_outputs([NS(outputs=[_completion(0, [3, EOS], None)])])
+    roll = rollout_from_samples(groups, PAD, [EOS], 1.0)
+    assert roll.logprobs.tolist() == [[0.0, 0.0]] and roll.mask.tolist() == [[1.0, 1.0]]
+    with pytest.raises(ValueError, match="same number of samples"):
+        rollout_from_samples([[Sample([1], None, "")], []], PAD, [EOS], 1.0)
+    empty = rollout_from_samples([], PAD, [EOS], 1.0)
+    assert empty.tokens.shape == (0, 1) and empty.texts == []
+
+
+def test_chat_completion_choices_become_samples():
+    def content(ids, lps):
+        return {"content": [{"token": f"token_id:{t}", "logprob": lp, "top_logprobs": []} for t, lp in zip(ids, lps)]}
+
+    response = {"choices": [
+        {"index": 1, "message": {"content": "second"}, "logprobs": content([6, EOS], [-0.5, -0.1])},
+        {"index": 0, "message": {"content": "first"}, "logprobs": content([5, 7, EOS], [-1.0, -2.0, -0.2]),
+         "token_ids": [5, 7, EOS]},
+    ]}
+    first, second = samples_from_chat(response)
+    assert (first.token_ids, first.logprobs, first.text) == ([5, 7, EOS], [-1.0, -2.0, -0.2], "first")
+    assert (second.token_ids, second.text) == ([6, EOS], "second")
+    with pytest.raises(ValueError, match="token ids"):
+        samples_from_chat({"choices": [{"index": 0, "token_ids": [1, 2], "logprobs": content([1], [-1.0])}]})
+    with pytest.raises(ValueError, match="neither"):
+        samples_from_chat({"choices": [{"index": 0, "message": {"content": "x"}}]})
+
+
+def test_lora_rank_rounds_up_to_a_supported_size():
+    assert [lora_rank_for(r) for r in (1, 4, 8, 100, 128, 300)] == [1, 8, 8, 128, 128, 320]
+    with pytest.raises(ValueError):
+        lora_rank_for(1024)
+
+
+# --- the engines, through stand-ins -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory):
+    path = hf_tiny.make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen") / "base"), seed=0)
+    torch.manual_seed(0)
+    return HFCaptioner.load(path, lora=LORA, settings=HFSettings(device="cpu"))
+
+
+def _images(k=2):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(k)]
+
+
+class FakeLLM:
+    """Records calls like ``vllm.LLM`` would receive them; ``generate`` returns canned outputs."""
+
+    def __init__(self, **kw):
+        self.kw, self.calls, self.events, self.canned = kw, [], [], []
+
+    def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+        self.calls.append((prompts, params, lora_request))
+        self.events.append("generate")
+        return self.canned.pop(0)
+
+    def sleep(self, level):
+        self.events.append(f"sleep{level}")
+
+    def wake_up(self):
+        self.events.append("wake")
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """``import vllm`` resolves to stand-ins with vLLM's names: LLM, SamplingParams, lora.request.LoRARequest."""
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = lambda **kw: NS(**kw)
+    lora, request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, int_id, path: NS(lora_name=name, lora_int_id=int_id, lora_path=path)
+    for name, mod in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return vllm
+
+
+def _as_vllm_outputs(roll):
+    """The HF captioner's own rollout, dressed as vLLM RequestOutputs."""
+    out = []
+    for g in range(len(roll.texts)):
+        comps = []
+        for i in range(roll.n):
+            r, k = g * roll.n + i, int(roll.mask[g * roll.n + i].sum())
+            comps.append(_completion(i, roll.tokens[r, :k].tolist(), roll.logprobs[r, :k].tolist(), roll.texts[g][i]))
+        out.append(NS(outputs=comps))
+    return out
+
+
+def test_colocated_engine_returns_the_rollout_hf_would(captioner, fake_vllm, tmp_path):
+    images = _images()
+    torch.manual_seed(1)
+    roll = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=6)
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)))   # builds the stand-in LLM
+    llm = engine.llm
+    assert llm.kw["enable_lora"] and llm.kw["max_lora_rank"] == 8 and llm.kw["model"] == captioner.base_path
+    assert llm.kw["logprobs_mode"] == "processed_logprobs" and llm.kw["enable_sleep_mode"]
+    first = engine.lora
+    assert first.lora_int_id == 1 and os.path.exists(os.path.join(first.lora_path, "adapter_config.json"))
+
+    llm.canned.append(_as_vllm_outputs(roll))
+    got = engine.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=6)
+    prompts, params, lora = llm.calls[-1]
+    assert lora is first and params.n == 2 and params.logprobs == 0 and params.max_tokens == 6
+    assert set(params.logit_bias) == set(captioner.banned.tolist()) and params.stop_token_ids == captioner.eos_ids
+    assert "<|image_pad|>" in prompts[0]["prompt"] and QUESTIONS[0] in prompts[0]["prompt"]
+    assert isinstance(prompts[0]["multi_modal_data"]["image"], Image.Image)
+    assert got.texts == roll.texts and torch.equal(got.tokens, roll.tokens) and torch.equal(got.mask, roll.mask)
+    assert torch.equal(got.logprobs, roll.logprobs) and got.temperature == 1.0
+    # the training model recomputes the engine's captions row by row (prompt encodings line up with rows)
+    assert torch.allclose(captioner.logprobs(got).detach(), roll.logprobs, atol=1e-4)
+
+    engine.sleep()
+    engine.push_adapter()                                  # after an update: a new id, the old directory is gone
+    assert engine.lora.lora_int_id == 2 and engine.lora.lora_name != first.lora_name
+    assert not os.path.exists(first.lora_path) and os.path.exists(engine.lora.lora_path)
+    llm.canned.append([NS(outputs=[_completion(0, [5, EOS], [-1.0, -1.0], " an answer ")])])
+    assert engine.answer(images[:1], ["How tall?"]) == ["an answer"]
+    prompts, params, lora = llm.calls[-1]
+    assert lora is None and params.temperature == 0.0 and params.n == 1   # π_ref: base weights, greedy
+    assert llm.events == ["generate", "sleep1", "wake", "generate"]
+    engine.close()
+
+
+def test_greedy_requests_one_sample_and_repeats_it(captioner, fake_vllm, tmp_path):
+    llm = FakeLLM()
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)), llm=llm)
+    llm.canned.append([NS(outputs=[_completion(0, [5, EOS], [-0.1, -0.2], "x")]) for _ in range(2)])
+    roll = engine.generate(_images(), QUESTIONS, n=3, greedy=True, max_new_tokens=4)
+    assert llm.calls[-1][1].n == 1 and llm.calls[-1][1].temperature == 0.0
+    assert roll.texts == [["x"] * 3] * 2 and roll.tokens.shape == (6, 2) and roll.temperature == 1.0
+
+
+def test_engine_needs_a_lora_captioner(tmp_path):
+    with pytest.raises(ValueError, match="lora.enabled"):
+        VLLMRolloutEngine(NS(lora=NS(enabled=False)), VLLMSettings(adapter_dir=str(tmp_path)), llm=FakeLLM())
+    with pytest.raises(ValueError, match="colocate or server"):
+        make_engine(None, VLLMSettings(mode="ray"))
+
+
+class FakeHTTP:
+    """An httpx.Client stand-in for a vLLM server: records requests, answers chat completions from a queue."""
+
+    def __init__(self):
+        self.posts, self.replies = [], []
+
+    def _response(self, data, json_body=True):
+        return NS(status_code=200, text=str(data), json=lambda: data,
+                  headers={"content-type": "application/json" if json_body else "text/plain"},
+                  raise_for_status=lambda: None)
+
+    def get(self, url):
+        return self._response({"data": [{"id": "base-model"}]})
+
+    def post(self, url, json=None):
+        self.posts.append((url, json))
+        if url.endswith("/chat/completions"):
+            return self._response(self.replies.pop(0))
+        return self._response("ok", json_body=False)
+
+
+def test_server_engine_loads_adapters_and_samples_over_http(captioner, tmp_path):
+    http = FakeHTTP()
+    engine = VLLMServerEngine(captioner, VLLMSettings(mode="server", base_url="http://srv:8000/v1",
+                                                      adapter_dir=str(tmp_path)), client=http)
+    url, body = http.posts[-1]
+    assert url == "http://srv:8000/v1/load_lora_adapter" and body["lora_name"] == engine.lora_name
+    assert os.path.exists(os.path.join(body["lora_path"], "adapter_config.json")) and engine.base_name == "base-model"
+
+    def reply(*choices):
+        return {"choices": [{"index": i, "message": {"content": f"c{i}"}, "token_ids": ids,
+                             "logprobs": {"content": [{"token": f"token_id:{t}", "logprob": -0.5} for t in ids]}}
+                            for i, ids in enumerate(choices)]}
+
+    http.replies += [reply([5, EOS], [6, 7, EOS]), reply([8, EOS], [9, EOS])]
+    roll = engine.generate(_images(), QUESTIONS, n=2, temperature=0.9, max_new_tokens=5)
+    chats = [b for u, b in http.posts if u.endswith("/chat/completions")]
+    assert [b["model"] for b in chats] == [engine.lora_name] * 2 and chats[0]["n"] == 2
+    assert chats[0]["logprobs"] and chats[0]["return_tokens_as_token_ids"] and chats[0]["max_tokens"] == 5
+    assert chats[0]["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert roll.tokens.shape == (4, 3) and roll.texts == [["c0", "c1"], ["c0", "c1"]] and roll.temperature == 0.9
+
+    old = engine.lora_name
+    engine.sleep()           # during the update
+    engine.push_adapter()    # after it: the server wakes up, loads the new adapter, drops the old one
+    assert [u for u, _ in http.posts[-4:]] == ["http://srv:8000/sleep?level=1", "http://srv:8000/wake_up",
+                                               "http://srv:8000/v1/load_lora_adapter",
+                                               "http://srv:8000/v1/unload_lora_adapter"]
+    assert http.posts[-1][1] == {"lora_name": old} and engine.lora_name != old
+    http.replies.append(reply([5, EOS]))
+    assert engine.answer(_images(1), ["How tall?"]) == ["c0"]
+    assert http.posts[-1][1]["model"] == "base-model" and http.posts[-1][1]["temperature"] == 0.0
+    engine.close()
+
+
+def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, tmp_path):
+    """The trainer's hooks: sample with the current adapter, sleep during the update, hand over the new adapter."""
+    if not hasattr(HFCaptioner, "rollout_engine"):
+        pytest.skip("HFCaptioner does not delegate to a rollout engine yet (integration pending)")
+    from acrl.backends.world import WorldReasoner
+    from acrl.build import world_source
+    from acrl.config import load_config
+    from acrl.trainer import train
+
+    class SamplingLLM(FakeLLM):   # random caption tokens; answers are one word
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            self.calls.append((prompts, params, lora_request))
+            self.events.append("answer" if lora_request is None else f"captions@{lora_request.lora_int_id}")
+            g = torch.Generator().manual_seed(len(self.calls))
+            outs = []
+            for _ in prompts:
+                lengths = torch.randint(1, 5, (params.n,), generator=g).tolist()
+                outs.append(NS(outputs=[_completion(i, torch.randint(20, 300, (k,), generator=g).tolist()
+                                                    + [captioner.eos_ids[0]], [-1.0] * (k + 1), "three")
+                                        for i, k in enumerate(lengths)]))
+            return outs
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "qwen2-vl-tiny.yaml"),
+                      ["train.steps=2", "train.problems_per_step=2", "train.samples_per_problem=2", "train.threads=1",
+                       "captioner.recompute_logprobs=true"])
+    captioner.settings.recompute_logprobs = True
+    llm = SamplingLLM()
+    captioner.rollout_engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)), llm=llm)
+    try:
+        hist = train(cfg, captioner, WorldReasoner(), captioner, world_source(cfg), str(tmp_path / "run"),
+                     progress=False)
+    finally:
+        captioner.rollout_engine.close()
+        captioner.rollout_engine = None
+        captioner.settings.recompute_logprobs = False
+    assert [h["step"] for h in hist] == [1, 2] and all(abs(h["ratio_mean"] - 1) < 1e-4 for h in hist)
+    steps = " ".join(llm.events).split("sleep1")
+    assert steps[0].split()[0] == "captions@1" and steps[1].split()[:2] == ["wake", "captions@2"]
+    assert len(steps) == 3 and llm.events[-1] == "sleep1"   # slept during both updates
+
+
+# --- a real engine -----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the vLLM engine needs a CUDA GPU (none here)")
+def test_real_vllm_engine_on_a_tiny_checkpoint(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[gpu]')")
+    path = hf_tiny.make_tiny("qwen2-vl", str(tmp_path / "base"), seed=0)
+    cap = HFCaptioner.load(path, lora=LORA, settings=HFSettings(device="cuda", dtype="fp32"))
+    engine = VLLMRolloutEngine(cap, VLLMSettings(gpu_memory_utilization=0.2, enforce_eager=True,
+                                                 adapter_dir=str(tmp_path)))
+    roll = engine.generate(_images(), QUESTIONS, n=2, temperature=1.0, max_new_tokens=6)
+    assert roll.tokens.shape[0] == 4 and (roll.mask.sum(1) > 0).all()
+    assert torch.allclose(cap.logprobs(roll).detach(), roll.logprobs, atol=1e-2)   # vLLM vs HF kernels
+    engine.sleep()
+    engine.push_adapter()
+    assert len(engine.answer(_images(1), ["How tall?"])) == 1
+    engine.close()
