@@ -9,6 +9,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from acrl.backends.hf import HFSettings
 from acrl.backends.tiny import LoraSettings, TinyVLMConfig
 from acrl.backends.vllm_engine import VLLMSettings
 from acrl.warmstart import WarmStartConfig
@@ -19,7 +20,7 @@ SHIPPED_CAPTIONER = os.path.join(ASSETS, "world-captioner")
 
 
 @dataclass
-class CaptionerConfig:
+class CaptionerConfig(HFSettings):
     """The trainable captioner (and, through it, the reference π_ref).
 
     Attributes:
@@ -31,21 +32,10 @@ class CaptionerConfig:
             π_ref is the same model with the adapter disabled).
         temperature: sampling temperature for training captions.
         max_new_tokens: caption length cap in tokens.
-        dtype: (hf) ``auto`` (bf16 on a bf16 GPU, else fp32) | ``bf16`` | ``fp16`` | ``fp32``.
-        device: (hf) ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
-        attn_implementation: (hf) ``sdpa`` | ``eager`` | ``flash_attention_2``.
-        gradient_checkpointing: (hf) trade compute for memory in the update.
-        max_pixels: (hf) downscale larger images before the processor (0: the processor's own bound).
-        freeze_vision: (hf) train only inside the language model (vision tower and projector frozen).
-        top_p: (hf) nucleus sampling of captions (log-probs stay full-vocabulary).
-        generation_batch_size: (hf) rows per generate() call (0: all).
-        logprob_batch_size: (hf) rows per teacher-forced forward inside logprobs() (0: all).
-        recompute_logprobs: (hf) old log-probs from a teacher-forced forward (recommended in bf16).
-        answer_max_new_tokens: (hf) length cap of π_ref's clarification answers.
-        processor_kwargs: (hf) extra processor arguments, e.g. ``{crop_to_patches: true, max_patches: 6}``.
-        trust_remote_code: (hf) allow custom model code from the checkpoint.
-        share_prompt_cache: (hf) run each problem's prompt (image included) once and share its KV cache across
-            the problem's M samples, in generation and in the log-prob passes (off: one full forward per row).
+        (hf) dtype, device, attn_implementation, gradient_checkpointing, max_pixels, freeze_vision, top_p,
+            generation_batch_size, logprob_batch_size, recompute_logprobs, answer_max_new_tokens, processor_kwargs,
+            trust_remote_code, share_prompt_cache: inherited from and documented in
+            :class:`acrl.backends.hf.HFSettings` (one definition, one set of defaults).
         rollout_engine: (hf) what samples the captions and π_ref's answers: ``hf`` (the training model itself) or
             ``vllm`` (a vLLM engine with the base weights and the current LoRA adapter; needs ``lora.enabled``
             and the ``[gpu]`` extra; see docs/scaling.md).
@@ -58,20 +48,6 @@ class CaptionerConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     temperature: float = 1.0
     max_new_tokens: int = 40
-    dtype: str = "auto"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
-    max_pixels: int = 0
-    freeze_vision: bool = True
-    top_p: float = 1.0
-    generation_batch_size: int = 0
-    logprob_batch_size: int = 0
-    recompute_logprobs: bool = False
-    answer_max_new_tokens: int = 64
-    processor_kwargs: dict = field(default_factory=dict)
-    trust_remote_code: bool = False
-    share_prompt_cache: bool = True
     rollout_engine: str = "hf"
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
