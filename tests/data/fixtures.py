@@ -373,44 +373,42 @@ def mathvision_rows() -> list[dict[str, Any]]:
     ]
 
 
+def _wemath_row(gid: str, key: str, number: int, concept: str, question: str, option: str, answer: str,
+                image: str) -> dict[str, Any]:
+    return {
+        "ID": gid,
+        "split": "testmini",
+        "knowledge concept": concept,
+        "question": question,
+        "option": option,
+        "answer": answer,
+        "image_path": Img(image),
+        "key": key,
+        "question number": number,
+        "knowledge concept description": "Area = length x width",
+    }
+
+
 def wemath_rows() -> list[dict[str, Any]]:
+    """Two problem groups in the hub schema: a 2-step one (``2steps_1``, ``2steps_2``, ``2steps_multi``) and a
+    3-step one; as in We-Math, all rows of a group share ``ID`` (here both groups are ``ID`` 1, one in each
+    step family) and the images of the two families have the same file names in different folders."""
+    opts = "A. 9; B. 10; C. 11; D. 12; E. No correct answer"
     return [
-        dict(
-            ID="1",
-            split="testmini",
-            **{"knowledge concept": "Area of rectangles"},
-            question="What is the area of the rectangle?",
-            option="A. 9; B. 10; C. 11; D. 12; E. No correct answer",
-            answer="D",
-            image_path=Img("1-1.png"),
-            key="2steps_1",
-            **{"question number": 1},
-            **{"knowledge concept description": "Area = length x width"},
-        ),
-        dict(
-            ID="2",
-            split="testmini",
-            **{"knowledge concept": "Perimeter of rectangles"},
-            question="What is the perimeter?",
-            option="A. 14; B. 15; C. 16; D. 17; E. No correct answer",
-            answer="E",
-            image_path=Img("1-2.png"),
-            key="2steps_2",
-            **{"question number": 1},
-            **{"knowledge concept description": "..."},
-        ),
-        dict(
-            ID="3",
-            split="testmini",
-            **{"knowledge concept": "Area of rectangles"},
-            question="Combine both steps.",
-            option="A. 1; B. 2; C. 3; D. 4; E. No correct answer",
-            answer="A",
-            image_path=Img("1-multi.png"),
-            key="3steps_multi",
-            **{"question number": 1},
-            **{"knowledge concept description": "..."},
-        ),
+        _wemath_row("1", "2steps_1", 1, "Area of rectangles", "What is the area of the rectangle?", opts, "D",
+                    "2steps/image/1-1.png"),
+        _wemath_row("1", "2steps_2", 2, "Perimeter of rectangles", "What is the perimeter?",
+                    "A. 14; B. 15; C. 16; D. 17; E. No correct answer", "E", "2steps/image/1-2.png"),
+        _wemath_row("1", "2steps_multi", 3, "Area of rectangles", "Combine both steps.",
+                    "A. 1; B. 2; C. 3; D. 4; E. No correct answer", "A", "2steps/image/1-multi.png"),
+        _wemath_row("1", "3steps_1", 4, "Angles", "What is angle 1?", "A. 30°; B. 45°; C. 60°; D. 90°", "B",
+                    "3steps/image/1-1.png"),
+        _wemath_row("1", "3steps_2", 5, "Angles", "What is angle 2?", "A. 30°; B. 45°; C. 60°; D. 90°", "C",
+                    "3steps/image/1-2.png"),
+        _wemath_row("1", "3steps_3", 6, "Triangles", "What is angle 3?", "A. 30°; B. 45°; C. 60°; D. 90°", "A",
+                    "3steps/image/1-3.png"),
+        _wemath_row("1", "3steps_multi", 7, "Triangles", "Which angle is the largest?",
+                    "A. 30°; B. 45°; C. 60°; D. 90°", "D", "3steps/image/1-multi.png"),
     ]
 
 

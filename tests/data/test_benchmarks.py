@@ -238,28 +238,53 @@ def test_wemath_parquet_and_json(tmp_path):
     for root in (tmp_path / "hub", tmp_path / "official"):
         res = load_benchmark("wemath", root)
         ps = by_id(res)
-        assert not res.bad and len(ps) == 3
-        p = ps["wemath-testmini-1"]
+        assert not res.bad and len(ps) == 7
+        # ids from the benchmark's own keys: the group ID plus the sub-question key, no "~2" suffixes
+        assert sorted(ps) == sorted(f"wemath-testmini-1-{k}" for k in (
+            "2steps_1", "2steps_2", "2steps_multi", "3steps_1", "3steps_2", "3steps_3", "3steps_multi"))
+        p = ps["wemath-testmini-1-2steps_1"]
         assert p.choices == ["9", "10", "11", "12", "No correct answer"] and p.answer == "D"
         assert (
             p.category == "Area of rectangles" and p.difficulty == "2 steps" and p.meta["key"] == "2steps_1"
         )
-        assert ps["wemath-testmini-3"].difficulty == "3 steps"
-        assert grade_problem("No correct answer", ps["wemath-testmini-2"])
+        assert p.meta["wemath_id"] == "1" and "duplicate_of" not in p.meta
+        assert ps["wemath-testmini-1-3steps_multi"].difficulty == "3 steps"
+        assert grade_problem("No correct answer", ps["wemath-testmini-1-2steps_2"])
 
 
-def test_ambiguous_image_basename_is_a_bad_row(tmp_path):
+def test_wemath_ids_do_not_depend_on_row_order_or_bad_rows(tmp_path):
     rows = wemath_rows()
-    write_json(rows, tmp_path / "testmini.json", tmp_path, image_dir="")
-    for sub in ("2steps/image", "3steps/image"):
-        (tmp_path / sub).mkdir(parents=True)
-        (tmp_path / sub / "1-1.png").write_bytes(Img("x").png())
-    (tmp_path / "1-1.png").unlink()
-    (tmp_path / "nested" / "deep").mkdir(parents=True)
-    (tmp_path / "1-2.png").rename(tmp_path / "nested" / "deep" / "1-2.png")
-    res = load_benchmark("wemath", tmp_path, max_bad_fraction=0.5)
-    assert [b.reason for b in res.bad] == ["ambiguous image path '1-1.png': 2 files named '1-1.png'"]
-    assert "wemath-testmini-2" in by_id(res)  # found by name anywhere under the root
+    rows[0] = dict(rows[0], image_path=Img("2steps/image/1-1.png", broken=True))
+    write_parquet(rows, tmp_path / "a" / "testmini.parquet")
+    write_parquet(list(reversed(rows)), tmp_path / "b" / "testmini.parquet")
+    a = load_benchmark("wemath", tmp_path / "a", max_bad_fraction=0.5)
+    b = load_benchmark("wemath", tmp_path / "b", max_bad_fraction=0.5)
+    assert sorted(by_id(a)) == sorted(by_id(b)) and len(a) == 6
+    # the bad row's id is in the same scheme as the problems' and names the sub-question it is
+    assert [x.id for x in a.bad] == [x.id for x in b.bad] == ["wemath-testmini-1-2steps_1"]
+    assert "wemath-testmini-1-2steps_1" not in by_id(a)
+
+
+def test_missing_image_is_a_bad_row_never_a_file_of_the_same_name(tmp_path):
+    """MathVerse's GitHub layout keeps image_1.png in every images_version_* folder: a missing
+    images_version_5/image_1.png must not silently become another version's picture."""
+    rows = mathverse_rows()
+    root = tmp_path / "mathverse"
+    write_json(rows, root / "testmini.json", root / "images", image_dir="")
+    (root / "images" / "images_version_5" / "image_1.png").unlink()
+    res = load_benchmark("mathverse", root, max_bad_fraction=0.5)
+    assert [(b.id, b.reason) for b in res.bad] == [
+        ("mathverse-testmini-4", "missing image file 'images_version_5/image_1.png'")]
+    assert "mathverse-testmini-4" not in by_id(res) and len(res) == 6
+    # We-Math: both step families have a 1-1.png; a missing one is a bad row too
+    rows = wemath_rows()
+    write_json(rows, tmp_path / "wemath" / "testmini.json", tmp_path / "wemath", image_dir="")
+    (tmp_path / "wemath" / "2steps" / "image" / "1-1.png").unlink()
+    (tmp_path / "wemath" / "elsewhere").mkdir()
+    (tmp_path / "wemath" / "elsewhere" / "1-2.png").write_bytes(Img("x").png())
+    res = load_benchmark("wemath", tmp_path / "wemath", max_bad_fraction=0.5)
+    assert [b.id for b in res.bad] == ["wemath-testmini-1-2steps_1"]
+    assert res.bad[0].reason == "missing image file '2steps/image/1-1.png'"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -445,6 +470,6 @@ def test_load_all_and_dir_names(tmp_path, mmmu_dir):
     (tmp_path / "unrelated").mkdir()
     assert set(find_benchmark_dirs(tmp_path)) == {"mathvista", "wemath"}
     results = load_all(tmp_path)
-    assert list(results) == ["mathvista", "wemath"] and len(results["wemath"]) == 3
+    assert list(results) == ["mathvista", "wemath"] and len(results["wemath"]) == 7
     with pytest.raises(FileNotFoundError, match="no directory for mmmu"):
         load_all(tmp_path, names=["mathvista", "mmmu"])

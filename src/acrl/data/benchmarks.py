@@ -70,6 +70,7 @@ class RowContext:
     resolver: ImageResolver
     split: str
     options: dict[str, Any]
+    pid: str = ""     # the Problem id, from the benchmark's own key (see BenchmarkSpec.problem_id)
 
     def image(self, value: Any) -> Image.Image:
         return open_image(value, self.resolver, self.record.base_dirs)
@@ -99,7 +100,7 @@ class BenchmarkSpec:
     default_split: str | None
     splits: tuple[str, ...]
     convert: Callable[[dict[str, Any], RowContext], Problem]
-    raw_id: Callable[[dict[str, Any]], str]
+    problem_id: Callable[[dict[str, Any], RowContext], str | None]   # None: the row lacks its key
     json_keys: tuple[str, ...]
     expected_json: str
     aliases: tuple[str, ...] = ()
@@ -253,7 +254,7 @@ def convert_mathvista(row: dict[str, Any], ctx: RowContext) -> Problem:
             "query": as_text(row.get("query")), "skills": list(md.get("skills") or []),
             "source_dataset": as_text(md.get("source")), "context": as_text(md.get("context")),
             "category": as_text(md.get("category")), "language": as_text(md.get("language"))}
-    common = {"id": f"mathvista-{ctx.split}-{pid}", "image": image, "family": ctx.name,
+    common = {"id": ctx.pid, "image": image, "family": ctx.name,
               "category": as_text(md.get("task")), "difficulty": as_text(md.get("grade")),
               "source": ctx.record.source}
     text = question + (f" (Unit: {unit})" if unit else "")
@@ -320,7 +321,7 @@ def convert_mathverse(row: dict[str, Any], ctx: RowContext) -> Problem:
             "problem_version": version, "question_type": qtype, "subject": as_text(md.get("subject")),
             "subfield": as_text(md.get("subfield")),
             "source_dataset": as_text(md.get("source")), "question_for_eval": q_eval}
-    common = {"id": f"mathverse-{ctx.split}-{sid}", "image": image, "family": ctx.name, "category": version,
+    common = {"id": ctx.pid, "image": image, "family": ctx.name, "category": version,
               "source": ctx.record.source, "meta": meta}
     is_mc = qtype == "multi-choice" or (not qtype and letter_index(answer) is not None)
     if is_mc:
@@ -360,7 +361,7 @@ def convert_mathvision(row: dict[str, Any], ctx: RowContext) -> Problem:
     options = [as_text(o) for o in (as_list(row.get("options")) or [])]
     level = as_text(row.get("level"))
     meta = {"mathvision_id": rid, "subject": as_text(row.get("subject")), "level": level}
-    common = {"id": f"mathvision-{ctx.split}-{rid}", "image": image, "family": ctx.name,
+    common = {"id": ctx.pid, "image": image, "family": ctx.name,
               "category": as_text(row.get("subject")), "difficulty": level, "source": ctx.record.source,
               "meta": meta}
     if options:
@@ -403,7 +404,7 @@ def convert_wemath(row: dict[str, Any], ctx: RowContext) -> Problem:
     meta = {"wemath_id": rid, "key": key, "question_number": as_text(row.get("question number")),
             "knowledge_concept_description": as_text(row.get("knowledge concept description")),
             "wemath_split": as_text(row.get("split"))}
-    common = {"id": f"wemath-{ctx.split}-{rid}", "image": image, "family": ctx.name,
+    common = {"id": ctx.pid, "image": image, "family": ctx.name,
               "category": as_text(row.get("knowledge concept")),
               "difficulty": f"{m.group(1)} step{'s' if m.group(1) != '1' else ''}" if m else "",
               "source": ctx.record.source, "meta": meta}
@@ -441,6 +442,14 @@ def _variant_of(ctx: RowContext) -> int | None:
     return None
 
 
+def _dynamath_variant(row: dict[str, Any], ctx: RowContext) -> int | str:
+    """The variant number: ``varid`` / ``variant`` of the row, else from the split / file / folder name."""
+    var_text = _first(row, "varid", "variant", "variant_id")
+    if re.fullmatch(r"\d+(?:\.0)?", var_text):
+        return int(float(var_text))
+    return var_text or _variant_of(ctx) or 1
+
+
 def convert_dynamath(row: dict[str, Any], ctx: RowContext) -> Problem:
     """DynaMath (``DynaMath/DynaMath_Sample``): 501 seed questions x 10 generated variants, one split each.
 
@@ -455,12 +464,7 @@ def convert_dynamath(row: dict[str, Any], ctx: RowContext) -> Problem:
     seed = _first(row, "question_id", "qid", "id", "__key__")
     if not seed:
         raise BadRowError("missing column 'id'")
-    var_text = _first(row, "varid", "variant", "variant_id")
-    variant: int | str | None = var_text or None
-    if re.fullmatch(r"\d+(?:\.0)?", var_text):
-        variant = int(float(var_text))
-    if variant is None:
-        variant = _variant_of(ctx) or 1
+    variant = _dynamath_variant(row, ctx)
     question = _need(row, "question")
     answer = _answer(row, "ground_truth", "answer")
     image = ctx.first_image(row, "decoded_image", "image")
@@ -468,7 +472,7 @@ def convert_dynamath(row: dict[str, Any], ctx: RowContext) -> Problem:
     meta = {"seed": seed, "variant": variant, "answer_type": atype_raw,
             "subject": as_text(row.get("subject")),
             "knowledge_level": _first(row, "knowledge_level", "level")}
-    common = {"id": dynamath_problem_id(seed, variant), "image": image, "family": ctx.name,
+    common = {"id": ctx.pid, "image": image, "family": ctx.name,
               "category": as_text(row.get("subject")), "difficulty": meta["knowledge_level"],
               "source": ctx.record.source, "meta": meta}
     if atype_raw.startswith("multiple") or (not atype_raw and letter_index(answer) is not None):
@@ -502,9 +506,9 @@ def convert_logicvista(row: dict[str, Any], ctx: RowContext) -> Problem:
     C``); no partial credit (see :mod:`acrl.data.answers`). Numeric golds ("Select from 1-5") are integers.
     """
     image = ctx.first_image(row, "image", "decoded_image", "imagename", "image_path")
-    rid = _first(row, "__key__", "id", "question_id", "pid")
+    rid = _logicvista_key(row)
     if not rid:
-        rid = Path(_first(row, "imagename")).stem or f"{ctx.record.index}"
+        raise BadRowError("missing column 'id'")
     question = _need(row, "question")
     answer = _answer(row, "answer")
     skill_cell = row.get("skill")
@@ -512,7 +516,7 @@ def convert_logicvista(row: dict[str, Any], ctx: RowContext) -> Problem:
     meta = {"logicvista_id": rid, "skills": skills,
             "capability": [as_text(c) for c in (as_list(row.get("capability")) or [])],
             "reasoning": as_text(row.get("reasoning"))}
-    common = {"id": f"logicvista-{ctx.split}-{rid}", "image": image, "family": ctx.name,
+    common = {"id": ctx.pid, "image": image, "family": ctx.name,
               "category": skills[0] if skills else "", "source": ctx.record.source, "meta": meta}
     if letter_set(answer) is not None or letter_index(answer) is not None:
         parsed = split_choices(question)
@@ -564,7 +568,7 @@ def convert_mmmu(row: dict[str, Any], ctx: RowContext) -> Problem:
     qtype = as_text(row.get("question_type"))
     meta = {"mmmu_id": rid, "subject": subject, "subfield": as_text(row.get("subfield")),
             "img_type": as_text(row.get("img_type")), "question_type": qtype, "images_used": use}
-    common = {"id": f"mmmu-{rid}", "image": image, "family": ctx.name, "category": subject,
+    common = {"id": ctx.pid, "image": image, "family": ctx.name, "category": subject,
               "difficulty": as_text(row.get("topic_difficulty")), "source": ctx.record.source, "meta": meta}
     if options and qtype != "open":
         return _letter_choice_problem(question=question, answer=answer, options=options, **common)
@@ -578,35 +582,67 @@ def convert_mmmu(row: dict[str, Any], ctx: RowContext) -> Problem:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Problem ids: from each benchmark's own keys, never from the row order
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _keyed(prefix: str, key: str) -> str | None:
+    return f"{prefix}-{key}" if key else None
+
+
+def _logicvista_key(row: dict[str, Any]) -> str:
+    return _first(row, "__key__", "id", "question_id", "pid") or Path(_first(row, "imagename")).stem
+
+
+def wemath_problem_id(split: str, group_id: str, key: str) -> str:
+    """``wemath-<split>-<ID>-<key>``: We-Math's ``ID`` names a problem *group* (its one-step sub-questions
+    ``2steps_1`` / ``2steps_2`` and the composite ``2steps_multi`` share it), so the id needs ``key`` too."""
+    return f"wemath-{split}-{group_id}-{key}" if key else f"wemath-{split}-{group_id}"
+
+
+_PROBLEM_IDS: dict[str, Callable[[dict[str, Any], RowContext], str | None]] = {
+    "mathvista": lambda r, c: _keyed(f"mathvista-{c.split}", _first(r, "pid", "__key__")),
+    "mathverse": lambda r, c: _keyed(f"mathverse-{c.split}", _first(r, "sample_index", "__key__")),
+    "mathvision": lambda r, c: _keyed(f"mathvision-{c.split}", _first(r, "id", "__key__")),
+    "wemath": lambda r, c: (wemath_problem_id(c.split, gid, as_text(r.get("key")))
+                           if (gid := _first(r, "ID", "id", "__key__")) else None),
+    "dynamath": lambda r, c: (dynamath_problem_id(seed, _dynamath_variant(r, c))
+                             if (seed := _first(r, "question_id", "qid", "id", "__key__")) else None),
+    "logicvista": lambda r, c: _keyed(f"logicvista-{c.split}", _logicvista_key(r)),
+    "mmmu": lambda r, c: _keyed("mmmu", _first(r, "id")),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Registry and loading
 # ------------------------------------------------------------------------------------------------------------
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     s.name: s for s in (
         BenchmarkSpec("mathvista", "AI4Math/MathVista", "testmini", ("testmini", "test"), convert_mathvista,
-                      lambda r: _first(r, "pid", "__key__"), ("question",),
+                      _PROBLEM_IDS["mathvista"], ("question",),
                       "annot_testmini.json / data/testmini.json (pid -> row) with an images/ folder"),
         BenchmarkSpec("mathverse", "AI4Math/MathVerse", "testmini", ("testmini", "testmini_text_only"),
-                      convert_mathverse, lambda r: _first(r, "sample_index", "__key__"), ("problem_version",),
+                      convert_mathverse, _PROBLEM_IDS["mathverse"], ("problem_version",),
                       "testmini.json with the images/ folder of images.zip", options=("versions",)),
         BenchmarkSpec("mathvision", "MathLLMs/MathVision", "test", ("test", "testmini"), convert_mathvision,
-                      lambda r: _first(r, "id", "__key__"), ("question", "options"),
+                      _PROBLEM_IDS["mathvision"], ("question", "options"),
                       "data/test.jsonl / data/testmini.jsonl with an images/ folder",
                       aliases=("mathv", "mathvi")),
         BenchmarkSpec("wemath", "We-Math/We-Math", "testmini", ("testmini",), convert_wemath,
-                      lambda r: _first(r, "ID", "id", "__key__"), ("question", "option"),
+                      _PROBLEM_IDS["wemath"], ("question", "option"),
                       "testmini.json with the images of testmini.zip"),
         BenchmarkSpec("dynamath", "DynaMath/DynaMath_Sample", None,
                       tuple(f"sample_variant{i}" for i in range(1, 11)), convert_dynamath,
-                      lambda r: _first(r, "question_id", "qid", "id", "__key__"), ("question",),
+                      _PROBLEM_IDS["dynamath"], ("question",),
                       "one JSON file or folder per variant (sample_variant<k>) with its images",
                       aliases=("dynamathsample",), exclude_splits=("sample_all",),
                       normalize_split=dynamath_split),
         BenchmarkSpec("logicvista", "lscpku/LogicVista", "test", ("test",), convert_logicvista,
-                      lambda r: _first(r, "__key__", "id", "imagename"), ("question", "answer"),
+                      _PROBLEM_IDS["logicvista"], ("question", "answer"),
                       "data/dataset.json (id -> row with imagename) and data/images/"),
         BenchmarkSpec("mmmu", "MMMU/MMMU", "validation", ("dev", "validation", "test"), convert_mmmu,
-                      lambda r: _first(r, "id"), ("question", "options"),
+                      _PROBLEM_IDS["mmmu"], ("question", "options"),
                       "JSON/JSONL rows in the hub schema with image_1..image_7 paths",
                       options=("subjects", "mmmu_images")),
     )
@@ -685,21 +721,26 @@ def load_benchmark(name: str, path: str | os.PathLike, split: str | None = None,
         split_name = spec.normalize_split(rec.split) if rec.split else (requested or "all")
         if requested and split_name != requested and split_name not in spec.splits:
             split_name = requested
-        raw = as_text(spec.raw_id(row)) or f"row{rec.index}"
-        if "__error__" in row:
-            reason = f"{Path(rec.source).name}: {row['__error__']}"
-            bad.append(BadRow(f"{spec.name}-{split_name}-{raw}", reason))
-            continue
         ctx = RowContext(spec.name, rec, resolver, split_name, options)
+        try:
+            ctx.pid = spec.problem_id(row, ctx) or ""
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            bad.append(BadRow(f"{spec.name}-{split_name}-#{rec.index}", f"malformed row: {type(e).__name__}: {e}"))
+            continue
+        # a row without its key gets a positional id that no keyed problem can have ('#' + row number)
+        pid = ctx.pid or f"{spec.name}-{split_name}-#{rec.index}"
+        if "__error__" in row:
+            bad.append(BadRow(pid, f"{Path(rec.source).name}: {row['__error__']}"))
+            continue
         try:
             problem = spec.convert(row, ctx)
         except SkipRow:
             continue
         except BadRowError as e:
-            bad.append(BadRow(f"{spec.name}-{split_name}-{raw}", str(e)))
+            bad.append(BadRow(pid, str(e)))
             continue
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            bad.append(BadRow(f"{spec.name}-{split_name}-{raw}", f"malformed row: {type(e).__name__}: {e}"))
+            bad.append(BadRow(pid, f"malformed row: {type(e).__name__}: {e}"))
             continue
         if problem.id in seen:
             seen[problem.id] += 1

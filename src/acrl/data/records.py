@@ -15,8 +15,8 @@ Three storage layouts are understood, tried in this order:
 
 Rows are read as plain dicts (images are *not* decoded by ``datasets``), so that one undecodable or missing
 image becomes one bad row instead of an exception. Images are decoded by :func:`open_image`, which resolves
-relative paths against the annotation file's folder, the dataset root and their ``images/`` sub-folders, and
-finally by file name anywhere under the root.
+relative paths against the annotation file's folder, the dataset root and their ``images/`` sub-folders; a
+path found nowhere there is a missing image (a bad row), never another file of the same name.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ _META_JSON = {"dataset_info.json", "state.json", "dataset_dict.json", "knowledge
               "config.json", "metadata.json", "source.json"}
 _SHARD_RE = re.compile(r"-\d{5}-of-\d{5}(?:-[0-9a-f]+)?$")
 _MAX_SCAN_DEPTH = 4
-_MAX_INDEXED_FILES = 500_000
 
 
 class BadRowError(Exception):
@@ -324,34 +323,26 @@ def iter_records(layout: Layout, accept_split: Callable[[str | None, list[str | 
 
 
 class ImageResolver:
-    """Finds image files named by relative paths in annotation files."""
+    """Finds image files named by relative paths in annotation files.
+
+    A path is looked up, as written, under the annotation file's folder, its parent, the dataset root, and the
+    ``images/`` / ``image/`` sub-folders of each. Nothing else: a file that merely has the same name somewhere
+    else under the root is a different image (MathVerse keeps ``image_1.png`` in every
+    ``images_version_*`` folder, We-Math ``1-1.png`` in both ``2steps/image`` and ``3steps/image``), so a path
+    that is not found is a missing image (a bad row), never a guess.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._index: dict[str, list[Path]] | None = None
-
-    def _build_index(self) -> dict[str, list[Path]]:
-        index: dict[str, list[Path]] = {}
-        n = 0
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    index.setdefault(name, []).append(Path(dirpath) / name)
-                    n += 1
-            if n > _MAX_INDEXED_FILES:
-                break
-        return index
 
     def find(self, rel: str, base_dirs: Sequence[Path] = ()) -> Path:
-        """The file ``rel`` refers to; raises BadRowError when it is missing or ambiguous."""
+        """The file ``rel`` refers to; raises BadRowError when it is missing."""
         rel = rel.strip().replace("\\", "/")
         p = Path(rel)
         if p.is_absolute():
             if p.is_file():
                 return p
-            rel = p.name
-            p = Path(rel)
+            raise BadRowError(f"missing image file {rel!r}")
         seen: set[Path] = set()
         for base in (*base_dirs, self.root):
             if base in seen:
@@ -360,27 +351,7 @@ class ImageResolver:
             for cand in (base / p, base / "images" / p, base / "image" / p):
                 if cand.is_file():
                     return cand
-        if self._index is None:
-            self._index = self._build_index()
-        candidates = self._index.get(p.name, [])
-        if not candidates:
-            raise BadRowError(f"missing image file {rel!r}")
-        if len(candidates) == 1:
-            return candidates[0]
-        want = p.parts
-
-        def score(c: Path) -> int:
-            n = 0
-            for a, b in zip(reversed(c.parts), reversed(want)):
-                if a != b:
-                    break
-                n += 1
-            return n
-
-        scored = sorted(((score(c), c) for c in candidates), key=lambda t: -t[0])
-        if scored[0][0] > scored[1][0]:
-            return scored[0][1]
-        raise BadRowError(f"ambiguous image path {rel!r}: {len(candidates)} files named {p.name!r}")
+        raise BadRowError(f"missing image file {rel!r}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
