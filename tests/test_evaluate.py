@@ -35,3 +35,68 @@ def test_interrupted_evaluation_resumes_and_skips_finished_items(tmp_path):
     assert len(path.read_text().splitlines()) == 10
     assert again["overall"]["n"] == full["overall"]["n"] == 10
     assert "single-pass acc" in markdown_table(again)
+
+
+class _NoNoneImages:
+    """A captioner that fails like a real one on a missing image (``None.size``)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, images, prompts, n=1, greedy=True, **kw):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        return SimpleNamespace(texts=[[f"a {im.size[0]}-pixel-wide drawing"] * n for im in images])
+
+
+class _AskingReasoner:
+    """Asks once when it may, then answers 14 (after a clarification) or 13 (when denied / single pass)."""
+
+    def complete(self, prompts):
+        out = []
+        for p in prompts:
+            if "NEED MORE INFO" in p and "You asked:" not in p:
+                out.append("<think>hmm</think>NEED MORE INFO\nHow long is the can?")
+            elif "Answer from someone who can see the image:" in p:
+                out.append("SOLVED \\boxed{14}")
+            else:
+                out.append("SOLVED \\boxed{13}")
+        return out
+
+
+class _Clar:
+    def __init__(self):
+        self.images = []
+
+    def answer(self, images, questions):
+        self.images += images
+        return ["13 cm" for _ in questions]
+
+
+def test_items_keep_raw_replies_and_text_only_rows_have_a_defined_path(tmp_path):
+    from data.fixtures import mathverse_rows, mathverse_text_only_rows, write_parquet
+
+    from acrl.data import load_benchmark
+    from acrl.evaluate import NO_IMAGE_CAPTION, NO_IMAGE_CLARIFICATION
+
+    write_parquet(mathverse_rows()[:2], tmp_path / "testmini.parquet")
+    write_parquet(mathverse_text_only_rows(), tmp_path / "testmini_text_only.parquet")
+    problems = (load_benchmark("mathverse", tmp_path).problems
+                + load_benchmark("mathverse", tmp_path, split="testmini_text_only").problems)
+    assert problems[-1].image is None
+    policy, clar = _NoNoneImages(), _Clar()
+    summary, items = evaluate(policy, _AskingReasoner(), clar, problems, batch_size=3,
+                              items_path=str(tmp_path / "out" / "items.jsonl"))
+    assert len(items) == 3 and summary["text_only"] == 1 and summary["overall"]["n"] == 3
+    text = items[-1]
+    assert text["text_only"] and text["caption"] == NO_IMAGE_CAPTION and text["clarification"] == NO_IMAGE_CLARIFICATION
+    assert all(im is not None for im in clar.images) and len(clar.images) == 2
+    for it in items:
+        r = it["replies"]
+        assert r["single_pass"] == "SOLVED \\boxed{13}"
+        assert r["decision"].startswith("<think>hmm</think>NEED MORE INFO")
+        assert r["final"] == "SOLVED \\boxed{14}" and r["denial"] == "SOLVED \\boxed{13}"
+        assert it["meta"]["sample_index"] and it["deny_prediction"] == "13"
+    saved = [json.loads(x) for x in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    assert saved[0]["replies"] == items[0]["replies"] and saved[-1]["text_only"]

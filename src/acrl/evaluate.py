@@ -8,6 +8,14 @@ For each held-out problem the captioner writes one greedy caption c0. Then:
   when the request is refused and the reasoner must answer from c0 alone.
 
 Results break down by family (or benchmark category) and by the number of facts a question needs.
+
+Every item keeps the reasoner's raw replies (``replies``: ``single_pass``, ``decision``, ``final``, ``denial``) so
+a failure can be read, and the loader's scalar ``meta`` (We-Math ``wemath_id`` / ``key``, DynaMath ``seed`` /
+``variant`` ...) so benchmark metrics can be computed from ``items.jsonl`` alone.
+
+Problems without an image (MathVerse's ``testmini_text_only``) are not captioned: the reasoner gets the question
+with the explicit caption :data:`NO_IMAGE_CAPTION`, a clarification request about them is answered with
+:data:`NO_IMAGE_CLARIFICATION`, and the items are marked ``text_only`` and counted in ``summary['text_only']``.
 """
 
 from __future__ import annotations
@@ -20,8 +28,54 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from acrl.episode import Clarifier, EpisodeConfig, Reasoner, run_episodes
+from acrl.episode import Clarifier, EpisodeConfig, Reasoner, deny_prompt, run_episodes
 from acrl.problem import Problem
+
+NO_IMAGE_CAPTION = "There is no image for this problem: the question text above is complete."
+NO_IMAGE_CLARIFICATION = "There is no image for this problem; everything known is in the question text."
+
+
+class _RecordingReasoner:
+    """Passes prompts through and remembers each reply by prompt (the Acc_deny replies are not kept on the
+    Episode, so the items take them from here)."""
+
+    def __init__(self, inner: Reasoner):
+        self.inner, self.replies = inner, {}
+
+    def complete(self, prompts: list[str]) -> list:
+        out = self.inner.complete(prompts)
+        for p, r in zip(prompts, out):
+            if isinstance(r, str):
+                self.replies[p] = r
+        return out
+
+
+class _TextOnlyClarifier:
+    """The reference captioner for images it has, a fixed answer for problems without one."""
+
+    def __init__(self, inner: Clarifier):
+        self.inner = inner
+
+    def answer(self, images, questions):
+        todo = [i for i, im in enumerate(images) if im is not None]
+        got = self.inner.answer([images[i] for i in todo], [questions[i] for i in todo]) if todo else []
+        out: list = [NO_IMAGE_CLARIFICATION] * len(images)
+        for i, a in zip(todo, got):
+            out[i] = a
+        return out
+
+
+def _captions(policy, batch: Sequence[Problem]) -> list[list[str]]:
+    """One greedy caption per problem; problems without an image get :data:`NO_IMAGE_CAPTION`."""
+    pictured = [p for p in batch if p.image is not None]
+    texts = iter(policy.generate([p.image for p in pictured], [p.question_with_choices() for p in pictured], n=1,
+                                 greedy=True).texts if pictured else [])
+    return [next(texts) if p.image is not None else [NO_IMAGE_CAPTION] for p in batch]
+
+
+def _scalar_meta(meta: dict) -> dict:
+    """The JSON-friendly scalar fields of a problem's ``meta`` (ids, keys, versions; no long lists)."""
+    return {k: v for k, v in (meta or {}).items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
 def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequence[Problem], batch_size: int = 100,
@@ -59,13 +113,18 @@ def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequenc
 
 def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progress, desc, sink) -> list[dict]:
     items: list[dict] = []
+    if any(p.image is None for p in problems):
+        clarifier = _TextOnlyClarifier(clarifier)
     for i in tqdm(range(0, len(problems), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
         batch = list(problems[i:i + batch_size])
         first = len(items)
-        roll = policy.generate([p.image for p in batch], [p.question_with_choices() for p in batch], n=1, greedy=True)
-        sp = run_episodes(batch, roll.texts, reasoner, None, EpisodeConfig(clarification="off"))
-        cl = run_episodes(batch, roll.texts, reasoner, clarifier, EpisodeConfig(clarification="on", record_deny=True))
+        captions = _captions(policy, batch)
+        rec = _RecordingReasoner(reasoner)
+        sp = run_episodes(batch, captions, rec, None, EpisodeConfig(clarification="off"))
+        cl = run_episodes(batch, captions, rec, clarifier, EpisodeConfig(clarification="on", record_deny=True))
         for p, (a,), (b,) in zip(batch, sp, cl):
+            denial = (rec.replies.get(deny_prompt(p.question_with_choices(), b.caption, b.question))
+                      if b.decision == "ask" and b.question else None)
             items.append({
                 "id": p.id, "family": p.family, "category": p.category, "needed": len(p.needed),
                 "question": p.question, "answer": p.answer, "caption": a.caption,
@@ -73,7 +132,14 @@ def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progres
                 "malformed": a.malformed or b.malformed, "asked": b.decision == "ask",
                 "clarification_question": b.question, "clarification": b.clarification,
                 "clarified_prediction": b.prediction, "clarified_correct": b.correct,
-                "deny_correct": b.deny_correct,
+                "deny_prediction": b.deny_prediction, "deny_correct": b.deny_correct,
+                "text_only": p.image is None,
+                "replies": {"single_pass": a.replies[0] if a.replies else None,
+                            "decision": b.replies[0] if b.replies else None,
+                            "final": b.replies[1] if len(b.replies) > 1 else None,
+                            "denial": denial},
+                "errors": [e for e in (a.error, b.error) if e],
+                "meta": _scalar_meta(p.meta),
             })
         if sink:
             for row in items[first:]:
@@ -105,7 +171,7 @@ def group_metrics(rows: list[dict]) -> dict:
 
 
 def summarize(items: list[dict]) -> dict:
-    out: dict = {"overall": group_metrics(items)}
+    out: dict = {"overall": group_metrics(items), "text_only": sum(bool(r.get("text_only")) for r in items)}
     for key in ("family", "needed"):
         groups: dict = defaultdict(list)
         for r in items:

@@ -52,7 +52,8 @@ def test_aggregate_dynamath_average_and_worst_case():
     assert out["worst_case_accuracy"] == pytest.approx(1 / 3)
     assert out["seed_average_accuracy"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert out["variants_per_seed"] == {"min": 3, "max": 3}
-    assert out["per_seed"]["2"] == {"n": 3, "correct": 2, "average": pytest.approx(2 / 3), "worst": False}
+    assert out["per_seed"]["2"] == {"n": 3, "correct": 2, "average": pytest.approx(2 / 3), "worst": False,
+                                    "scored": 3, "bad": 0}
     assert out["by_category"]["algebra"]["worst_case_accuracy"] == pytest.approx(0.5)
     assert out["by_category"]["statistics"]["average_accuracy"] == 0
     clar = aggregate_dynamath(items, key="clarified_correct")
@@ -125,3 +126,57 @@ def test_benchmark_problems_through_evaluate(tmp_path):
     assert summary["by_family"]["logicvista"]["n"] == 5
     by_skill = summarize_by(items, "category")
     assert by_skill["inductive"]["n"] == 4 and by_skill["deductive"]["accuracy"] == 0.0
+
+
+def test_dynamath_bad_rows_as_wrong_and_variants_scored():
+    items = [item(f"dynamath-1-v{v}", True, "algebra") for v in (1, 2, 3)]
+    items += [item(f"dynamath-2-v{v}", True, "algebra") for v in (1, 2)]
+    bad = ["dynamath-2-v3", "dynamath-3-v1", "dynamath-#7"]   # the last one lacks its key: no seed
+    kept = aggregate_dynamath(items, bad_ids=bad)
+    assert kept["bad_rows"] == 2 and not kept["bad_as_wrong"]
+    assert kept["n_seeds"] == 2 and kept["worst_case_accuracy"] == 1.0 and kept["average_accuracy"] == 1.0
+    assert kept["variants_scored"] == {"2": 1, "3": 1}
+    assert kept["per_seed"]["2"]["scored"] == 2 and kept["per_seed"]["2"]["bad"] == 1
+    worst = aggregate_dynamath(items, bad_ids=bad, bad_as_wrong=True)
+    assert worst["n_seeds"] == 3 and worst["n_items"] == 7
+    assert worst["average_accuracy"] == pytest.approx(5 / 7)
+    assert worst["worst_case_accuracy"] == pytest.approx(1 / 3)      # seeds 2 and 3 each lost a variant
+    assert worst["per_seed"]["3"] == {"n": 1, "correct": 0, "average": 0.0, "worst": False, "scored": 0, "bad": 1}
+    assert worst["variants_scored"] == {"0": 1, "2": 1, "3": 1}
+
+
+def _wm(gid: str, key: str, ok: bool, failed: bool = False) -> dict:
+    return dict(item(f"wemath-testmini-{gid}-{key}", ok, failed=failed), meta={"wemath_id": gid, "key": key})
+
+
+def test_wemath_four_dimensional_metrics_by_hand():
+    from acrl.data import wemath_metrics
+
+    T, F = True, False
+    groups = {  # (steps, ID): (one-step results, composite result)
+        ("2", "a"): ([T, T], T),   # CM strict and loose
+        ("2", "b"): ([T, F], T),   # CM loose, RM strict
+        ("2", "c"): ([F, F], T),   # RM strict and loose
+        ("2", "d"): ([T, T], F),   # IG
+        ("3", "a"): ([F, T, F], F),  # IK (same ID as a 2-step group: a different group)
+        ("3", "e"): ([T, T, T], T),  # CM strict and loose
+    }
+    items = []
+    for (steps, gid), (parts, multi) in groups.items():
+        items += [_wm(gid, f"{steps}steps_{i}", ok) for i, ok in enumerate(parts, 1)]
+        items.append(_wm(gid, f"{steps}steps_multi", multi))
+    items.append(_wm("f", "2steps_1", True))                                  # composite missing
+    items += [_wm("g", "2steps_1", T), _wm("g", "2steps_2", T), _wm("g", "2steps_multi", T, failed=True)]
+    out = wemath_metrics(items)
+    assert out["n_groups"] == 6 and out["incomplete_groups"] == 2
+    assert out["n_2steps"] == 4 and out["n_3steps"] == 2
+    strict, loose = out["strict"], out["loose"]
+    assert strict["counts"] == {"IK": 1, "IG": 1, "CM": 2, "RM": 2}
+    assert loose["counts"] == {"IK": 1, "IG": 1, "CM": 3, "RM": 1}
+    assert strict["IK"] == loose["IK"] == pytest.approx(1 / 6)
+    assert strict["IG"] == loose["IG"] == pytest.approx(1 / 6)
+    assert strict["CM"] == pytest.approx(2 / 6) and loose["CM"] == pytest.approx(3 / 6)
+    assert strict["RM"] == pytest.approx(2 / 4) and loose["RM"] == pytest.approx(1 / 4)
+    assert strict["score"] == pytest.approx((6 - 0.5 - 2 - 1) / 6)
+    assert loose["score"] == pytest.approx((6 - 0.5 - 1 - 1) / 6)
+    assert out["S1"] == pytest.approx(9 / 14) and out["S2"] == pytest.approx(3 / 4) and out["S3"] == 0.5

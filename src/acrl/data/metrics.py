@@ -14,7 +14,7 @@ from typing import Any
 
 from acrl.problem import Problem
 
-__all__ = ["aggregate_dynamath", "breakdown_table", "parse_dynamath_id", "summarize_by"]
+__all__ = ["aggregate_dynamath", "breakdown_table", "parse_dynamath_id", "summarize_by", "wemath_metrics"]
 
 _DYNAMATH_ID_RE = re.compile(r"^(?:dynamath-)?(?P<seed>.+)-v(?P<variant>[^-~]+)(?:~\d+)?$")
 
@@ -27,7 +27,8 @@ def parse_dynamath_id(problem_id: str) -> tuple[str, str]:
     return m.group("seed"), m.group("variant")
 
 
-def aggregate_dynamath(items: Iterable[Mapping[str, Any]], key: str = "correct") -> dict[str, Any]:
+def aggregate_dynamath(items: Iterable[Mapping[str, Any]], key: str = "correct", bad_ids: Iterable[str] = (),
+                       bad_as_wrong: bool = False) -> dict[str, Any]:
     """DynaMath's two numbers over the variants of each seed question.
 
     ``average_accuracy``: the fraction of all (seed, variant) items answered correctly (DynaMath's "average
@@ -37,11 +38,28 @@ def aggregate_dynamath(items: Iterable[Mapping[str, Any]], key: str = "correct")
     are identified from the Problem id ``dynamath-<seed>-v<variant>`` (or ``seed`` / ``variant`` keys when
     present). Also returned: ``seed_average_accuracy`` (mean over seeds of their per-seed accuracy),
     ``by_category`` (the same two numbers per subject) and ``per_seed`` (``{seed: {n, correct, average,
-    worst}}``).
+    worst, scored, bad}}``: ``scored`` is how many variants of the seed were graded).
+
+    ``bad_ids`` are the ids of the rows the loader could not use (``LoadResult.bad``; DynaMath bad rows carry the
+    same ``dynamath-<seed>-v<variant>`` ids as problems). By default they are left out, so a seed is judged on
+    the variants that loaded (``variants_scored`` says how many seeds had how many); with
+    ``bad_as_wrong=True`` each counts as a wrong answer, the conservative reading of both numbers (a seed with
+    an unusable variant cannot be solved in the worst case).
     """
     per_seed: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+    bad_per_seed: dict[str, int] = defaultdict(int)
     category: dict[str, str] = {}
     failed = 0
+    n_bad = 0
+    for bid in bad_ids:
+        try:
+            seed, variant = parse_dynamath_id(bid)
+        except ValueError:
+            continue          # a row without its key: no seed to charge it to
+        n_bad += 1
+        bad_per_seed[seed] += 1
+        if bad_as_wrong:
+            per_seed[seed].append((variant, False))
     for it in items:
         if it.get("failed"):
             failed += 1
@@ -71,14 +89,90 @@ def aggregate_dynamath(items: Iterable[Mapping[str, Any]], key: str = "correct")
     out = summary(seeds)
     counts = [len(per_seed[s]) for s in seeds]
     out["failed"] = failed
+    out["bad_rows"], out["bad_as_wrong"] = n_bad, bad_as_wrong
     out["variants_per_seed"] = {"min": min(counts), "max": max(counts)} if counts else {"min": 0, "max": 0}
+    scored = [len(per_seed[s]) - (bad_per_seed[s] if bad_as_wrong else 0) for s in seeds]
+    out["variants_scored"] = {str(k): scored.count(k) for k in sorted(set(scored))}
     by_cat: dict[str, list[str]] = defaultdict(list)
     for s in seeds:
-        by_cat[category[s]].append(s)
+        by_cat[category.get(s, "")].append(s)
     out["by_category"] = {c: summary(v) for c, v in sorted(by_cat.items()) if c}
     out["per_seed"] = {s: {"n": len(per_seed[s]), "correct": sum(ok for _, ok in per_seed[s]),
                            "average": sum(ok for _, ok in per_seed[s]) / len(per_seed[s]),
-                           "worst": all(ok for _, ok in per_seed[s])} for s in seeds}
+                           "worst": all(ok for _, ok in per_seed[s]), "scored": sc, "bad": bad_per_seed[s]}
+                       for s, sc in zip(seeds, scored)}
+    return out
+
+
+_WEMATH_KEY_RE = re.compile(r"^(?P<steps>[23])steps_(?P<part>\d+|multi)$")
+
+
+def wemath_metrics(items: Iterable[Mapping[str, Any]], key: str = "correct") -> dict[str, Any]:
+    """We-Math's four-dimensional metrics, as its ``four_dimensional_metrics.py`` and VLMEvalKit compute them.
+
+    A problem *group* is the rows sharing ``ID`` within one step family: the one-step sub-questions
+    ``<n>steps_1 .. <n>steps_<n>`` and the composite ``<n>steps_multi`` (n = 2 or 3). Per group, with
+    "steps" = the one-step sub-questions and "multi" = the composite question:
+
+    ``IK`` insufficient knowledge: some step wrong and multi wrong.
+    ``IG`` inadequate generalisation: every step right but multi wrong.
+    ``CM`` complete mastery: strict = every step right and multi right; loose = some step right and multi right.
+    ``RM`` rote memorisation: strict = some step wrong but multi right; loose = every step wrong but multi right.
+
+    Rates: IK, IG, CM = count / groups; RM = RM / (CM + RM) (the share of solved composites not backed by the
+    steps). ``score`` = (groups - 0.5 IG - RM - IK) / groups (counts; We-Math's "average score", 525 groups on
+    testmini). Also ``S1`` (accuracy over all one-step rows), ``S2`` / ``S3`` (accuracy of the 2- / 3-step
+    composites). Items are those of :func:`acrl.evaluate.evaluate` with ``meta.wemath_id`` / ``meta.key`` (the
+    loader's ``ID`` / ``key``); a group with a missing row or a failed episode is not scored and is counted
+    in ``incomplete_groups``. ``key`` picks the correctness field (``correct`` or ``clarified_correct``).
+    """
+    groups: dict[tuple[str, str], dict[str, bool | None]] = defaultdict(dict)
+    for it in items:
+        meta = it.get("meta") or {}
+        m = _WEMATH_KEY_RE.match(str(meta.get("key", "")))
+        gid = meta.get("wemath_id")
+        if m is None or gid in (None, ""):
+            continue
+        groups[(m.group("steps"), str(gid))][m.group("part")] = None if it.get("failed") else bool(it.get(key))
+    complete: dict[tuple[str, str], tuple[list[bool], bool]] = {}
+    for (steps, gid), parts in groups.items():
+        wanted = [str(i) for i in range(1, int(steps) + 1)]
+        values = [parts.get(p) for p in wanted]
+        multi = parts.get("multi")
+        if multi is None or any(v is None for v in values):
+            continue
+        complete[(steps, gid)] = (values, multi)  # type: ignore[assignment]
+    n = len(complete)
+    counts = {"IK": 0, "IG": 0, "CM_strict": 0, "CM_loose": 0, "RM_strict": 0, "RM_loose": 0}
+    for values, multi in complete.values():
+        every, some = all(values), any(values)
+        if multi:
+            counts["CM_strict"] += every
+            counts["CM_loose"] += some
+            counts["RM_strict"] += not every
+            counts["RM_loose"] += not some
+        else:
+            counts["IK"] += not every
+            counts["IG"] += every
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    out: dict[str, Any] = {"n_groups": n, "incomplete_groups": len(groups) - n,
+                           "n_2steps": sum(s == "2" for s, _ in complete),
+                           "n_3steps": sum(s == "3" for s, _ in complete)}
+    for mode in ("strict", "loose"):
+        cm, rm = counts[f"CM_{mode}"], counts[f"RM_{mode}"]
+        out[mode] = {
+            "IK": ratio(counts["IK"], n), "IG": ratio(counts["IG"], n), "CM": ratio(cm, n), "RM": ratio(rm, cm + rm),
+            "score": ratio(n - 0.5 * counts["IG"] - rm - counts["IK"], n),
+            "counts": {"IK": counts["IK"], "IG": counts["IG"], "CM": cm, "RM": rm},
+        }
+    steps = [v for values, _ in complete.values() for v in values]
+    out["S1"] = ratio(sum(steps), len(steps))
+    for s in ("2", "3"):
+        multis = [multi for (st, _), (_, multi) in complete.items() if st == s]
+        out[f"S{s}"] = ratio(sum(multis), len(multis))
     return out
 
 
