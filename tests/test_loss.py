@@ -175,3 +175,40 @@ def test_argument_checks():
         policy_loss(x, x, T([0.0, float("nan")]), torch.ones(2, 3))
     with pytest.raises(ValueError, match="shape"):
         policy_loss(x, x[:, :2], torch.zeros(2), torch.ones(2, 3))
+
+
+def _two_rank_gradient(logp, old, adv, mask, cut, widths, aggregation, length_norm=None):
+    """The gradient the trainer forms over two ranks: rank k holds rows [cuts] padded to ``widths[k]`` and weighs its
+    loss by its share of the batch's sequences (its gradient is then summed with the other rank's)."""
+    grad = torch.zeros_like(logp)
+    n_seqs = float((mask.sum(1) > 0).sum())
+    for rows, w in zip((slice(0, cut), slice(cut, None)), widths):
+        x = leaf(logp[rows, :w].tolist())
+        loss, _ = policy_loss(x, old[rows, :w], adv[rows], mask[rows, :w], kl_beta=0.0, aggregation=aggregation,
+                              length_norm=length_norm)
+        (loss * float((mask[rows].sum(1) > 0).sum()) / n_seqs).backward()
+        grad[rows, :w] = x.grad
+    return grad
+
+
+def test_sum_norm_gradient_over_ranks_equals_the_single_process_gradient():
+    """seq-mean-token-sum-norm with a constant L: two ranks whose rollouts are padded to their own widths (3 and 5)
+    sum to the single-process gradient over the batch padded to the generation cap (8). With the padded width as the
+    normaliser they do not."""
+    torch.manual_seed(0)
+    mask = T([[1.0, 1, 1, 0, 0, 0, 0, 0], [1.0, 1, 0, 0, 0, 0, 0, 0], [1.0, 1, 1, 1, 1, 0, 0, 0],
+              [1.0, 0, 0, 0, 0, 0, 0, 0]])
+    logp, old = -torch.rand(4, 8, dtype=torch.float64) * mask, -torch.rand(4, 8, dtype=torch.float64) * mask
+    adv = T([1.5, -0.5, 0.7, -1.2], dtype=torch.float64)
+    x = leaf(logp.tolist())
+    loss, _ = policy_loss(x, old, adv, mask, kl_beta=0.0, aggregation="seq-mean-token-sum-norm", length_norm=8)
+    loss.backward()
+    split = _two_rank_gradient(logp, old, adv, mask, 2, (3, 5), "seq-mean-token-sum-norm", length_norm=8)
+    assert_close(split, x.grad)
+    by_width = _two_rank_gradient(logp, old, adv, mask, 2, (3, 5), "seq-mean-token-sum-norm")
+    assert not torch.allclose(by_width, x.grad)     # the padded-width normaliser: a different gradient per rank
+    # without length_norm the width is used: a rollout padded to the cap gives the same loss as length_norm = cap
+    same, _ = policy_loss(logp, old, adv, mask, kl_beta=0.0, aggregation="seq-mean-token-sum-norm")
+    assert abs(float(same) - float(loss)) < 1e-12
+    with pytest.raises(ValueError, match="length_norm"):
+        aggregate(logp, mask, "seq-mean-token-sum-norm", length_norm=0)

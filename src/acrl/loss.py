@@ -14,7 +14,12 @@ The per-token loss l is then aggregated (``aggregation``):
     "seq-mean-token-mean"      mean_i [ sum_t m l / sum_t m ]                GRPO (each caption weighs the same)
     "seq-mean-token-sum"       mean_i [ sum_t m l ]                          BNPO run.sh (verl loss_agg_mode)
     "token-mean"               sum_it m l / sum_it m                         DAPO (each token weighs the same)
-    "seq-mean-token-sum-norm"  mean_i [ sum_t m l / T ],  T = mask.shape[1]  Dr. GRPO (constant length normaliser)
+    "seq-mean-token-sum-norm"  mean_i [ sum_t m l / L ]                      Dr. GRPO (constant length normaliser)
+
+L (``length_norm``) is a constant: the generation cap (``captioner.max_new_tokens``). It must not be the padded
+width of a batch, which changes per step, per micro-batch and per rank (then the gradients summed over ranks are
+not the single-process gradient); without ``length_norm`` the width ``mask.shape[1]`` is used, which is the cap
+for rollouts padded to it (every backend pads its rollouts to ``max_new_tokens``).
 
 "mean_i" runs over sequences with at least one token; an all-padding batch gives loss 0 (with a gradient of
 zeros), never NaN. Log-ratios are clamped to [-20, 20] before exp (as verl does) and padding positions are
@@ -30,10 +35,14 @@ AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum", "token-mean", "seq-
 LOG_RATIO_CLAMP = 20.0
 
 
-def aggregate(loss: Tensor, mask: Tensor, aggregation: str) -> Tensor:
-    """Reduce a per-token loss [N, T] to a scalar with one of ``AGGREGATIONS`` (see module docstring)."""
+def aggregate(loss: Tensor, mask: Tensor, aggregation: str, length_norm: int | None = None) -> Tensor:
+    """Reduce a per-token loss [N, T] to a scalar with one of ``AGGREGATIONS`` (see module docstring).
+
+    ``length_norm``: the constant L of ``seq-mean-token-sum-norm`` (default: ``mask.shape[1]``)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+    if length_norm is not None and length_norm < 1:
+        raise ValueError(f"length_norm must be >= 1, got {length_norm}")
     loss = torch.where(mask.to(torch.bool), loss, 0.0)
     if aggregation == "token-mean":
         return loss.sum() / mask.sum().clamp(min=1.0)
@@ -42,7 +51,7 @@ def aggregate(loss: Tensor, mask: Tensor, aggregation: str) -> Tensor:
     if aggregation == "seq-mean-token-mean":
         seq = seq / lengths.clamp(min=1.0)
     elif aggregation == "seq-mean-token-sum-norm":
-        seq = seq / mask.shape[1]
+        seq = seq / (length_norm or mask.shape[1])
     return seq.sum() / (lengths > 0).sum().clamp(min=1)
 
 
@@ -57,6 +66,7 @@ def policy_loss(
     kl_beta: float = 0.02,
     aggregation: str = "seq-mean-token-mean",
     dual_clip: float | None = None,
+    length_norm: int | None = None,
 ) -> tuple[Tensor, dict]:
     """Clipped surrogate + kl_beta * k3 KL, aggregated over caption tokens (formulas in the module docstring).
 
@@ -69,6 +79,8 @@ def policy_loss(
             (if given with kl_beta = 0 it is still reported in the stats).
         clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (asymmetric, DAPO-style).
         dual_clip: if set (> 1), the loss of a negative-advantage token is capped at -A * dual_clip.
+        length_norm: the constant normaliser of ``seq-mean-token-sum-norm`` (the generation cap); default: the
+            padded width ``T``.
 
     Returns ``(loss, stats)``; stats are floats: ``loss``, ``pg_loss``, ``kl_loss`` (aggregated like the loss),
     ``kl_mean`` (token mean of k3), ``clip_frac`` (share of tokens whose clipped branch is active, i.e. the
@@ -113,7 +125,8 @@ def policy_loss(
     else:
         kl = torch.zeros_like(pg)
 
-    loss = aggregate(pg + kl_beta * kl if (ref_logp is not None and kl_beta > 0) else pg, m, aggregation)
+    loss = aggregate(pg + kl_beta * kl if (ref_logp is not None and kl_beta > 0) else pg, m, aggregation,
+                     length_norm)
 
     with torch.no_grad():
         n_tok = float(m.sum())
@@ -121,8 +134,8 @@ def policy_loss(
         r_valid = ratio.detach().masked_select(valid)
         stats = {
             "loss": float(loss),
-            "pg_loss": float(aggregate(pg.detach(), m, aggregation)),
-            "kl_loss": float(aggregate(kl.detach(), m, aggregation)),
+            "pg_loss": float(aggregate(pg.detach(), m, aggregation, length_norm)),
+            "kl_loss": float(aggregate(kl.detach(), m, aggregation, length_norm)),
             "kl_mean": float((kl.detach() * m).sum()) / denom,
             "clip_frac": float(clipped.sum()) / denom,
             "dual_clip_frac": float(dual.sum()) / denom,

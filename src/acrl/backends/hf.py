@@ -7,8 +7,13 @@
 * ``generate`` samples ``n`` captions per prompt and records the per-token log-probs of the sampled tokens
   under the temperature-scaled policy (log-probs of the raw logits before any warping; ``top_p`` then filters
   the sampling distribution only, as in verl/TRL the log-probs stay full-vocabulary);
-* ``logprobs`` recomputes them teacher-forced over prompt + caption with the image tokens in place, in
-  micro-batches built from per-problem encodings, and only materialises the logits of the caption positions;
+* ``logprobs`` recomputes them teacher-forced over prompt + caption with the image tokens in place, in row
+  chunks (``logprob_batch_size``, else the trainer's micro-batch) built from per-problem encodings; it only
+  materialises the logits of the caption positions, and takes the chosen token's log-prob as its logit minus a
+  logsumexp computed one row at a time (:func:`token_logprobs`), never a full-vocabulary fp32 tensor of the chunk;
+* old and new log-probs come from one function: with ``recompute_logprobs`` the old ones are taken by the same
+  teacher-forced pass, in the same row chunks and the same mode (dropout off, see :meth:`HFCaptioner._policy_mode`),
+  as the update's, so the PPO ratio of the on-policy step is 1 up to nothing;
 * prompt sharing (``HFSettings.share_prompt_cache``, default on): the ``n`` samples of a problem share one
   prompt. Its forward (vision tower included) runs once per problem with the KV cache on, the cache is
   expanded to the problem's rows, and only caption tokens run per row, at the positions they have in the
@@ -16,10 +21,15 @@
   plain positions for Llava/InternVL). Generation is then a plain sampling loop over the expanded cache;
   the teacher-forced pass keeps the gradient through the cached prompt keys/values, so LoRA layers still
   get the prompt tokens' share. Off: every row runs prompt + caption (``generate`` over repeated prompts,
-  ``pixel_values`` per row, ``mm_token_type_ids`` zero-padded over the caption). The gradient pass falls
-  back to that path under gradient checkpointing (which drops the cache);
+  ``pixel_values`` per row, ``mm_token_type_ids`` zero-padded over the caption). Under gradient checkpointing
+  (which drops the cache) every teacher-forced pass (old, new and π_ref log-probs) takes the per-row path, so
+  old and new log-probs still come from the same numerics;
 * PEFT LoRA on the language model's linear layers (vision tower and projector frozen by default); the
-  reference π_ref is the same weights under ``disable_adapter()``. Without LoRA a frozen copy is kept;
+  reference π_ref is the same weights under ``disable_adapter()``. Without LoRA a frozen copy is kept.
+  Training that starts from an adapter (an SFT or an earlier run) merges it into the base weights first and
+  trains a new adapter on top, so π_ref (adapter disabled) is the starting checkpoint; the merged adapters are
+  copied into every saved checkpoint (``reference/``) so that a resumed run rebuilds the same π_ref. A
+  ``reference`` checkpoint that is not the policy's own starting point is loaded as a separate frozen model;
 * ``save`` writes a standard PEFT adapter directory plus ``acrl_captioner.json`` pointing at the base model;
   :func:`export_merged` writes a merged, stand-alone checkpoint.
 
@@ -48,6 +58,9 @@ from acrl.backends.base import Rollout
 from acrl.episode import captioner_prompt, clarify_prompt
 
 META_FILE = "acrl_captioner.json"
+REFERENCE_DIR = "reference"          # inside a saved checkpoint: the adapters merged into π_ref, in order
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+DEFAULT_LOGPROB_ROWS = 8             # rows per teacher-forced forward when neither setting names a number
 DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -66,14 +79,18 @@ class HFSettings:
             full fine-tune trains only the language model).
         top_p: nucleus sampling for training captions (log-probs stay full-vocabulary, temperature-scaled).
         generation_batch_size: caption rows per ``generate`` call (0: all rows at once).
-        logprob_batch_size: rows per teacher-forced forward inside one ``logprobs`` call (0: all at once).
-        recompute_logprobs: replace the log-probs recorded during generation by a teacher-forced forward (the
-            same kernels as the update: no bf16 cache/no-cache mismatch in the PPO ratio; one more forward).
+        logprob_batch_size: rows per teacher-forced forward (0: the trainer's ``train.micro_batch`` when the
+            captioner is given it, else 8). Chunks are aligned to multiples of this from row 0, so a micro-batch
+            that is a multiple of it runs exactly the chunks of the recompute.
+        recompute_logprobs: replace the log-probs recorded during sampling by the teacher-forced pass the update
+            uses (same function, row chunks and mode: the on-policy ratio is exactly 1; one more forward). Not
+            done for greedy generation (evaluation), where nothing uses them.
         answer_max_new_tokens: length cap of π_ref's clarification answers.
         share_prompt_cache: run each problem's prompt (image included) once and share its KV cache among the
             problem's samples, in generation and in the teacher-forced log-prob passes (same numbers up to
             float rounding; 2-3x faster with n=8). ``false``: the per-row path (each row recomputes prompt and
-            image). The gradient pass uses the per-row path under ``gradient_checkpointing``.
+            image). Under ``gradient_checkpointing`` the teacher-forced passes all take the per-row path (sampling
+            still shares the prompt).
         processor_kwargs: extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL
             tiles) or ``{max_pixels: 401408}`` (Qwen-VL's own resize bound).
         trust_remote_code: passed to ``from_pretrained`` (not needed for the supported families).
@@ -109,6 +126,26 @@ class _Lora:
     alpha: int = 32
     dropout: float = 0.0
     targets: str = DEFAULT_TARGETS
+
+
+def _lora_from_peft(model) -> _Lora:
+    """The LoRA settings of a loaded PEFT model's active adapter (rank, alpha, dropout, targets as saved)."""
+    cfg = model.peft_config[model.active_adapter]
+    targets = cfg.target_modules
+    if not isinstance(targets, str):
+        targets = "|".join(sorted(re.escape(t) for t in targets or ()))
+    return _Lora(enabled=True, r=int(cfg.r), alpha=int(cfg.lora_alpha), dropout=float(cfg.lora_dropout or 0.0),
+                 targets=targets)
+
+
+def _lora_from_adapter_dir(path: str) -> _Lora:
+    """The shape (rank, alpha, targets) of the adapter saved in ``path``, for a new adapter of the same shape."""
+    with open(os.path.join(path, "adapter_config.json")) as fh:
+        cfg = json.load(fh)
+    targets = cfg.get("target_modules") or DEFAULT_TARGETS
+    if not isinstance(targets, str):
+        targets = r".*\.(" + "|".join(sorted(re.escape(t.split(".")[-1]) for t in targets)) + ")"
+    return _Lora(enabled=True, r=int(cfg.get("r", 16)), alpha=int(cfg.get("lora_alpha", 32)), targets=targets)
 
 
 def _lora_settings(lora: Any) -> _Lora:
@@ -264,16 +301,52 @@ def resolve_checkpoint(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def load_merged_model(path: str, settings: HFSettings):
-    """The plain model of a checkpoint, with its adapter (if any) merged in (frozen references, exports)."""
-    base, adapter = resolve_checkpoint(path)
-    model = load_model(base, settings)
-    if adapter is not None:
-        from peft import PeftModel
+def _meta(path: str) -> dict:
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, META_FILE)):
+        with open(os.path.join(path, META_FILE)) as fh:
+            return json.load(fh)
+    return {}
 
+
+def reference_adapters(path: str) -> tuple[list[str], list[str]]:
+    """(directories, origins) of the adapters a checkpoint's π_ref merges into the base, in order: those a run
+    that started from an adapter copied into ``reference/`` (empty for a run that started from a base model)."""
+    meta = _meta(path)
+    dirs = [os.path.join(path, d) for d in meta.get("reference_adapters", [])]
+    for d in dirs:
+        if not os.path.exists(os.path.join(d, "adapter_config.json")):
+            raise FileNotFoundError(f"checkpoint {path!r} lists the reference adapter {d!r}, which is missing")
+    return dirs, list(meta.get("reference_sources", dirs))
+
+
+def _identity(path: str) -> str:
+    return os.path.realpath(path) if os.path.exists(path) else path
+
+
+def lineage(path: str) -> tuple[str, tuple[str, ...]]:
+    """What a checkpoint's weights are: (base model, adapters applied in order), by origin, to tell whether two
+    checkpoints are the same model without loading them."""
+    base, adapter = resolve_checkpoint(path)
+    _, sources = reference_adapters(path)
+    return _identity(base), tuple(sources) + ((_identity(adapter),) if adapter else ())
+
+
+def _merge_adapters(model, adapters: list[str]):
+    """``model`` with each PEFT adapter directory of ``adapters`` merged into its weights, in order."""
+    from peft import PeftModel
+
+    for a in adapters:
         with _quiet():
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            model = PeftModel.from_pretrained(model, a).merge_and_unload()
     return model
+
+
+def load_merged_model(path: str, settings: HFSettings):
+    """The plain model of a checkpoint, with its reference adapters and its adapter (if any) merged in (frozen
+    references, exports)."""
+    base, adapter = resolve_checkpoint(path)
+    refs, _ = reference_adapters(path)
+    return _merge_adapters(load_model(base, settings), refs + ([adapter] if adapter else []))
 
 
 # --- batching -----------------------------------------------------------------------------------------------
@@ -308,6 +381,30 @@ class _Recorder:
     def finish(self, last: torch.Tensor) -> torch.Tensor:
         self.out.append(self.prev.gather(1, last[:, None])[:, 0])
         return torch.stack(self.out, 1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   banned: torch.Tensor | None = None) -> torch.Tensor:
+    """``log_softmax(logits / T)`` at ``tokens`` (``logits``: (rows, t, V) in any dtype; ``tokens``: (rows, t)),
+    in fp32, as the chosen token's logit minus the logsumexp over the vocabulary, one row at a time: the largest
+    temporary is one row's (t, V) fp32 logits, never the chunk's (as TRL's ``selective_log_softmax`` and verl's
+    ``logprobs_from_logits``)."""
+    out = []
+    for r in range(logits.shape[0]):
+        row = _ban(logits[r].float(), banned) / temperature
+        out.append(row.gather(-1, tokens[r, :, None].to(row.device))[:, 0] - torch.logsumexp(row, -1))
+    return torch.stack(out) if out else logits.new_zeros(tokens.shape, dtype=torch.float32)
+
+
+def row_chunks(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut at the multiples of ``chunk``: the same rows always share a forward, whichever slice
+    of the rollout is asked for (a micro-batch that is a multiple of ``chunk`` runs the recompute's chunks)."""
+    out, a = [], start
+    while a < stop:
+        b = min(stop, (a // chunk + 1) * chunk)
+        out.append((a, b))
+        a = b
+    return out
 
 
 def _top_p(logp: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -346,6 +443,17 @@ def _collate(encs: list[dict[str, torch.Tensor]], pad_id: int, tails: torch.Tens
     return {k: v.to(device) for k, v in out.items()}
 
 
+def pad_rollout(roll: Rollout, width: int, pad_id: int) -> Rollout:
+    """``roll`` with tokens / mask / log-probs right-padded to ``width`` columns (the generation cap), so that
+    the rollout's width is a constant across steps and ranks (never cut: a wider rollout stays as it is)."""
+    extra = width - roll.tokens.shape[1]
+    if extra > 0:
+        roll.tokens = F.pad(roll.tokens, (0, extra), value=pad_id)
+        roll.mask = F.pad(roll.mask, (0, extra))
+        roll.logprobs = F.pad(roll.logprobs, (0, extra))
+    return roll
+
+
 # --- the policy ---------------------------------------------------------------------------------------------
 class HFCaptioner:
     """``Policy`` over a Hugging Face image-text-to-text model (PEFT LoRA or full fine-tuning)."""
@@ -363,25 +471,40 @@ class HFCaptioner:
             self.rollout_engine.push_adapter()
 
     def __init__(self, model, processor, lora: Any = None, settings: HFSettings | None = None,
-                 base_path: str = "", reference_model=None):
+                 base_path: str = "", reference_model=None, micro_batch: int = 0,
+                 reference_adapters: list[str] | None = None, reference_sources: list[str] | None = None):
+        """``model``: a plain model (a new adapter is added when ``lora.enabled``) or a ``PeftModel`` (its adapter
+        keeps training with its own settings). ``reference_model``: π_ref as a separate frozen model (default:
+        LoRA: the adapter disabled; full fine-tune: a frozen copy). ``micro_batch``: the trainer's rows per
+        forward/backward (``train.micro_batch``), the row chunk of every teacher-forced pass unless
+        ``settings.logprob_batch_size`` is set. ``reference_adapters`` / ``reference_sources``: adapter
+        directories already merged into ``model``'s weights (π_ref = base + them), and where they came from;
+        saved with every checkpoint."""
         from peft import PeftModel
 
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.settings = settings or HFSettings()
         self.base_path = base_path
+        self.micro_batch = int(micro_batch or 0)
+        self.reference_adapters = list(reference_adapters or [])
+        self.reference_sources = list(reference_sources or self.reference_adapters)
         self.device = str(next(model.parameters()).device)
         self.lora = _lora_settings(lora)
         if isinstance(model, PeftModel):
-            self.lora.enabled = True
+            self.lora = _lora_from_peft(model)   # rank, alpha, targets as saved: the engine must match them
             self.model = model
             self.ref_model = None
         elif self.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
+            if self.lora.dropout > 0:
+                raise ValueError(
+                    f"captioner.lora.dropout={self.lora.dropout}: dropout makes the update's log-probs differ from "
+                    f"the sampling policy's, so the PPO ratio is not 1 on the on-policy step; use 0")
             targets = self.lora_target_modules(model, self.lora.targets, self.settings.freeze_vision)
             with _quiet():
-                config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=0.0,
                                     target_modules=targets)
                 self.model = get_peft_model(model, config)
             self.ref_model = None
@@ -393,6 +516,8 @@ class HFCaptioner:
                 for name, p in model.named_parameters():
                     if not name.startswith((lm + ".", "lm_head")):
                         p.requires_grad_(False)
+        if self.lora.enabled and reference_model is not None:
+            self.ref_model = reference_model.eval().requires_grad_(False)
         if self.lora.enabled:
             peft_cfg = self.model.peft_config[self.model.active_adapter]
             peft_cfg.base_model_name_or_path = base_path or peft_cfg.base_model_name_or_path
@@ -429,66 +554,133 @@ class HFCaptioner:
 
     @classmethod
     def load(cls, path: str, lora: Any = None, settings: HFSettings | None = None,
-             reference: str | None = None) -> HFCaptioner:
+             reference: str | None = None, micro_batch: int = 0) -> HFCaptioner:
         """Load a base checkpoint (local directory or hub name), an ``HFCaptioner.save`` directory (adapter +
         json pointing at the base) or a plain PEFT adapter directory.
 
-        ``lora``: LoRA settings for a fresh adapter (a saved adapter keeps its own rank/targets and stays
-        trainable; with ``lora.enabled: false`` a saved adapter is merged and all weights train).
-        ``reference``: π_ref's checkpoint for a full fine-tune (default: a frozen copy of the loaded weights).
+        ``reference``: π_ref's checkpoint. The same checkpoint as ``path`` means training *starts* here: a saved
+        adapter is merged into the base weights and a new adapter (``lora``'s settings, or the saved adapter's
+        shape when ``lora`` is None) trains on top, so π_ref is this checkpoint. A different one (or None) means
+        ``path`` *continues* a run: its adapter keeps training with its own rank/targets, and π_ref is what the
+        adapter is disabled to (the base plus the adapters the run started from); if ``reference`` names another
+        model, that one is loaded as a separate frozen π_ref. With ``lora.enabled: false`` a saved adapter is
+        merged and all weights train (π_ref: a frozen copy, or ``reference``).
+        ``micro_batch``: the trainer's ``train.micro_batch`` (see :class:`HFCaptioner`).
         """
         settings = settings or HFSettings()
         base, adapter = resolve_checkpoint(path)
-        model = load_model(base, settings)
+        refs, sources = reference_adapters(path)
+        model = _merge_adapters(load_model(base, settings), refs)
         processor = load_processor(base, settings.trust_remote_code)
         wants_lora = getattr(lora, "enabled", False) if adapter is None else getattr(lora, "enabled", True)
-        if adapter is not None:
+        starts_here = reference is not None and lineage(reference) == lineage(path)
+        new_lora = lora
+        if adapter is not None and wants_lora and not starts_here:     # continue the saved adapter
             from peft import PeftModel
 
             with _quiet():
                 model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-            if not wants_lora:
-                model = model.merge_and_unload()
+        elif adapter is not None:                                       # start from it: merge it into π_ref
+            model = _merge_adapters(model, [adapter])
+            if wants_lora:
+                refs, sources = refs + [adapter], sources + [_identity(adapter)]
+                new_lora = lora if lora is not None else _lora_from_adapter_dir(adapter)
+        own = (_identity(base), tuple(sources)) if wants_lora else lineage(path)   # π_ref of this policy
         ref = None
-        if not wants_lora and reference and os.path.abspath(reference) != os.path.abspath(path):
+        if reference and lineage(reference) != own:
             ref = load_merged_model(reference, settings)
-        return cls(model, processor, lora if adapter is None else None, settings, base_path=base,
-                   reference_model=ref)
+        return cls(model, processor, new_lora, settings, base_path=base, reference_model=ref,
+                   micro_batch=micro_batch, reference_adapters=refs if wants_lora else [],
+                   reference_sources=sources if wants_lora else [])
 
     def base_model(self):
         return self.model.get_base_model() if self.lora.enabled else self.model
 
     def save(self, path: str) -> None:
-        """LoRA: a standard PEFT directory (``PeftModel.from_pretrained(base, path)``) +
-        ``acrl_captioner.json`` naming the base. Full fine-tune: the whole model and processor
-        (``save_pretrained``)."""
+        """LoRA: a standard PEFT directory + ``acrl_captioner.json`` naming the base, and the adapters merged
+        into π_ref copied to ``reference/<i>`` (then the adapter applies to base + those, in order:
+        ``load_merged_model`` and ``export_merged`` do that; plain ``PeftModel.from_pretrained(base, path)`` only
+        when there are none). Full fine-tune: the whole model and processor (``save_pretrained``)."""
+        import shutil
+
         os.makedirs(path, exist_ok=True)
+        meta: dict[str, Any] = {}
         if self.lora.enabled:
             self.model.save_pretrained(path)
             base = self.base_path
             if base and os.path.isdir(base):
                 base = os.path.abspath(base)
+            rels = []
+            for i, src in enumerate(self.reference_adapters):
+                rel = os.path.join(REFERENCE_DIR, str(i))
+                dst = os.path.join(path, rel)
+                if not (os.path.isdir(dst) and os.path.samefile(src, dst)):
+                    os.makedirs(dst, exist_ok=True)
+                    for f in ADAPTER_FILES:
+                        if os.path.exists(os.path.join(src, f)):
+                            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+                rels.append(rel)
+            if rels:
+                meta = {"reference_adapters": rels, "reference_sources": self.reference_sources}
         else:
             self.model.save_pretrained(path)
             self.processor.save_pretrained(path)
             base = "."
         with open(os.path.join(path, META_FILE), "w") as fh:
             json.dump({"format": 1, "backend": "hf", "base": base, "lora": self.lora.enabled,
-                       "model_type": getattr(self.base_model().config, "model_type", "")}, fh, indent=1)
+                       "model_type": getattr(self.base_model().config, "model_type", ""), **meta}, fh, indent=1)
+
+    def reference_checkpoint(self, out: str) -> str:
+        """A directory holding π_ref's weights as one plain checkpoint, for engines that load a model by path
+        (vLLM): the base checkpoint itself when no adapter was merged into it, else the merged weights (exactly
+        the training model's, adapter layers stripped) written to ``out``."""
+        if not self.lora.enabled or not self.reference_adapters:
+            return self.base_path
+        base = self.base_model()
+        state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        os.makedirs(out, exist_ok=True)
+        with _quiet():
+            base.save_pretrained(out, state_dict=state)
+        self.processor.save_pretrained(out)
+        return out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.base_model().parameters())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """What the optimiser updates (LoRA: the adapter, kept in fp32 by PEFT). A full fine-tune refuses weights
+        in bf16/fp16: AdamW would update them in place with no fp32 master copy, and at learning rates like
+        1e-5 most updates round away."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype in (torch.bfloat16,
+                                                                                           torch.float16)})
+        if low and not self.lora.enabled:
+            raise ValueError(
+                f"full fine-tuning of {'/'.join(low)} weights: AdamW has no fp32 master weights here and most "
+                f"updates round away; use LoRA (captioner.lora.enabled: true) or captioner.dtype: fp32")
+        return params
 
     @contextlib.contextmanager
     def _reference(self):
-        if self.lora.enabled:
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
             with self.model.disable_adapter():
                 yield self.base_model()
-        else:
-            yield self.ref_model
+
+    @contextlib.contextmanager
+    def _policy_mode(self):
+        """The mode of every π_θ teacher-forced pass, old log-probs and update alike: train mode (gradient
+        checkpointing is active only there) with every dropout layer off (LoRA dropout of a loaded adapter
+        included), so both passes compute the same function. Back to eval mode afterwards."""
+        self.model.train()
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+        try:
+            yield self.base_model()
+        finally:
+            self.model.eval()
 
     def _banned_tokens(self) -> torch.Tensor:
         """Ids a caption never contains: image/video placeholders and markers, padding (unless it ends a
@@ -647,9 +839,10 @@ class HFCaptioner:
             texts = self._decode(tokens, mask)
             roll = Rollout(texts=[texts[g * n:(g + 1) * n] for g in range(len(encs))], tokens=tokens, mask=mask,
                            logprobs=lps, temperature=1.0 if greedy else temperature, context=HFContext(encs, n))
-        if self.settings.recompute_logprobs:
-            with torch.no_grad():
-                roll.logprobs = self._logprobs(self.base_model(), roll, 0, roll.tokens.shape[0])
+        roll = pad_rollout(roll, max_new_tokens, self.pad_id)   # constant width: the length normaliser
+        if self.settings.recompute_logprobs and not greedy:       # greedy (evaluation): nothing reads them
+            with torch.no_grad(), self._policy_mode() as model:
+                roll.logprobs = self._logprobs(model, roll, 0, roll.tokens.shape[0])
         return roll
 
     @torch.no_grad()
@@ -657,7 +850,7 @@ class HFCaptioner:
         """π_ref (adapter disabled / frozen copy) answers clarification questions, greedy."""
         if not images:
             return []
-        if self.rollout_engine is not None:   # the engine's base weights without adapter
+        if self.rollout_engine is not None and self.ref_model is None:   # the engine without adapter is π_ref
             return self.rollout_engine.answer(images, questions)
         encs = [self.encode(im, clarify_prompt(q)) for im, q in zip(images, questions)]
         with self._reference() as ref:
@@ -676,11 +869,15 @@ class HFCaptioner:
         return self._decode(tokens, mask)
 
     # --- log-probs ------------------------------------------------------------------------------------------
-    def _shares_prompt(self, model) -> bool:
-        """Whether the teacher-forced pass runs prompts once per problem (not under gradient checkpointing
-        with gradients: checkpointed layers drop the KV cache)."""
-        return self.settings.share_prompt_cache and not (
-            self.settings.gradient_checkpointing and torch.is_grad_enabled() and model.training)
+    def _shares_prompt(self) -> bool:
+        """Whether the teacher-forced passes run prompts once per problem: not under gradient checkpointing
+        (checkpointed layers drop the KV cache), and then for *every* pass, with or without gradient, so that old
+        and new log-probs come from the same numerics."""
+        return self.settings.share_prompt_cache and not self.settings.gradient_checkpointing
+
+    def logprob_rows(self) -> int:
+        """Rows per teacher-forced forward: ``logprob_batch_size``, else the trainer's micro-batch, else 8."""
+        return self.settings.logprob_batch_size or self.micro_batch or DEFAULT_LOGPROB_ROWS
 
     def _caption_logits(self, model, encs: list[dict], groups: list[int], tails: torch.Tensor,
                         shared: bool) -> torch.Tensor:
@@ -702,23 +899,25 @@ class HFCaptioner:
         return model(**batch, use_cache=False, logits_to_keep=t + 1).logits[:, :-1]
 
     def _logprobs(self, model, rollout: Rollout, start: int, stop: int) -> torch.Tensor:
+        """Log-probs of rows ``[start, stop)``, one forward per chunk of :func:`row_chunks`, each chunk's logits
+        only over its caption positions and reduced by :func:`token_logprobs` before the next chunk runs."""
         ctx: HFContext = rollout.context
         width = rollout.tokens.shape[1]
-        chunk = self.settings.logprob_batch_size or (stop - start)
-        shared = self._shares_prompt(model)
+        shared = self._shares_prompt()
         parts = []
-        for a in range(start, stop, chunk):
-            b = min(stop, a + chunk)
+        for a, b in row_chunks(start, stop, self.logprob_rows()):
             mask = rollout.mask[a:b]
             t = max(1, int(mask.sum(1).max()))
             tails = rollout.tokens[a:b, :t]
             g0, g1 = a // ctx.n, (b - 1) // ctx.n + 1
             logits = self._caption_logits(model, ctx.encodings[g0:g1], [r // ctx.n - g0 for r in range(a, b)],
                                           tails, shared)
-            logp = torch.log_softmax(_ban(logits.float(), self.banned) / rollout.temperature, -1)
             safe = torch.where(mask[:, :t] > 0, tails, torch.full_like(tails, self.eos_ids[0]))  # no -inf * 0
-            lp = logp.gather(-1, safe.to(logp.device)[..., None])[..., 0].cpu() * mask[:, :t]
-            parts.append(F.pad(lp, (0, width - t)))
+            lp = token_logprobs(logits, safe, rollout.temperature, self.banned.to(logits.device))
+            del logits
+            parts.append(F.pad(lp.cpu() * mask[:, :t], (0, width - t)))
+        if not parts:
+            return torch.zeros(0, width)
         return torch.cat(parts)
 
     def logprobs(self, rollout: Rollout, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
@@ -728,11 +927,8 @@ class HFCaptioner:
             with torch.no_grad(), self._reference() as ref:
                 ref.eval()
                 return self._logprobs(ref, rollout, start, stop)
-        self.model.train()
-        try:
-            return self._logprobs(self.base_model(), rollout, start, stop)
-        finally:
-            self.model.eval()
+        with self._policy_mode() as model:
+            return self._logprobs(model, rollout, start, stop)
 
 
 @contextlib.contextmanager
