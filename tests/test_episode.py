@@ -129,6 +129,21 @@ def test_parse_reply(text, kind, field):
     assert {"solved": r.answer, "ask": r.question, "malformed": r.reason}[kind] == field
 
 
+@pytest.mark.parametrize("text,kind,field", [
+    # a polite tail used to turn an answer into a clarification request with the question ", let me know."
+    ("SOLVED \\boxed{10}\n\nIf you need more info, let me know.", "solved", "10"),
+    ("SOLVED \\boxed{10}. Let me know if you need more information!", "solved", "10"),
+    # an enumerated ask used to keep its "1. " prefix
+    ("NEED MORE INFO\n1. What is the radius of the circle?\n2. Is AB a diameter?", "ask",
+     "What is the radius of the circle?"),
+    # a negated keyword is not a decision
+    ("SOLVED \\boxed{12}\n\nI don't NEED MORE INFO: the caption gives both sides.", "solved", "12"),
+])
+def test_parse_reply_reads_the_decision_not_the_tail(text, kind, field):
+    r = parse_reply(text)
+    assert (r.kind, r.answer if kind == "solved" else r.question) == (kind, field)
+
+
 def test_prompts_round_trip_through_parse_prompt():
     q, c = "what is the sum of the red and blue bars ?", "a bar chart ; the red bar is 3"
     d = parse_prompt(decision_prompt(q, c))

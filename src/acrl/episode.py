@@ -27,7 +27,7 @@ from typing import Protocol
 from PIL import Image
 
 from acrl.data.answers import grade_problem as grade
-from acrl.grading import extract_answer, strip_think
+from acrl.grading import extract_answer, extract_boxed, strip_think
 from acrl.problem import Problem
 
 # --- prompts -----------------------------------------------------------------------------------------------------
@@ -130,45 +130,119 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
 
 @dataclass
 class Reply:
-    """A parsed reasoner reply. ``kind``: ``solved``, ``ask`` or ``malformed`` (with ``reason``)."""
+    """A parsed reasoner reply. ``kind``: ``solved``, ``ask`` or ``malformed`` (with ``reason``).
+
+    ``ambiguous`` names the rule that settled a reply which could be read two ways (``both_decisions``,
+    ``several_answers``, ``no_keyword``; see :func:`parse_reply`), None for a clear reply.
+    """
 
     kind: str
     answer: str | None = None
     question: str | None = None
     reason: str | None = None
+    ambiguous: str | None = None
 
 
-_ASK = re.compile(r"need\s+more\s+info(?:rmation)?\b[\s:.\-]*", re.I)
-_SOLVED = re.compile(r"\bsolved\b", re.I)
+_KEYWORD = re.compile(r"\b(?:(?P<solved>solved)|(?P<ask>need[\s_-]+more[\s_-]+info(?:rmation)?))\b", re.I)
+_KW = r"(?:solved|need[\s_-]+more[\s_-]+info(?:rmation)?)"
+_OPTIONS = re.compile(rf"{_KW}[\s*_\"'`]*(?:or|/)[\s*_\"'`]*{_KW}", re.I)             # "SOLVED or NEED MORE INFO"
+_LINE_LEAD = re.compile(r"[\s#>*_`•-]*(?:\d+[.)]\s*)?(?:\w+(?:\s+\w+){0,2}\s*:[\s*_]*)?")  # "**Decision:** "
+_SENTENCE_LEAD = re.compile(r"[.!?][\s*_\"']*$")
+_NEGATED = re.compile(r"(?:\b(?:no|not|never|without|nor|neither|instead\s+of|rather\s+than)|n['’]t)\W+(?:\w+\W+){0,2}$",
+                      re.I)
+_CONDITIONAL = re.compile(r"\b(?:if|unless|whether|in\s+case)\b", re.I)
+_LIST_MARK = re.compile(r"^(?:[-*+>•]|#+|\d+[.)]|\(\d+\))\s*")
+_Q_LABEL = re.compile(r"^(?:(?:my|clarifying|clarification|follow-up)\s+)?(?:question|q)\s*\d*\s*[:.)-]\s*", re.I)
+
+
+def _decisions(body: str) -> list[re.Match]:
+    """The protocol keywords of ``body`` that are decisions, in order (see :func:`parse_reply`)."""
+    text = _OPTIONS.sub(lambda m: " " * len(m.group()), body)
+    out = []
+    for m in _KEYWORD.finditer(text):
+        line = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+        clause = re.split(r"[,.;:!?]", line)[-1]
+        leads = m.group().isupper() or _LINE_LEAD.fullmatch(line) or _SENTENCE_LEAD.search(line)
+        questioned = text[m.end():].lstrip(" *_\"'`").startswith("?")
+        if leads and not questioned and not _NEGATED.search(clause) and not _CONDITIONAL.search(clause):
+            out.append(m)
+    return out
+
+
+def _clean_question(line: str) -> str:
+    line = line.replace("**", "").replace("__", "").lstrip(" \t:.-–—`")
+    line = _Q_LABEL.sub("", _LIST_MARK.sub("", line))
+    return line.strip().strip("\"'“”`").strip()
+
+
+def _first_question(text: str) -> str | None:
+    """The first sentence ending in "?" (list markers and "Question:" labels removed), else the first line."""
+    lines = [ln for ln in map(_clean_question, text.splitlines()) if ln]
+    for ln in lines:
+        if "?" in ln:
+            return _clean_question(re.split(r"(?<=[.!])\s+", ln[:ln.index("?") + 1])[-1])
+    return lines[0] if lines else None
+
+
+def _answer(text: str) -> str | None:
+    ans = extract_answer(text)
+    return (extract_answer(ans) or ans).strip() if ans else None   # "Final Answer: The final answer is $32$."
+
+
+def _read(body: str, d: re.Match, end: int) -> Reply:
+    """What decision ``d`` says, from the text after it up to ``end`` (the next decision of the other kind)."""
+    section = body[d.end():end]
+    if d.lastgroup == "ask":
+        question = _first_question(section)
+        return Reply("ask", question=question) if question else Reply("malformed", reason="ask_without_question")
+    last = _answer(section)
+    answer = _answer(re.split(r"\n\s*\n", section.strip(), maxsplit=1)[0]) or last or _answer(body[:d.start()])
+    if not answer:
+        return Reply("malformed", reason="no_answer")
+    return Reply("solved", answer=answer, ambiguous="several_answers" if last and last != answer else None)
 
 
 def parse_reply(text: str) -> Reply:
     """Classify a reasoner reply: SOLVED with a final answer, NEED MORE INFO with one question, or malformed.
 
-    The decision is the last protocol keyword outside ``<think>`` blocks; casing and whitespace are free.
+    How a reply is read (docs/serving.md, "How replies are read"):
+
+    1. Only the final section counts: ``<think>`` blocks, everything up to a dangling ``</think>`` (the template
+       opened the block in the prompt) and an unclosed ``<think>`` onwards are removed.
+    2. A protocol keyword (SOLVED, NEED MORE INFO / INFORMATION, any spacing, ``_`` or ``-``) is a *decision* when
+       it is written in capitals or opens a line or sentence (after markdown, a list marker or a short label such
+       as ``Decision:``), and is not a mention: not negated ("I don't NEED MORE INFO", "not SOLVED", "rather
+       than"), not conditional ("if you need more info", "whether"), not followed by "?", and not one of the
+       two options named together ("SOLVED or NEED MORE INFO"). Lowercase prose ("can be solved by") is no
+       decision.
+    3. The first decision that carries its content wins. SOLVED: the answer in the keyword's paragraph
+       (``\\boxed{}`` first, then "Final answer: X"), else the last one after the keyword, else the last one
+       before it. NEED MORE INFO: the first sentence ending in "?" after the keyword (list markers and
+       "Question:" labels removed), else the first line after it; only one question is asked.
+    4. Without any decision, a ``\\boxed{}`` answer is read as SOLVED; otherwise the reply is malformed
+       (``empty``, ``only_thinking``, ``no_decision``; a decision without content: ``no_answer``,
+       ``ask_without_question``).
+
+    Replies that could be read two ways are settled by these rules and flagged in ``ambiguous``:
+    ``both_decisions`` (both kinds of decision, or a question next to a boxed answer), ``several_answers``
+    (different answers after SOLVED), ``no_keyword`` (a boxed answer without SOLVED).
     """
     if not isinstance(text, str) or not text.strip():
         return Reply("malformed", reason="empty")
     body = strip_think(text).strip()
     if not body:
         return Reply("malformed", reason="only_thinking")
-    asks = list(_ASK.finditer(body))
-    solved = list(_SOLVED.finditer(body))
-    boxed = body.rfind("\\boxed")
-    last_ask = asks[-1].start() if asks else -1
-    last_answer = max(solved[-1].start() if solved else -1, boxed)
-    if last_ask > last_answer:
-        rest = body[asks[-1].end():].strip()
-        lines = [ln.strip(" \t-*>") for ln in rest.splitlines() if ln.strip(" \t-*>")]
-        lines = [re.sub(r"^(?:question|q1?)\s*[:.]\s*", "", ln, flags=re.I) for ln in lines]
-        qs = [ln for ln in lines if ln.endswith("?")] or lines
-        if not qs or not qs[0]:
-            return Reply("malformed", reason="ask_without_question")
-        return Reply("ask", question=qs[0])
-    answer = extract_answer(body)
-    if answer is None or not answer.strip():
-        return Reply("malformed", reason="no_answer" if solved else "no_decision")
-    return Reply("solved", answer=answer.strip())
+    found = _decisions(body)
+    if not found:
+        boxed = extract_boxed(body)
+        return Reply("solved", answer=boxed, ambiguous="no_keyword") if boxed else Reply("malformed", reason="no_decision")
+    ends = [next((o.start() for o in found if o.start() > d.start() and o.lastgroup != d.lastgroup), len(body))
+            for d in found]
+    replies = [_read(body, d, end) for d, end in zip(found, ends)]
+    reply = next((r for r in replies if r.kind != "malformed"), replies[0])
+    if len({d.lastgroup for d in found}) > 1 or (reply.kind == "ask" and extract_boxed(body) is not None):
+        reply.ambiguous = "both_decisions"
+    return reply
 
 
 # --- reward ------------------------------------------------------------------------------------------------------
