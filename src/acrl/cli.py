@@ -117,7 +117,12 @@ def cmd_eval(args) -> int:
     reference = policy if same else build_policy(cfg, path=ref_path)
     clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, 12345)
     if args.benchmark:
-        return _eval_benchmarks(args, cfg, policy, clarifier, path)
+        from acrl.data.run import eval_benchmarks
+
+        return eval_benchmarks(cfg, policy, clarifier, path, benchmark=args.benchmark, data=args.data, out=args.out,
+                               split=args.split, limit=args.limit, max_bad_fraction=args.max_bad_fraction,
+                               judge_url=args.judge_url, judge_model=args.judge_model,
+                               dynamath_bad_as_wrong=args.dynamath_bad_as_wrong)
     problems = make_problems(cfg.eval.split, cfg.eval.n, cfg.world)
     t = time.time()
     summary, items = evaluate(policy, build_reasoner(cfg), clarifier, problems, cfg.eval.batch_size, progress=True,
@@ -126,46 +131,6 @@ def cmd_eval(args) -> int:
     write_results(args.out, summary, items, title=f"{os.path.basename(os.path.normpath(path))} on {cfg.eval.split}")
     print(markdown_table(summary))
     print(f"results in {args.out}")
-    return 0
-
-
-def _eval_benchmarks(args, cfg, policy, clarifier, captioner: str) -> int:
-    """``acrl eval --benchmark NAME|all --data PATH``: one results directory per benchmark."""
-    from acrl.build import build_reasoner
-    from acrl.data import aggregate_dynamath, breakdown_table, load_all, load_benchmark, summarize_by
-    from acrl.evaluate import evaluate, markdown_table, write_results
-
-    if not args.data:
-        raise ValueError("--benchmark needs --data PATH (see docs/benchmarks.md)")
-    if args.benchmark == "all":
-        loaded = load_all(args.data, split=args.split, limit=args.limit)
-    else:
-        loaded = {args.benchmark: load_benchmark(args.benchmark, args.data, split=args.split, limit=args.limit)}
-    reasoner = build_reasoner(cfg)
-    judge = None
-    if args.judge_url:
-        from acrl.backends.openai_api import OpenAIReasoner
-
-        judge = OpenAIReasoner(args.judge_url, args.judge_model, temperature=0.0, max_tokens=16).check()
-    for name, res in loaded.items():
-        print(f"{name}: {res.describe()}")
-        t = time.time()
-        out = os.path.join(args.out, name) if args.benchmark == "all" else args.out
-        summary, items = evaluate(policy, reasoner, clarifier, res.problems, cfg.eval.batch_size, progress=True,
-                                  desc=name, items_path=os.path.join(out, "items.jsonl"))
-        summary["by_category"] = summarize_by(items, "category")
-        if judge is not None:
-            from acrl.data.judge import judge_items
-
-            summary["judge"] = judge_items(items, {p.id: p for p in res.problems}, judge)
-        if name == "dynamath":
-            summary["dynamath"] = aggregate_dynamath(items)
-        summary["bad_rows"] = [{"id": b.id, "reason": b.reason} for b in res.bad]
-        summary["captioner"], summary["data"], summary["seconds"] = captioner, res.path, round(time.time() - t, 1)
-        title = f"{os.path.basename(os.path.normpath(captioner))} on {name}"
-        write_results(out, summary, items, title=title)
-        print(markdown_table(summary, title) + "\n" + breakdown_table(summary["by_category"], label="category"))
-        print(f"results in {out}")
     return 0
 
 
@@ -241,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                                                   "directory holding one sub-directory per benchmark")
     p.add_argument("--split", help="benchmark split (default: the benchmark's evaluation split)")
     p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, metavar="F",
+                   help="refuse a benchmark when more than this fraction of its rows is unusable (default 0.05); "
+                        "with 'all', such a benchmark is reported and the others are still evaluated")
+    p.add_argument("--dynamath-bad-as-wrong", action="store_true",
+                   help="DynaMath: count unusable variants as wrong answers (average and worst case)")
     p.add_argument("--judge-url", help="optional LLM judge (OpenAI-compatible base URL) for free-form answers the "
                                        "rules reject; reported separately as accuracy_judged")
     p.add_argument("--judge-model", default="", help="served model name of the judge (default: the first)")
