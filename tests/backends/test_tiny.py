@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from acrl.backends.tiny import LoraSettings, TinyCaptioner, TinyVLMConfig, world_tokenizer
@@ -88,3 +89,63 @@ def test_reference_answers_use_the_answer_mode():
     out = cap.answer(images, ["what is the height of the red bar ?"] * 2)
     assert len(out) == 2 and all(isinstance(a, str) for a in out)
     assert cap.answer([], []) == []
+
+
+def _trained_lora_checkpoint(tmp_path):
+    """A tiny LoRA run's checkpoint (``run/``, adapter trained two steps on top of ``base/``) and a rollout."""
+    torch.manual_seed(0)
+    TinyCaptioner.create(SMALL).save(tmp_path / "base")
+    cap = TinyCaptioner.load(str(tmp_path / "base"), lora=LoraSettings(enabled=True, r=4, alpha=8))
+    images, prompts = _batch()
+    roll = cap.generate(images, prompts, n=2)
+    for _ in range(2):
+        _one_step(cap, roll)
+    cap.save(str(tmp_path / "run"))
+    return cap, roll, cap.logprobs(roll).detach(), cap.logprobs(roll, reference=True)
+
+
+def test_a_lora_checkpoint_with_lora_off_loads_its_adapter(tmp_path):
+    """Evaluating a tiny LoRA run with ``lora.enabled: false`` must report the trained model, not the base."""
+    _, roll, trained, base = _trained_lora_checkpoint(tmp_path)
+    assert not torch.allclose(trained, base, atol=1e-4)
+    plain = TinyCaptioner.load(str(tmp_path / "run"))                  # LoRA off: the adapter merged
+    assert not plain.lora.enabled and not any("lora_" in n for n, _ in plain.model.named_parameters())
+    assert torch.allclose(plain.logprobs(roll).detach(), trained, atol=1e-5)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        TinyCaptioner.load(str(tmp_path / "run"))
+
+
+def test_training_from_an_adapter_uses_it_as_the_reference(tmp_path):
+    """Starting from a LoRA checkpoint (reference = the same checkpoint): π_ref and the clarifier are that checkpoint,
+    a new adapter trains on top; resuming the new run (reference = where it started) keeps that π_ref."""
+    _, roll, trained, _ = _trained_lora_checkpoint(tmp_path)
+    lora = LoraSettings(enabled=True, r=4, alpha=8)
+    start = str(tmp_path / "run")
+    cap = TinyCaptioner.load(start, lora=lora, reference=start)
+    assert torch.allclose(cap.logprobs(roll, reference=True), trained, atol=1e-5)   # π_ref = the checkpoint
+    assert torch.allclose(cap.logprobs(roll).detach(), trained, atol=1e-5)          # new adapter starts at 0
+    images, _ = _batch()
+    questions = ["what is the height of the red bar ?"] * 3
+    plain = TinyCaptioner.load(start)
+    assert cap.answer(images, questions) == plain.answer(images, questions)        # the clarifier, too
+    for _ in range(2):
+        _one_step(cap, roll)
+    assert not torch.allclose(cap.logprobs(roll).detach(), trained, atol=1e-4)
+    cap.save(str(tmp_path / "run2"))
+    resumed = TinyCaptioner.load(str(tmp_path / "run2"), lora=lora, reference=start)
+    assert resumed.ref_model is None                                                  # shared: no second copy
+    assert torch.allclose(resumed.logprobs(roll, reference=True), trained, atol=1e-5)
+    other = TinyCaptioner.load(str(tmp_path / "run2"), lora=lora, reference=str(tmp_path / "base"))
+    assert other.ref_model is not None                                                # another π_ref: honoured
+    assert not torch.allclose(other.logprobs(roll, reference=True), trained, atol=1e-4)
+
+
+def test_rollouts_have_the_width_of_the_generation_cap():
+    torch.manual_seed(0)
+    cap = TinyCaptioner.create(SMALL)
+    images, prompts = _batch()
+    for max_new in (4, 10):
+        roll = cap.generate(images, prompts, n=2, max_new_tokens=max_new)
+        assert roll.tokens.shape[1] == max_new
+        assert torch.allclose(cap.logprobs(roll).detach(), roll.logprobs, atol=1e-4)

@@ -234,7 +234,10 @@ class LoraSettings:
 
     Attributes:
         enabled: train a LoRA adapter instead of all weights; the reference is the adapter-disabled model.
-        r: rank. alpha: scaling numerator. dropout: LoRA dropout.
+        r: rank. alpha: scaling numerator.
+        dropout: LoRA dropout, in [0, 1). Only supervised warm-start passes apply it: the RL log-prob passes run
+            with dropout off (old and new log-probs must be the same function), and the ``hf`` backend refuses a
+            new adapter with dropout > 0 for that reason.
         targets: regex of module names to adapt.
     """
 
@@ -243,6 +246,10 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0
     targets: str = r".*decoder.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @dataclass
@@ -255,10 +262,22 @@ class _Context:
 class TinyCaptioner:
     """``Policy`` implementation over :class:`TinyVLM` (full fine-tuning or PEFT LoRA)."""
 
-    def __init__(self, model: TinyVLM, tokenizer: WordTokenizer, lora: LoraSettings | None = None):
+    def __init__(self, model, tokenizer: WordTokenizer, lora: LoraSettings | None = None):
+        """``model``: a :class:`TinyVLM` (a new adapter is added when ``lora.enabled``) or a ``PeftModel`` over one
+        (its adapter keeps training with its own settings)."""
+        from peft import PeftModel
+
         self.tokenizer = tokenizer
-        self.cfg = model.cfg
         self.lora = lora or LoraSettings()
+        if isinstance(model, PeftModel):
+            c = model.peft_config[model.active_adapter]
+            targets = c.target_modules if isinstance(c.target_modules, str) else "|".join(sorted(c.target_modules))
+            self.lora = LoraSettings(enabled=True, r=int(c.r), alpha=int(c.lora_alpha),
+                                     dropout=float(c.lora_dropout or 0.0), targets=targets)
+            self.model, self.ref_model = model, None
+            self.cfg = model.get_base_model().cfg
+            return
+        self.cfg = model.cfg
         if self.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
@@ -284,8 +303,15 @@ class TinyCaptioner:
     def load(cls, path: str, lora: LoraSettings | None = None, reference: str | None = None) -> TinyCaptioner:
         """Load ``model.pt`` + ``config.json`` + ``vocab.json`` (+ an ``adapter/`` saved by a LoRA run).
 
-        ``reference``: checkpoint of π_ref when training all weights (default: a frozen copy of ``path``). With
-        LoRA the reference is always the base model with the adapter disabled.
+        A checkpoint's ``adapter/`` is always used: with LoRA off it is merged into the weights (all of which
+        train); with LoRA on and ``reference`` the same checkpoint as ``path`` (training *starts* here) it is
+        merged too and a new adapter trains on top, so π_ref (adapter disabled) is this checkpoint; otherwise
+        (``path`` *continues* a run) the adapter keeps training with its own settings and π_ref is the
+        checkpoint's base weights (``model.pt``: the starting checkpoint's weights).
+
+        ``reference``: π_ref's checkpoint. Full fine-tune: loaded unless it is ``path`` (default: a frozen copy
+        of ``path``). LoRA: used as a separate frozen model when its weights differ from the adapter-disabled
+        model's.
         """
         if not os.path.isdir(path):
             raise FileNotFoundError(f"captioner checkpoint directory {path!r} not found")
@@ -298,16 +324,29 @@ class TinyCaptioner:
             tok = WordTokenizer(json.load(fh))
         model = TinyVLM(cfg)
         model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True))
-        cap = cls(model, tok, lora)
-        if reference and not cap.lora.enabled and os.path.abspath(reference) != os.path.abspath(path):
-            cap.ref_model = cls.load(reference).model.eval().requires_grad_(False)
         adapter = os.path.join(path, "adapter")
-        if cap.lora.enabled and os.path.isdir(adapter):
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+        lora_on = bool(lora is not None and lora.enabled)
+        starts_here = reference is not None and os.path.abspath(reference) == os.path.abspath(path)
+        if os.path.isdir(adapter):
+            if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+                raise FileNotFoundError(f"captioner checkpoint {path!r} has an adapter/ without adapter_config.json")
+            from peft import PeftModel
 
-            set_peft_model_state_dict(cap.model, load_file(os.path.join(adapter, "adapter_model.safetensors")))
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=lora_on and not starts_here)
+            if not lora_on or starts_here:
+                model = model.merge_and_unload()
+        cap = cls(model, tok, lora)
+        if reference and os.path.abspath(reference) != os.path.abspath(path):
+            ref = cls.load(reference).model.eval().requires_grad_(False)
+            if not cap.lora.enabled or not _same_weights(ref.state_dict(), cap.reference_state()):
+                cap.ref_model = ref
         return cap
+
+    def reference_state(self) -> dict:
+        """π_ref's weights as a plain :class:`TinyVLM` state dict (LoRA: the adapter-disabled model's)."""
+        if self.ref_model is not None:
+            return self.ref_model.state_dict()
+        return {k.replace("base_layer.", ""): v for k, v in self.base_model().state_dict().items() if "lora_" not in k}
 
     def base_model(self) -> TinyVLM:
         return self.model.get_base_model() if self.lora.enabled else self.model
@@ -322,7 +361,7 @@ class TinyCaptioner:
         if self.lora.enabled:
             base = {k.replace("base_layer.", ""): v for k, v in self.base_model().state_dict().items()
                     if "lora_" not in k}
-            torch.save(base, os.path.join(path, "model.pt"))
+            torch.save(base, os.path.join(path, "model.pt"))   # π_ref's weights (the starting adapter merged)
             self.model.save_pretrained(os.path.join(path, "adapter"))
         else:
             torch.save(self.model.state_dict(), os.path.join(path, "model.pt"))
@@ -349,12 +388,13 @@ class TinyCaptioner:
 
     @contextlib.contextmanager
     def _reference(self):
-        """The frozen reference π_ref: the initial copy (full fine-tuning) or the adapter-disabled model (LoRA)."""
-        if self.lora.enabled:
+        """The frozen reference π_ref: the initial copy (full fine-tuning), a separately loaded reference, or the
+        adapter-disabled model (LoRA)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
             with self.model.disable_adapter():
                 yield self.model
-        else:
-            yield self.ref_model
 
     # --- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -395,6 +435,8 @@ class TinyCaptioner:
         max_new = min(max_new_tokens or self.cfg.max_new_tokens, self.cfg.max_new_tokens)
         self.model.eval()
         tokens, mask, lps, _, _ = self._sample(self.model, pixels, prompt, n, temperature, max_new, greedy)
+        extra = max_new - tokens.shape[1]   # constant width (the generation cap): the loss's length normaliser
+        tokens, mask, lps = F.pad(tokens, (0, extra), value=PAD), F.pad(mask, (0, extra)), F.pad(lps, (0, extra))
         texts = [self.tokenizer.decode(r) for r in tokens.tolist()]
         return Rollout(texts=[texts[g * n:(g + 1) * n] for g in range(len(images))], tokens=tokens, mask=mask,
                        logprobs=lps, temperature=1.0 if greedy else temperature,
@@ -435,14 +477,23 @@ class TinyCaptioner:
         return logp.gather(-1, safe[..., None])[..., 0] * (tokens != PAD)
 
     def logprobs(self, rollout: Rollout, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
+        """Per-token log-probs of ``rollout.tokens[rows]``: π_θ (train mode with dropout off, so the update
+        computes the sampling policy's function) with gradient, or π_ref without. Only the columns up to the
+        longest caption run; the rest is padding (0)."""
         start, stop, _ = (rows or slice(None)).indices(rollout.tokens.shape[0])
         ctx = rollout.context
-        args = (ctx.pixels, ctx.prompt, rollout.tokens[start:stop], rollout.temperature, ctx.n, start)
+        tokens = rollout.tokens[start:stop]
+        width = tokens.shape[1]
+        t = max(1, int((tokens != PAD).sum(1).max())) if tokens.numel() else 1
+        args = (ctx.pixels, ctx.prompt, tokens[:, :t], rollout.temperature, ctx.n, start)
         if reference:
             with torch.no_grad(), self._reference() as ref:
-                return self._token_logprobs(ref, *args)
+                return F.pad(self._token_logprobs(ref, *args), (0, width - t))
         self.model.train()
-        return self._token_logprobs(self.model, *args)
+        for m in self.model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        return F.pad(self._token_logprobs(self.model, *args), (0, width - t))
 
     def supervised_loss(self, pixels: torch.Tensor, prompt: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy of ``targets`` (warm start)."""
