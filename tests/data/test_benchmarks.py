@@ -175,9 +175,12 @@ def test_mathverse_versions(mathverse_dirs, layout):
     )
     assert "Choices" not in mc.question and mc.question.endswith("equal to ()")
     vmc = ps["mathverse-testmini-7"]
-    assert isinstance(vmc, ImageOptionsProblem) and vmc.choices == list("ABCDE") and vmc.answer == "C"
+    # Vision Only: the options are drawn; their texts come from question_for_eval, the reasoner sees letters
+    assert isinstance(vmc, ImageOptionsProblem) and vmc.answer == "C"
+    assert vmc.choices == ["50°", "60°", "65°", "90°", "120°"] and vmc.meta["option_texts"] == vmc.choices
     assert "65°" not in vmc.question_with_choices() and "(E)" in vmc.question_with_choices()
     assert grade_problem("C", vmc) and not grade_problem("B", vmc)
+    assert grade_problem("The angle is 65°, so \\boxed{65^\\circ}", vmc) and not grade_problem("60°", vmc)
 
 
 def test_mathverse_version_filter_and_text_only_split(mathverse_dirs):
@@ -473,3 +476,20 @@ def test_load_all_and_dir_names(tmp_path, mmmu_dir):
     assert list(results) == ["mathvista", "wemath"] and len(results["wemath"]) == 7
     with pytest.raises(FileNotFoundError, match="no directory for mmmu"):
         load_all(tmp_path, names=["mathvista", "mmmu"])
+
+
+def test_logicvista_hub_capabilities_mmmu_img_type_and_mathvision_tags(tmp_path, mmmu_dir):
+    rows = [dict(r, broad_capability="diagram", specific_capability="patterns") for r in logicvista_hub_rows()]
+    write_parquet(rows, tmp_path / "lv" / "data" / "test-00000-of-00001.parquet")
+    p = by_id(load_benchmark("logicvista", tmp_path / "lv"))["logicvista-test-v1_0"]
+    assert p.meta["capability"] == ["diagram", "patterns"] and p.meta["broad_capability"] == "diagram"
+    one = by_id(load_benchmark("mmmu", mmmu_dir))["mmmu-validation_Accounting_1"]
+    assert one.meta["img_type"] == ["Tables"]
+    mv = mathvision_rows()
+    mv[0]["question"] = "As shown in <image1>, how many triangles are there?"
+    mv[3]["question"] = "The dots are shown in <image1>."
+    write_parquet(mv, tmp_path / "mvis" / "test.parquet")
+    ps = by_id(load_benchmark("mathvision", tmp_path / "mvis"))
+    assert ps["mathvision-test-1"].question == "As shown in the image, how many triangles are there?"
+    assert ps["mathvision-test-4"].question == "The dots are shown in the image."
+    assert ps["mathvision-test-2"].question == "Which picture shows the cube from above?"

@@ -328,10 +328,19 @@ def convert_mathverse(row: dict[str, Any], ctx: RowContext) -> Problem:
         parsed = split_choices(question) if question else None
         if parsed is not None:
             return _letter_choice_problem(question=parsed[0], answer=answer, options=parsed[1], **common)
-        hint = q_eval
         hidden = split_choices(q_eval) if q_eval else None
-        if hidden is not None:
-            hint = "A-" + LETTERS[len(hidden[1]) - 1]
+        if hidden is not None and letter_set(answer) is None:
+            # options drawn in the image (Vision Only ...): the reasoner is shown the letters only, but the option
+            # texts of question_for_eval are the choices, so an answer given as the option text grades right
+            idx = letter_index(answer)
+            if idx is None:
+                idx = _text_match(answer, hidden[1])
+            if idx is None or idx >= len(hidden[1]):
+                raise BadRowError(f"answer {answer!r} is not one of the {len(hidden[1])} options")
+            meta.update(options_in_image=True, option_texts=hidden[1])
+            return ImageOptionsProblem(question=question or VISION_ONLY_PROMPT, answer=LETTERS[idx],
+                                       answer_type="multiple_choice", choices=list(hidden[1]), **common)
+        hint = "A-" + LETTERS[len(hidden[1]) - 1] if hidden is not None else q_eval
         return _letter_choice_problem(question=question or VISION_ONLY_PROMPT, answer=answer, options=None,
                                       count_hint=hint, **common)
     gold, atype = _free(answer)
@@ -493,6 +502,19 @@ def convert_dynamath(row: dict[str, Any], ctx: RowContext) -> Problem:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _capabilities(row: dict[str, Any]) -> list[str]:
+    """LogicVista's capability labels: ``capability`` (official JSON) or the hub parquet's ``broad_capability`` /
+    ``specific_capability`` (each a list or a single string)."""
+    out: list[str] = []
+    for col in ("capability", "broad_capability", "specific_capability"):
+        cell = row.get(col)
+        values = as_list(cell)
+        if values is None:
+            values = [cell] if as_text(cell) else []
+        out += [as_text(v) for v in values if as_text(v) and as_text(v) not in out]
+    return out
+
+
 def convert_logicvista(row: dict[str, Any], ctx: RowContext) -> Problem:
     """LogicVista (``lscpku/LogicVista``; official ``data/dataset.json`` + ``data/images``); ``category`` =
     the first ``skill`` (inductive / deductive / numerical / spatial / mechanical).
@@ -514,7 +536,9 @@ def convert_logicvista(row: dict[str, Any], ctx: RowContext) -> Problem:
     skill_cell = row.get("skill")
     skills = [as_text(s) for s in (as_list(skill_cell) or ([skill_cell] if as_text(skill_cell) else []))]
     meta = {"logicvista_id": rid, "skills": skills,
-            "capability": [as_text(c) for c in (as_list(row.get("capability")) or [])],
+            "broad_capability": as_text(row.get("broad_capability")),
+            "specific_capability": as_text(row.get("specific_capability")),
+            "capability": _capabilities(row),
             "reasoning": as_text(row.get("reasoning"))}
     common = {"id": ctx.pid, "image": image, "family": ctx.name,
               "category": skills[0] if skills else "", "source": ctx.record.source, "meta": meta}
@@ -567,7 +591,9 @@ def convert_mmmu(row: dict[str, Any], ctx: RowContext) -> Problem:
         image = compose_images([ctx.image(available[k]) for k in use], labels=[f"image {k}" for k in use])
     qtype = as_text(row.get("question_type"))
     meta = {"mmmu_id": rid, "subject": subject, "subfield": as_text(row.get("subfield")),
-            "img_type": as_text(row.get("img_type")), "question_type": qtype, "images_used": use}
+            "img_type": [as_text(t) for t in (as_list(row.get("img_type")) or [])] or
+                        ([as_text(row.get("img_type"))] if as_text(row.get("img_type")) else []),
+            "question_type": qtype, "images_used": use}
     common = {"id": ctx.pid, "image": image, "family": ctx.name, "category": subject,
               "difficulty": as_text(row.get("topic_difficulty")), "source": ctx.record.source, "meta": meta}
     if options and qtype != "open":

@@ -32,12 +32,14 @@ class ImageOptionsProblem(Problem):
     """A multiple-choice problem whose option texts exist only in the image (MathVerse *Vision Only*, most of
     LogicVista, MathVision questions with picture options).
 
-    ``choices`` holds the bare letters, so grading by letter works as for any multiple-choice problem, but
-    :meth:`question_with_choices` lists only the letters instead of pairing each letter with itself.
+    ``choices`` holds the option texts when the benchmark records them elsewhere (MathVerse's
+    ``question_for_eval``), so that an answer given as the option text grades right, and the bare letters
+    otherwise; either way :meth:`question_with_choices` shows the reasoner only the letters, as the options are
+    in the picture.
     """
 
     def question_with_choices(self) -> str:
-        letters = ", ".join(f"({c})" for c in self.choices or [])
+        letters = ", ".join(f"({LETTERS[i]})" for i in range(len(self.choices or [])))
         note = f"Choices: {letters} (the options are shown in the image)."
         return f"{self.question}\n{note}" if self.question else note
 
@@ -80,11 +82,14 @@ def as_list(value: Any) -> list[Any] | None:
 
 def strip_image_tags(text: str) -> str:
     """Remove ``<image>`` / ``<image1>`` placeholder tokens (not MMMU's ``<image 1>`` references, which name
-    one of several images) and tidy the whitespace they leave."""
-    def drop(m: re.Match) -> str:
-        return m.group(0) if " " in m.group(0).strip("<>").strip() else ""
-
-    text = re.sub(r"<\s*image\s*\d*\s*>", drop, text, flags=re.IGNORECASE)
+    one of several images) and tidy the whitespace they leave. A tag standing on its own (a line, the start or
+    the end of the text) is dropped; one inside a sentence ("as shown in <image1>.") becomes "the image", so
+    the sentence still reads."""
+    tag = r"<\s*image\d*\s*>"
+    text = re.sub(rf"(?im)^[ \t]*(?:{tag}[ \t]*)+$\n?", "", text)
+    text = re.sub(rf"(?i)^\s*(?:{tag}\s*)+|(?:\s*{tag})+\s*$", "", text)
+    text = re.sub(rf"(?i)\b(figure|diagram|image|picture|graph)\s*{tag}", r"\1", text)
+    text = re.sub(rf"(?i){tag}", "the image", text)
     text = re.sub(r"[ \t]+\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
