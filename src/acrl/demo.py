@@ -1,8 +1,10 @@
 """``make demo``: world -> warm start -> evaluate -> AC-RL -> evaluate -> binary RL -> evaluate -> report.
 
 The default regime trains both reward variants with the same budget from the same warm-started captioner and
-writes ``report.md`` with the held-out table and PNG learning curves. ``--full`` adds two harder regimes that the
-comparison needs (3-fact questions: sparse successes; a 30%-noisy clarifier).
+writes ``report.md`` with the held-out table and PNG learning curves, and beside it ``report.html`` (the
+``acrl report`` page: curves, tables, the episode browser, the clarification patterns; these also go to
+``clarification-patterns.md``). ``--full`` adds two harder regimes that the comparison needs (3-fact questions:
+sparse successes; a 30%-noisy clarifier).
 """
 
 from __future__ import annotations
@@ -101,11 +103,18 @@ def run_demo(cfg: Config, out: str, full: bool = False, warmstart: bool = False)
     minutes = (time.time() - t0) / 60
     from acrl.report import write_report
 
-    path = write_report(results, out, cfg=to_dict(cfg), minutes=minutes)
+    path = write_report(results, out, cfg=to_dict(cfg), minutes=minutes, html="report.html")
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump([{k: v for k, v in r.items() if not k.endswith("_history")} for r in results], fh, indent=1)
-    _log(f"done in {minutes:.1f} min; report: {path}")
+    from acrl.reporting import build_report
+
+    t = cfg.train
+    page = build_report([out], out, title=f"acrl demo ({', '.join(r['regime'] for r in results)})",
+                        patterns_md=f"`acrl demo` ({'--full' if full else 'default regime'}): {t.steps} steps × "
+                                    f"{t.problems_per_step} problems × {t.samples_per_problem} captions per arm; "
+                                    f"evaluation on {cfg.eval.n} held-out `{cfg.eval.split}` problems.")
+    _log(f"done in {minutes:.1f} min; report: {path}; page: {page}")
     for r in results:
         for arm in ("pretrained", "acrl", "binary"):
             print(markdown_table(r[arm], f"{r['regime']}: {arm}"))
-    return {"results": results, "report": path}
+    return {"results": results, "report": path, "page": page}

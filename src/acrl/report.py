@@ -96,7 +96,9 @@ def verdict(r: dict) -> str:
             f"({_pct(a['accuracy'])}% AC-RL vs {_pct(b['accuracy'])}% binary).")
 
 
-def write_report(results: list[dict], out: str, cfg: dict | None = None, minutes: float | None = None) -> str:
+def write_report(results: list[dict], out: str, cfg: dict | None = None, minutes: float | None = None,
+                 html: str | None = None) -> str:
+    """``out/report.md``; ``html`` names the interactive page written beside it (linked from the report)."""
     parts = ["# acrl demo report", ""]
     if minutes is not None:
         parts.append(f"Wall time: {minutes:.1f} min.")
@@ -106,6 +108,8 @@ def write_report(results: list[dict], out: str, cfg: dict | None = None, minutes
                      f"{t['samples_per_problem']} captions, advantage `{t['advantage']}`, lr {t['lr']}, "
                      f"KL β {t['kl_beta']}; evaluation on {cfg['eval']['n']} held-out `{cfg['eval']['split']}` "
                      "problems with greedy captions.")
+    if html:
+        parts.append(f"Curves, tables, an episode browser and the clarification patterns: [{html}]({html}).")
     parts.append("")
     for r in results:
         png = f"curves-{r['regime']}.png"
