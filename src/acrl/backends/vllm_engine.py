@@ -6,8 +6,13 @@ One vLLM engine holds the *base* weights with LoRA enabled. It serves two roles 
   ``policy.after_update()``; the captioner then calls :meth:`push_adapter`, which writes the PEFT adapter to a
   fresh directory and switches to a new ``LoRARequest(name, int_id, path)`` (a new id each time: vLLM caches
   adapters by id). Only the adapter moves; the base weights are never merged or re-sent;
-* π_ref: clarification answers come from the same engine without an adapter (the base model, as in the
-  ``hf`` backend where π_ref is the policy with its adapter disabled).
+* π_ref: clarification answers come from the same engine without an adapter (the engine's model, as in the
+  ``hf`` backend where π_ref is the policy with its adapter disabled). When training started from an adapter,
+  π_ref is the base with that adapter merged: the colocated engine then loads those merged weights
+  (``HFCaptioner.reference_checkpoint``), and a server must serve them.
+
+Everything that shapes the engine (``max_lora_rank``, the model) comes from the captioner as loaded, i.e. from a
+resumed adapter's own config, never from defaults (:meth:`VLLMRolloutEngine.engine_kwargs`).
 
 Each sample comes back as token ids plus the log-prob of every sampled token (``SamplingParams(logprobs=0)``;
 the engine runs with ``logprobs_mode="processed_logprobs"``, i.e. after temperature, as the PPO ratio needs).
@@ -147,11 +152,12 @@ def samples_from_chat(response: Mapping) -> list[Sample]:
 
 
 def rollout_from_samples(groups: Sequence[Sequence[Sample]], pad_id: int, eos_ids: Sequence[int],
-                         temperature: float, context: Any = None) -> Rollout:
+                         temperature: float, context: Any = None, width: int = 0) -> Rollout:
     """Samples (``groups[g]``: the ``n`` samples of problem ``g``) as a :class:`Rollout`, laid out like
     ``HFCaptioner.generate``'s: row ``g * n + i``, ids up to and including the first end token, right-padded with
     ``pad_id``; mask 1 on caption tokens; log-probs 0 on padding (and everywhere if the engine returned none: then
-    the old log-probs must be recomputed). A sample cut by the length limit has no end token."""
+    the old log-probs must be recomputed). A sample cut by the length limit has no end token. ``width``: pad to
+    at least this many columns (the generation cap, as ``HFCaptioner.generate`` does)."""
     n = len(groups[0]) if groups else 0
     if any(len(g) != n for g in groups):
         raise ValueError(f"every problem needs the same number of samples, got {[len(g) for g in groups]}")
@@ -161,7 +167,7 @@ def rollout_from_samples(groups: Sequence[Sequence[Sample]], pad_id: int, eos_id
         end = next((i + 1 for i, t in enumerate(s.token_ids) if t in eos), len(s.token_ids))
         rows.append(torch.tensor(s.token_ids[:end], dtype=torch.long))
         lps.append(torch.tensor(s.logprobs[:end] if s.logprobs is not None else [0.0] * end, dtype=torch.float32))
-    width = max([1] + [len(r) for r in rows])
+    width = max([1, width] + [len(r) for r in rows])
     tokens = torch.stack([F.pad(r, (0, width - len(r)), value=pad_id) for r in rows]) if rows else \
         torch.full((0, 1), pad_id, dtype=torch.long)
     mask = torch.stack([F.pad(torch.ones(len(r)), (0, width - len(r))) for r in rows]) if rows else torch.zeros(0, 1)
@@ -222,11 +228,12 @@ class _Engine:
     def adapter_name(self) -> str:
         return f"acrl-policy-r{self.rank}-{self.version}"
 
-    def _rollout(self, groups: list[list[Sample]], images, prompts, n, temperature, greedy) -> Rollout:
+    def _rollout(self, groups: list[list[Sample]], images, prompts, n, temperature, greedy,
+                 width: int = 0) -> Rollout:
         if greedy and n > 1:   # one greedy sample per problem, repeated
             groups = [g * n for g in groups]
         return rollout_from_samples(groups, self.cap.pad_id, self.cap.eos_ids, 1.0 if greedy else temperature,
-                                    self.context(images, prompts, n))
+                                    self.context(images, prompts, n), width)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -244,9 +251,20 @@ class VLLMRolloutEngine(_Engine):
     def _start(self):
         from vllm import LLM
 
+        return LLM(**self.engine_kwargs())
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The ``vllm.LLM(...)`` arguments. Everything that shapes the engine comes from the captioner as loaded:
+        the adapter's own rank (a resumed adapter's, not the config's), π_ref's weights as the engine's model
+        (the base, or the base with the starting adapter merged, written once under the adapter directory)."""
         s, cap = self.settings, self.cap
+        if s.max_lora_rank and s.max_lora_rank < cap.lora.r:
+            raise ValueError(f"captioner.vllm.max_lora_rank={s.max_lora_rank} is below the adapter's rank "
+                             f"{cap.lora.r}; set it to 0 (automatic) or >= {cap.lora.r}")
+        model = cap.reference_checkpoint(os.path.join(self.root, "reference-model")) \
+            if hasattr(cap, "reference_checkpoint") else cap.base_path
         kw: dict[str, Any] = {
-            "model": cap.base_path, "enable_lora": True, "max_loras": 1,
+            "model": model, "enable_lora": True, "max_loras": 1,
             "max_lora_rank": s.max_lora_rank or lora_rank_for(cap.lora.r),
             "gpu_memory_utilization": s.gpu_memory_utilization, "enable_sleep_mode": s.sleep_level > 0,
             "seed": s.seed + self.rank, "logprobs_mode": "processed_logprobs", "limit_mm_per_prompt": {"image": 1},
@@ -258,7 +276,7 @@ class VLLMRolloutEngine(_Engine):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # one engine per rank, on the rank's own GPU
             kw["distributed_executor_backend"] = "external_launcher"
         kw.update(s.engine_kwargs)
-        return LLM(**kw)
+        return kw
 
     def _requests(self, images, texts: list[str]) -> list[dict]:
         extra = {"mm_processor_kwargs": dict(self.cap.settings.processor_kwargs)} \
@@ -282,7 +300,7 @@ class VLLMRolloutEngine(_Engine):
         outputs = self.llm.generate(self._requests(images, [captioner_prompt(q) for q in prompts]),
                                     self._params(n, temperature, max_new_tokens, greedy, self.cap.settings.top_p),
                                     lora_request=self.lora, use_tqdm=False)
-        return self._rollout(samples_from_outputs(outputs), images, prompts, n, temperature, greedy)
+        return self._rollout(samples_from_outputs(outputs), images, prompts, n, temperature, greedy, max_new_tokens)
 
     def answer(self, images, questions: list[str]) -> list[str]:
         """π_ref's greedy clarification answers: the base weights, no adapter."""
@@ -367,7 +385,7 @@ class VLLMServerEngine(_Engine):
         self.wake_up()
         bodies = [self._body(self.lora_name, im, captioner_prompt(q), n, temperature, max_new_tokens, greedy,
                              self.cap.settings.top_p) for im, q in zip(images, prompts)]
-        return self._rollout(self._chat(bodies), images, prompts, n, temperature, greedy)
+        return self._rollout(self._chat(bodies), images, prompts, n, temperature, greedy, max_new_tokens)
 
     def answer(self, images, questions: list[str]) -> list[str]:
         if not images:
