@@ -143,13 +143,13 @@ class Reply:
     ambiguous: str | None = None
 
 
-_KEYWORD = re.compile(r"\b(?:(?P<solved>solved)|(?P<ask>need[\s_-]+more[\s_-]+info(?:rmation)?))\b", re.I)
-_KW = r"(?:solved|need[\s_-]+more[\s_-]+info(?:rmation)?)"
-_OPTIONS = re.compile(rf"{_KW}[\s*_\"'`]*(?:or|/)[\s*_\"'`]*{_KW}", re.I)             # "SOLVED or NEED MORE INFO"
+_SOLVED_KW, _ASK_KW = r"solved", r"need[\s_-]+more[\s_-]+info(?:rmation)?"
+_KEYWORD = re.compile(rf"\b(?:(?P<solved>{_SOLVED_KW})|(?P<ask>{_ASK_KW}))\b", re.I)
+_OPTIONS = re.compile(rf"(?:{_SOLVED_KW}|{_ASK_KW})[\s*_\"'`]*(?:or|/)[\s*_\"'`]*(?:{_SOLVED_KW}|{_ASK_KW})", re.I)
 _LINE_LEAD = re.compile(r"[\s#>*_`•-]*(?:\d+[.)]\s*)?(?:\w+(?:\s+\w+){0,2}\s*:[\s*_]*)?")  # "**Decision:** "
 _SENTENCE_LEAD = re.compile(r"[.!?][\s*_\"']*$")
-_NEGATED = re.compile(r"(?:\b(?:no|not|never|without|nor|neither|instead\s+of|rather\s+than)|n['’]t)\W+(?:\w+\W+){0,2}$",
-                      re.I)
+_NEGATED = re.compile(r"(?:\b(?:no|not|never|without|nor|neither|instead\s+of|rather\s+than)|n['’]t)"
+                      r"\W+(?:\w+\W+){0,2}$", re.I)                          # at most two words before the keyword
 _CONDITIONAL = re.compile(r"\b(?:if|unless|whether|in\s+case)\b", re.I)
 _LIST_MARK = re.compile(r"^(?:[-*+>•]|#+|\d+[.)]|\(\d+\))\s*")
 _Q_LABEL = re.compile(r"^(?:(?:my|clarifying|clarification|follow-up)\s+)?(?:question|q)\s*\d*\s*[:.)-]\s*", re.I)
@@ -161,10 +161,12 @@ def _decisions(body: str) -> list[re.Match]:
     out = []
     for m in _KEYWORD.finditer(text):
         line = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
-        clause = re.split(r"[,.;:!?]", line)[-1]
+        sentence = re.split(r"[.!?]\s", line)[-1]
+        clause = re.split(r"[,;:]", sentence)[-1]
         leads = m.group().isupper() or _LINE_LEAD.fullmatch(line) or _SENTENCE_LEAD.search(line)
         questioned = text[m.end():].lstrip(" *_\"'`").startswith("?")
-        if leads and not questioned and not _NEGATED.search(clause) and not _CONDITIONAL.search(clause):
+        conditional = _CONDITIONAL.search(clause) or _CONDITIONAL.match(sentence.lstrip(" *_\"'`"))
+        if leads and not questioned and not conditional and not _NEGATED.search(clause):
             out.append(m)
     return out
 
@@ -185,8 +187,9 @@ def _first_question(text: str) -> str | None:
 
 
 def _answer(text: str) -> str | None:
+    """:func:`extract_answer`, read twice for "Final Answer: The final answer is $32$." (Minerva / Llama evals)."""
     ans = extract_answer(text)
-    return (extract_answer(ans) or ans).strip() if ans else None   # "Final Answer: The final answer is $32$."
+    return (extract_answer(ans) or ans).strip() if ans else None
 
 
 def _read(body: str, d: re.Match, end: int) -> Reply:
@@ -235,7 +238,10 @@ def parse_reply(text: str) -> Reply:
     found = _decisions(body)
     if not found:
         boxed = extract_boxed(body)
-        return Reply("solved", answer=boxed, ambiguous="no_keyword") if boxed else Reply("malformed", reason="no_decision")
+        if boxed:
+            return Reply("solved", answer=boxed, ambiguous="no_keyword")
+        return Reply("malformed", reason="no_decision")
+    # each decision reads up to the next decision of the other kind; the first one with content wins
     ends = [next((o.start() for o in found if o.start() > d.start() and o.lastgroup != d.lastgroup), len(body))
             for d in found]
     replies = [_read(body, d, end) for d, end in zip(found, ends)]
