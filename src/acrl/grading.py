@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from acrl.problem import Problem
 
-__all__ = ["extract_answer", "extract_boxed", "grade", "grade_answer", "parse_number", "strip_think"]
+__all__ = ["extract_answer", "extract_boxed", "final_answer", "grade", "grade_answer", "parse_number", "strip_think"]
 
 # Longest answer string handed to math-verify; final answers are short, anything longer is noise.
 MAX_SYMBOLIC_CHARS = 600
@@ -59,6 +59,9 @@ _ANSWER_PHRASE_RE = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
+_ANSWER_TAG_RE = re.compile(r"<answer>(?P<ans>.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
+# "**Final Answer**" / "### Final answer" on a line of its own, the answer on the next line (R1-style)
+_ANSWER_HEADING_RE = re.compile(r"(?im)^[#*\s]*final\s+answer[*:\s]*$\n+\s*(?P<ans>[^\n]+)")
 
 
 def strip_think(text: str) -> str:
@@ -156,9 +159,10 @@ def extract_answer(text: str | None) -> str | None:
     """The final answer in a reasoner completion.
 
     Reasoning blocks are removed first (see :func:`strip_think`). Then the last ``\\boxed{...}`` wins; without a
-    box, the last "Final answer: X" / "The answer is X" / "Answer: X" phrase is used (up to the end of its
-    line or sentence; surrounding ``$``, ``**`` and a trailing period are removed). Returns None when neither
-    is present.
+    box, the last ``<answer>...</answer>`` tag, then the last "Final answer: X" / "The answer is X" /
+    "Answer: X" phrase (up to the end of its line or sentence; surrounding ``$``, ``**`` and a trailing period
+    are removed), then a "**Final Answer**" heading followed by the answer on the next line. Returns None when
+    none is present (see :func:`final_answer` for the fallbacks used in grading).
     """
     if not text:
         return None
@@ -166,12 +170,76 @@ def extract_answer(text: str | None) -> str | None:
     boxed = extract_boxed(body)
     if boxed is not None:
         return boxed
+    tags = [m.group("ans").strip() for m in _ANSWER_TAG_RE.finditer(body)]
+    if tags and tags[-1]:
+        return _clean_answer_span(extract_answer(tags[-1]) or tags[-1]) or None
     for m in reversed(list(_ANSWER_PHRASE_RE.finditer(body))):
         ans = _clean_answer_span(m.group("ans"))
         if ans:
             boxed = extract_boxed(ans)
             return boxed if boxed is not None else ans
+    heads = list(_ANSWER_HEADING_RE.finditer(body))
+    if heads:
+        ans = _clean_answer_span(heads[-1].group("ans"))
+        if ans:
+            return ans
     return None
+
+
+# The last sentence's conclusion: "So the length of AB is 5 cm." -> "5 cm"; "Thus x = 3." -> "3".
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\\$*(])|\n+")
+_CONCLUSION_MARK_RE = re.compile(
+    r"(?:\bis\b|\bare\b|\bequals?\b|\bequal\s+to\b|\bbe\b|\bgives\b|\bget\b|\bhave\b|=|≈|\\approx|:"
+    r"|\bapproximately\b|\babout\b)", re.IGNORECASE)
+_OPTION_MENTION_RE = re.compile(r"\b(?:option|choice)\s*[:\s]?\s*\(?([A-Z])\)?(?![A-Za-z])|\(([A-Z])\)(?![A-Za-z])")
+_KEYWORD_RE = re.compile(r"^\W*(?:solved|answer)\b\W*", re.IGNORECASE)
+_MATHY_RE = re.compile(r"\d|\\frac|\\sqrt|\\pi|π|√")
+
+
+def _unmath(s: str) -> str:
+    return re.sub(r"\\[()\[\]]", " ", s).replace("**", "").replace("$", " ").strip()
+
+
+def _conclusion(body: str) -> str | None:
+    """The answer a reply states in its last sentence without a box or an answer phrase: an option mention
+    ("option B", "(B)") when there is one, else what follows the last "is" / "=" / "equals" ... (the last such
+    mark followed by a number, when there is one), else the sentence itself."""
+    sentences = [x.strip() for x in _SENTENCE_SPLIT_RE.split(body) if x and x.strip(" \t*#>-")]
+    if not sentences:
+        return None
+    last = _KEYWORD_RE.sub("", sentences[-1]).strip()
+    if not last:
+        return None
+    mention = _OPTION_MENTION_RE.findall(last)
+    if mention:
+        a, b = mention[-1]
+        return f"option {a or b}"
+    prose = re.sub(r"\\[A-Za-z]+|\\text\s*\{[^{}]*\}", " ", last)
+    if not re.search(r"[A-Za-z]{3,}", prose):
+        return _clean_answer_span(_unmath(last)) or None      # an answer written as bare maths: keep it whole
+    if re.search(r"=[^=]*(?:,|;|\band\b)[^=]*=", last):
+        return _clean_answer_span(_unmath(last)) or None      # "x = 3, y = 4": several values, no one answer
+    marks = list(_CONCLUSION_MARK_RE.finditer(last))
+    spans = [_clean_answer_span(_unmath(last[m.end():])) for m in reversed(marks)]
+    spans = [sp for sp in spans if sp]
+    for sp in spans:
+        if _MATHY_RE.search(sp):
+            return sp
+    if spans:
+        return spans[0]
+    return _clean_answer_span(_unmath(last)) or None
+
+
+def final_answer(text: str | None) -> str | None:
+    """The answer to grade in a reply: :func:`extract_answer` (box, ``<answer>`` tag, "the answer is",
+    "Final Answer" heading), else the conclusion of the reply's last sentence (see :func:`_conclusion`)."""
+    if not text:
+        return None
+    found = extract_answer(text)
+    if found is not None:
+        return found
+    body = strip_think(text).strip()
+    return _conclusion(body) if body else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -454,14 +522,51 @@ def _free_form_equal(pred: str, gold: str) -> bool:
         return True
     if _is_textual(np_) or _is_textual(ng):
         return False
-    return _mv_equal(pred, gold)
+    if _mv_equal(pred, gold):
+        return True
+    # a gold with units or a label ("Area $=9 \\pi \\mathrm{cm}^{2}$", "60^\\circ"): compare the numbers
+    bare_gold = _strip_units(gold)
+    if bare_gold != gold.replace("$", "").strip() and _values(bare_gold) is not None:
+        return bool(_numeric_equal(pred, bare_gold, "float", None))
+    return False
 
 
 Number = Fraction | float | complex
 
 
-def _number_candidates(s: str) -> list[Number] | None:
-    """Values an answer may denote: the number itself and, for ``x%``, also ``x/100``."""
+_UNIT_WORDS = (
+    r"cm|mm|km|dm|m|in|inch(?:es)?|ft|feet|foot|yd|yards?|mi|miles?|units?|sq\.?|square|cubic|cu|"
+    r"meters?|metres?|centimet(?:er|re)s?|millimet(?:er|re)s?|kilomet(?:er|re)s?|N|kN|newtons?|kg|g|mg|grams?|"
+    r"kilograms?|lbs?|pounds?|oz|s|sec|seconds?|mins?|minutes?|h|hrs?|hours?|days?|weeks?|months?|years?|"
+    r"degrees?|deg|rad|radians?|m/s|km/h|mph|L|mL|ml|liters?|litres?|J|kJ|joules?|W|kW|watts?|V|volts?|Pa|kPa|"
+    r"Ω|ohms?|dollars?|cents?|yuan|people|persons?|students?|times|pieces?|percent"
+)
+_UNIT_TAIL_STRIP_RE = re.compile(
+    r"(?:\s*(?:\\(?:mathrm|text|mbox|operatorname)\s*\{\s*)?(?:" + _UNIT_WORDS + r")(?:\s*\})?"
+    r"(?:\s*\^\s*\{?\s*[23]\s*\}?|[²³])?(?:\s*\})?\s*\.?)+$")
+_DEGREE_TAIL_RE = re.compile(r"(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°)\s*$")
+_NUMBER_TOKEN_RE = re.compile(r"(?<![\w.])[+-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w.])|(?<![\w.])\.\d+")
+
+
+def _strip_units(s: str) -> str:
+    """``Area = 9\\pi \\mathrm{cm}^{2}`` -> ``9\\pi``; ``12 N`` -> ``12``; ``120°`` -> ``120``; ``102, option B``
+    -> ``102``. Units are only removed after a number, a brace, a parenthesis or pi."""
+    s = s.replace("$", "").strip().rstrip(".").strip()
+    s = _OPTION_MENTION_RE.sub("", s).strip().rstrip(",;").strip()
+    if "=" in s and not re.search(r",(?!\d{3}(?!\d))|;", s):
+        s = s.split("=")[-1].strip()
+    for _ in range(3):
+        before = s
+        s = _DEGREE_TAIL_RE.sub("", s).strip()
+        m = _UNIT_TAIL_STRIP_RE.search(s)
+        if m and m.start() > 0 and re.search(r"(?:\d|\}|\)|\\pi|π)\s*$", s[: m.start()]):
+            s = s[: m.start()].strip()
+        if s == before:
+            break
+    return s
+
+
+def _values(s: str) -> list[Number] | None:
     parsed = parse_number(s)
     if parsed is not None:
         value, pct = parsed
@@ -472,6 +577,27 @@ def _number_candidates(s: str) -> list[Number] | None:
     if abs(val.imag) > 1e-12 * max(1.0, abs(val.real)):
         return [val]
     return [val.real]
+
+
+def _number_candidates(s: str) -> list[Number] | None:
+    """Values an answer may denote: the number itself and, for ``x%``, also ``x/100``. Tried in order, the
+    first readable form wins: the answer as written, without its units / option mention / ``label =``, and the
+    only number it contains (``the length of 5 cm`` -> 5; none when it contains several)."""
+    vals = _values(s)
+    if vals is not None:
+        return vals
+    bare = _strip_units(s)
+    if bare and bare != s:
+        vals = _values(bare)
+        if vals is not None:
+            return vals
+    plain = _unwrap_text(_basic_clean(s))
+    numbers = _NUMBER_TOKEN_RE.findall(plain)
+    rest = _NUMBER_TOKEN_RE.sub(" ", plain)
+    if len(numbers) == 1 and not re.search(r"[\\^/*+=<>×÷]|\d|(?<![A-Za-z])[a-zA-Z](?![A-Za-z])|\bor\b|\band\b"
+                                            r"|\bnot\b|\bno\b", rest):
+        return _values(numbers[0])      # "the length of 5 cm", "about 12 people" (words only around it)
+    return None
 
 
 def _close(p: Number, g: Number, answer_type: str, tolerance: float | None) -> bool:
@@ -502,7 +628,8 @@ def _numeric_equal(pred: str, gold: str, answer_type: str, tolerance: float | No
 
 _LETTER_PREFIX = r"(?:(?i:option|choice|answer)\s*:?\s*)?"
 _EXACT_LETTER_RE = re.compile(rf"^{_LETTER_PREFIX}[(\[]?([A-Za-z])[)\]]?[.:]?$")
-_LEADING_LETTER_RE = re.compile(rf"^{_LETTER_PREFIX}(?:[(\[]([A-Za-z])[)\]]\s*|([A-Z])[).:]\s+|([a-z])\)\s+)\S")
+_LEADING_LETTER_RE = re.compile(
+    rf"^{_LETTER_PREFIX}(?:[(\[]([A-Za-z])[)\]]\s*|([A-Z])[).:]\s+|([A-Z])[):：](?=[^\s:])|([a-z])\)\s+)\S")
 
 
 def _mc_clean(s: str) -> str:
@@ -529,7 +656,7 @@ def _leading_letter(pred: str) -> str | None:
     m = _LEADING_LETTER_RE.match(pred)
     if m is None:
         return None
-    return (m.group(1) or m.group(2) or m.group(3)).upper()
+    return (m.group(1) or m.group(2) or m.group(3) or m.group(4)).upper()
 
 
 def _gold_index(gold: str, choices: list[str]) -> int | None:
@@ -578,6 +705,12 @@ def _grade_multiple_choice(pred: str, gold: str, choices: list[str] | None) -> b
         if idx is not None:
             return idx == gold_idx
 
+    mentions = {a or b for a, b in _OPTION_MENTION_RE.findall(p)}
+    if len(mentions) == 1:                       # "... is 102, option B": the letter the reply names
+        idx = _letter_index(mentions.pop(), n)
+        if idx is not None:
+            return idx == gold_idx
+
     gold_text = choices[gold_idx]
     numeric = _numeric_equal(p, gold_text, "float", None)
     if numeric is not None:
@@ -593,7 +726,7 @@ def _prediction_text(prediction: Any) -> str | None:
     text = prediction if isinstance(prediction, str) else str(prediction)
     if not text.strip():
         return None
-    extracted = extract_answer(text)
+    extracted = final_answer(text)
     if extracted is not None:
         return extracted
     body = strip_think(text).strip()
