@@ -81,13 +81,24 @@ def build_clarifier(cfg: Config, reference, noise: float = 0.0, seed: int = 0):
     return clarifier
 
 
-def data_source(path: str, limit: int | None = None):
-    """Training problems from a local visual-math set (ViRL39K, Geometry3K, ...), cycled in a fixed order."""
+def data_source(path: str, limit: int | None = None, report_to: str | None = None):
+    """Training problems from a local visual-math set (ViRL39K, Geometry3K, ...), cycled in a fixed order.
+
+    Every skipped row is counted: one line on stdout (with the first few by id and reason) and, with
+    ``report_to``, all of them in ``report_to/bad_rows.jsonl``."""
+    import json
+
     from acrl.data import load_training_set
 
     res = load_training_set(path, limit=limit)
     if not res.problems:
-        raise ValueError(f"training set {path!r} has no usable rows ({len(res.bad)} bad)")
+        raise ValueError(f"training set {path!r} has no usable rows ({len(res.bad)} bad"
+                         + (f", e.g. {res.bad[0].id}: {res.bad[0].reason}" if res.bad else "") + ")")
+    print(f"training set: {res.describe()}")
+    if report_to:
+        os.makedirs(report_to, exist_ok=True)
+        with open(os.path.join(report_to, "bad_rows.jsonl"), "w") as fh:
+            fh.writelines(json.dumps({"id": b.id, "reason": b.reason}) + "\n" for b in res.bad)
     problems = res.problems
     return lambda start, n: [problems[(start + i) % len(problems)] for i in range(n)]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 
@@ -52,32 +54,88 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from acrl import checkpoint, runinfo
     from acrl.build import build_clarifier, build_policy, build_reasoner, captioner_path, data_source, world_source
+    from acrl.config import load_config, to_dict, validate
     from acrl.distributed import setup
-    from acrl.trainer import train
+    from acrl.trainer import Interrupted, ServiceDown, train
 
-    cfg = _cfg(args)
+    out = args.out
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    stored = runinfo.read(out) if args.resume else None
+    # On resume the stored run is the base; a --config file given again is compared with it field by field.
+    cfg = load_config(args.config, args.overrides, base=stored["config"] if stored and not args.config else None)
     dist = setup()   # under `accelerate launch`: join the process group and pick this rank's GPU before loading
-    if args.steps:
+    if args.steps is not None:
         cfg.train.steps = args.steps
     if args.alpha is not None:
         cfg.train.alpha = args.alpha
     if args.report_to:
         cfg.train.report_to = args.report_to
-    base = args.captioner or captioner_path(cfg)
-    start = os.path.join(args.out, "checkpoint", "policy") if args.resume else base
+    cfg = validate(cfg)
+    base = args.captioner or (stored or {}).get("captioner") or captioner_path(cfg)
+    data = args.data or (stored or {}).get("data")
+    found = None
+    if args.resume:
+        found = checkpoint.latest(out)
+        if found.path is None:
+            raise FileNotFoundError(checkpoint.describe_missing(out, found))
+        if stored is None:
+            print(f"resume: {out} has no {runinfo.FILE} (a run from an older acrl): its config, π_ref and data "
+                  f"are taken from this command line", file=sys.stderr)
+        else:
+            diffs = runinfo.differences(stored, to_dict(cfg), base, data)
+            if diffs and not args.allow_change:
+                raise ValueError(f"--resume would change the experiment ({runinfo.describe(diffs)}); resume "
+                                 f"without these values, or pass --allow-change to change them (it is recorded "
+                                 f"in {runinfo.FILE})")
+            stored["changes"] += [{"at_step": found.step, "key": k, "old": a, "new": b} for k, a, b in diffs]
+    elif dist.is_main:
+        from acrl.trainer import RunExists, clear_run, run_exists
+
+        existing = run_exists(out)
+        if existing and not args.overwrite:
+            raise RunExists(f"{out!r} already holds a run ({existing}); continue it with --resume or replace it "
+                            f"with --overwrite")
+        if existing:
+            clear_run(out)
+    if dist.is_main:
+        info = stored or runinfo.record(to_dict(cfg), base, data)
+        info["config"] = to_dict(cfg)
+        runinfo.write(out, info)
+    start = os.path.join(found.path, "policy") if found else base
     policy = build_policy(cfg, path=start, reference=base)
     clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
     eval_fn = None
     if cfg.train.eval_every and dist.is_main:   # only rank 0 evaluates
         eval_fn = _periodic_eval(cfg, policy, base)
-    source = data_source(args.data) if args.data else world_source(cfg)
-    hist = train(cfg, policy, build_reasoner(cfg), clarifier, source, args.out, resume=args.resume,
-                 evaluate_fn=eval_fn, progress=not args.quiet)
-    if hist and dist.is_main:
-        last = hist[-1]
-        print(f"done: step {last['step']} reward {last['reward']:.3f} direct-correct {last['direct_correct']:.3f} "
-              f"clarification rate {last['clarification_rate']:.3f}; outputs in {args.out}")
+    source = data_source(data, report_to=out if dist.is_main else None) if data else world_source(cfg)
+    again = f"acrl train --out {out} --resume"
+    try:
+        hist = train(cfg, policy, build_reasoner(cfg), clarifier, source, out, resume=found.path if found else False,
+                     evaluate_fn=eval_fn, progress=not args.quiet, overwrite=True)
+    except Interrupted as e:
+        where = f"checkpoint of step {e.step} in {e.checkpoint}" if e.checkpoint else \
+            f"step {e.step + 1} abandoned during its update; the newest checkpoint is {checkpoint.latest(out).path}"
+        print(f"acrl train: stopped by {signal.Signals(e.signum).name} at step {e.step}; {where}; resume with: "
+              f"{again}", file=sys.stderr)
+        return 128 + e.signum
+    except ServiceDown as e:
+        print(f"acrl train: stopped at step {e.step}: {e.reason}; retried {cfg.train.step_retries} times. The "
+              f"checkpoint of step {e.step} is {e.checkpoint}; when the service is back, resume with: {again}",
+              file=sys.stderr)
+        return 75
+    if dist.is_main:
+        last = hist[-1] if hist else {}
+        if last:
+            print(f"done: step {last['step']} reward {last['reward']:.3f} direct-correct "
+                  f"{last['direct_correct']:.3f} clarification rate {last['clarification_rate']:.3f}; "
+                  f"{last['retried_steps_total']} step(s) retried after failed episodes, "
+                  f"{last['failed_episodes_total']} failed episode(s) masked; outputs in {out}")
+        else:
+            print(f"done: nothing to run, the run is already at step {found.step if found else 0} of "
+                  f"{cfg.train.steps}; outputs in {out}")
     return 0
 
 
@@ -157,6 +215,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _terminated(signum, frame):
+    print("acrl: terminated (SIGTERM)", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="acrl", description="Adaptive-Clarification RL: train a vision-language captioner to write what a "
@@ -184,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captioner", help="starting checkpoint, also π_ref (default: captioner.path or the shipped one)")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--alpha", type=float, help="override train.alpha (0 = binary-reward ablation)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its newest complete checkpoint, with its stored config, "
+                        "π_ref and data (OUT/run.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run that already exists in OUT")
+    p.add_argument("--allow-change", action="store_true",
+                   help="with --resume: accept values that differ from the stored run (recorded in run.json)")
     p.add_argument("--data", metavar="PATH", help="train on a local visual-math set (ViRL39K, Geometry3K, or the "
                                                   "generic question/answer/images schema) instead of the world")
     p.add_argument("--report-to", help="also log to tensorboard / wandb / all (through accelerate's trackers)")
@@ -239,13 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     from acrl.serve import add_serve_parser
 
     add_serve_parser(sub)
+    from acrl.reporting import add_report_parser
+    add_report_parser(sub)
 
     args = parser.parse_args(argv)
+    from acrl.checkpoint import CheckpointError
+
+    if threading.current_thread() is threading.main_thread():   # SIGTERM (what schedulers send): a clean exit
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"acrl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, OSError) as e:   # disk full, unreadable files: one line that names the path
+        print(f"acrl {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"acrl {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

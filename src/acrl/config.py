@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -128,9 +133,13 @@ class TrainConfig:
         epochs: optimisation passes over each rollout batch (old log-probs kept for the ratio).
         micro_batch: caption rows per forward/backward (gradients accumulate over the step).
         clarifier_noise: probability that π_ref's answer states a wrong value (world regime "noisy clarifier").
-        max_failed_fraction: skip a step whose failed-episode share exceeds this.
+        max_failed_fraction: a step whose share of failed episodes (the reasoner or clarifier service did not
+            answer) exceeds this does not count: it is retried (see ``step_retries``); below it, the failed
+            episodes are masked out of the update and counted.
         eval_every: steps between held-out evaluations during training (0: none). eval_n: problems per check.
-        checkpoint_every: steps between checkpoints (the last step always writes one).
+        checkpoint_every: steps between checkpoints (the last step, and a stop on SIGINT / SIGTERM or an outage,
+            always write one).
+        keep_checkpoints: how many of the newest checkpoints (``OUT/checkpoint-<step>/``) to keep (0: all).
         log_episodes: groups per step whose transcripts go to ``episodes.jsonl``.
         seed: seed of model sampling and data order.
         threads: torch CPU threads (0: torch's default).
@@ -138,6 +147,9 @@ class TrainConfig:
             ``all``; empty: only ``metrics.jsonl``). The tracker's package must be installed.
         overlap: compute π_ref's log-probs for the KL term while the step's episodes run (in a worker thread),
             so the reasoner's calls do not wait for them; the results are the same either way.
+        step_retries: times a step whose episodes failed (a service outage) is retried, from the same random
+            state, before the run checkpoints and exits with an error saying how to resume.
+        retry_wait: seconds before the first retry; the wait doubles with each retry (at most 120 s each).
     """
 
     steps: int = 100
@@ -160,11 +172,14 @@ class TrainConfig:
     eval_every: int = 0
     eval_n: int = 200
     checkpoint_every: int = 50
+    keep_checkpoints: int = 2
     log_episodes: int = 2
     seed: int = 0
     threads: int = 0
     report_to: str = ""
     overlap: bool = True
+    step_retries: int = 6
+    retry_wait: float = 5.0
 
 
 @dataclass
@@ -198,6 +213,137 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# --- validation: every field is checked against its type (from the dataclass annotations) and, where it has
+# limits beyond its type, against the rule below. This table is the one place that says what a value may be.
+
+def _ge(lo):
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _gt(lo):
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def _within(lo, hi):
+    return (lambda v: lo <= v <= hi), f"in [{lo}, {hi}]"
+
+
+def _one_of(*names):
+    return (lambda v: v in names), "one of " + ", ".join(repr(n) for n in names)
+
+
+def _csv_of(*names):
+    return (lambda v: all(x in names for x in v.split(",") if x) if v else True), \
+        "empty or a comma-separated list of " + ", ".join(names)
+
+
+_PROB = _within(0.0, 1.0)
+RULES: dict[str, tuple] = {
+    "world.mc_rate": _PROB, "world.fact_rate": _PROB, "world.seed": _ge(0),
+    "captioner.backend": _one_of("tiny", "hf"),
+    "captioner.rollout_engine": _one_of("hf", "vllm"),
+    "captioner.temperature": (_ge(0.0)[0], ">= 0 (0: greedy)"),
+    "captioner.max_new_tokens": _ge(1),
+    "captioner.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "captioner.dtype": _one_of("auto", "bf16", "fp16", "fp32"),
+    "captioner.attn_implementation": _one_of("sdpa", "eager", "flash_attention_2"),
+    "captioner.max_pixels": _ge(0), "captioner.generation_batch_size": _ge(0),
+    "captioner.logprob_batch_size": _ge(0), "captioner.answer_max_new_tokens": _ge(1),
+    "captioner.lora.r": _ge(1), "captioner.lora.alpha": _gt(0), "captioner.lora.dropout": (lambda v: 0 <= v < 1,
+                                                                                            "in [0, 1)"),
+    "captioner.vllm.mode": _one_of("colocate", "server"),
+    "captioner.vllm.gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "captioner.vllm.max_model_len": _ge(0), "captioner.vllm.max_lora_rank": _ge(0),
+    "captioner.vllm.sleep_level": _one_of(0, 1, 2), "captioner.vllm.concurrency": _ge(1),
+    "captioner.vllm.timeout": _gt(0),
+    "model.vocab_size": _ge(0), "model.d_model": _ge(1), "model.n_heads": _ge(1), "model.n_layers": _ge(1),
+    "model.enc_layers": _ge(0), "model.cnn_width": _ge(1), "model.max_prompt_tokens": _ge(1),
+    "model.max_new_tokens": _ge(1), "model.image_size": _ge(8),
+    "reasoner.backend": _one_of("world", "openai", "hf"), "reasoner.read_budget": _ge(1),
+    "reasoner.concurrency": _ge(1), "reasoner.timeout": _gt(0), "reasoner.max_retries": _ge(0),
+    "reasoner.temperature": _ge(0.0), "reasoner.max_tokens": _ge(1), "reasoner.think": _one_of("strip", "keep"),
+    "reasoner.batch_size": _ge(1),
+    "clarifier.backend": _one_of("reference", "openai"), "clarifier.concurrency": _ge(1),
+    "clarifier.timeout": _gt(0), "clarifier.max_retries": _ge(0), "clarifier.temperature": _ge(0.0),
+    "clarifier.max_tokens": _ge(1),
+    "warmstart.steps": _ge(1), "warmstart.batch_size": _ge(1), "warmstart.lr": _gt(0), "warmstart.warmup": _ge(0),
+    "warmstart.weight_decay": _ge(0), "warmstart.grad_clip": _gt(0), "warmstart.qa_phase": _PROB,
+    "warmstart.qa_rate_early": _PROB, "warmstart.qa_rate_late": _PROB, "warmstart.fact_rate": _PROB,
+    "warmstart.eval_every": _ge(0), "warmstart.eval_n": _ge(1),
+    "train.steps": _ge(1), "train.problems_per_step": _ge(1),
+    "train.samples_per_problem": (lambda v: v >= 2, ">= 2 (an advantage group needs at least two samples)"),
+    "train.alpha": _PROB, "train.advantage": _one_of("bnpo", "bnpo_decomposed", "grpo", "rloo", "reinforce"),
+    "train.lr": _gt(0), "train.warmup": _ge(0), "train.weight_decay": _ge(0), "train.grad_clip": _gt(0),
+    "train.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.clip_high": _ge(0), "train.kl_beta": _ge(0),
+    "train.aggregation": _one_of("seq-mean-token-mean", "seq-mean-token-sum", "token-mean",
+                                 "seq-mean-token-sum-norm"),
+    "train.epochs": _ge(1), "train.micro_batch": _ge(1), "train.clarifier_noise": _PROB,
+    "train.max_failed_fraction": _PROB, "train.eval_every": _ge(0), "train.eval_n": _ge(1),
+    "train.checkpoint_every": _ge(1), "train.keep_checkpoints": _ge(0), "train.log_episodes": _ge(0),
+    "train.seed": _ge(0), "train.threads": _ge(0),
+    "train.report_to": _csv_of("tensorboard", "wandb", "all"),
+    "train.step_retries": _ge(0), "train.retry_wait": _ge(0),
+    "eval.split": _one_of("train", "val", "test"), "eval.n": _ge(1), "eval.batch_size": _ge(1),
+}
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _check_type(value: Any, t, key: str) -> Any:
+    """``value`` as type ``t`` (ints are accepted for floats), or a ValueError naming ``key``."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(t):
+            if arm is type(None) and value is None:
+                return None
+        for arm in typing.get_args(t):
+            if arm is not type(None):
+                with contextlib.suppress(ValueError):
+                    return _check_type(value, arm, key)
+        raise ValueError(f"config {key}={value!r}: expected {_type_name(t)}")
+    if t is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):   # YAML 1.1 reads 1e-4 as a string
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value:   # NaN
+                raise ValueError(f"config {key}={value!r}: expected a number, got NaN")
+            return float(value)
+        raise ValueError(f"config {key}={value!r}: expected a number, got {type(value).__name__}")
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config {key}={value!r}: expected an integer, got {type(value).__name__}")
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config {key}={value!r}: expected true or false")
+    if t is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"config {key}={value!r}: expected a string, got {type(value).__name__}")
+    if t is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config {key}={value!r}: expected a list")
+        (arg,) = typing.get_args(t) or (Any,)
+        return [v if arg is Any else _check_type(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if t is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config {key}={value!r}: expected a mapping")
+        kt, vt = typing.get_args(t) or (Any, Any)
+        return {(k if kt is Any else _check_type(k, kt, f"{key} key")):
+                (v if vt is Any else _check_type(v, vt, f"{key}[{k!r}]")) for k, v in value.items()}
+    return value
+
+
 def _build(cls, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
         raise ValueError(f"config section {where or 'root'} must be a mapping, got {type(data).__name__}")
@@ -208,26 +354,54 @@ def _build(cls, data: dict[str, Any], where: str):
         raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or 'root'}; known: {sorted(names)}")
     kwargs = {}
     for k, v in data.items():
-        t = hints[k]
+        t, key = hints[k], f"{where}.{k}".lstrip(".")
         if dataclasses.is_dataclass(t):
-            kwargs[k] = _build(t, v, f"{where}.{k}".lstrip("."))
-        else:
-            kwargs[k] = v
-    return cls(**kwargs)
+            kwargs[k] = _build(t, v, key)
+            continue
+        v = _check_type(v, t, key)
+        if key in RULES:
+            ok, allowed = RULES[key]
+            if not ok(v):
+                raise ValueError(f"config {key}={v!r}: must be {allowed}")
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:   # a section's own cross-field checks (__post_init__)
+        raise ValueError(f"config {where or 'root'}: {e}") from e
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field of a built config (e.g. after code changed it) as :func:`load_config` does."""
+    return _build(Config, to_dict(cfg), "")
 
 
 def _coerce(value: str) -> Any:
     return yaml.safe_load(value)
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (sections as in :class:`Config`) and apply ``key.sub=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config file {path!r} not found")
-        with open(path) as fh:
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ValueError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable YAML file ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Read a YAML file (sections as in :class:`Config`) and apply ``key.sub=value`` overrides; every value is
+    checked (:data:`RULES`). ``base``: start from these values (a stored run's config) instead of the defaults,
+    when no file is given."""
+    data: dict[str, Any] = _read_yaml(path) if path else copy.deepcopy(base or {})
     for ov in overrides or []:
         if "=" not in ov:
             raise ValueError(f"override {ov!r} must look like section.key=value")
@@ -236,6 +410,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {ov!r}: {p!r} is not a section")
         node[parts[-1]] = _coerce(value)
     return _build(Config, data, "")
 
