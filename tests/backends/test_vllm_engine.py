@@ -194,7 +194,7 @@ def test_greedy_requests_one_sample_and_repeats_it(captioner, fake_vllm, tmp_pat
     llm.canned.append([NS(outputs=[_completion(0, [5, EOS], [-0.1, -0.2], "x")]) for _ in range(2)])
     roll = engine.generate(_images(), QUESTIONS, n=3, greedy=True, max_new_tokens=4)
     assert llm.calls[-1][1].n == 1 and llm.calls[-1][1].temperature == 0.0
-    assert roll.texts == [["x"] * 3] * 2 and roll.tokens.shape == (6, 2) and roll.temperature == 1.0
+    assert roll.texts == [["x"] * 3] * 2 and roll.tokens.shape == (6, 4) and roll.temperature == 1.0   # the cap
 
 
 def test_engine_needs_a_lora_captioner(tmp_path):
@@ -244,7 +244,7 @@ def test_server_engine_loads_adapters_and_samples_over_http(captioner, tmp_path)
     assert [b["model"] for b in chats] == [engine.lora_name] * 2 and chats[0]["n"] == 2
     assert chats[0]["logprobs"] and chats[0]["return_tokens_as_token_ids"] and chats[0]["max_tokens"] == 5
     assert chats[0]["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
-    assert roll.tokens.shape == (4, 3) and roll.texts == [["c0", "c1"], ["c0", "c1"]] and roll.temperature == 0.9
+    assert roll.tokens.shape == (4, 5) and roll.texts == [["c0", "c1"], ["c0", "c1"]] and roll.temperature == 0.9
 
     old = engine.lora_name
     engine.sleep()           # during the update
@@ -314,4 +314,151 @@ def test_real_vllm_engine_on_a_tiny_checkpoint(tmp_path):
     engine.sleep()
     engine.push_adapter()
     assert len(engine.answer(_images(1), ["How tall?"])) == 1
+    engine.close()
+
+
+# --- a stand-in that samples from its own copy of the model ------------------------------------------------------
+class ModelLLM(FakeLLM):
+    """A ``vllm.LLM`` stand-in that works like the real one from the outside: it loads the model named by
+    ``model`` itself, applies a ``LoRARequest``'s adapter from its directory (refusing a rank above
+    ``max_lora_rank``, as vLLM does), renders nothing itself but runs the prompt strings and images it is sent through
+    the processor, and samples with ``logit_bias`` and temperature, reporting processed log-probs. Nothing of the
+    captioner's own rollout is reused, so a mismatch between what the engine samples from and what the trainer
+    recomputes (prompt, image, adapter, base weights) shows up as a log-prob disagreement."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        from transformers import AutoModelForImageTextToText
+
+        from acrl.backends.hf import load_processor
+
+        self.base = AutoModelForImageTextToText.from_pretrained(kw["model"]).eval()
+        self.processor = load_processor(kw["model"])
+
+    def _model(self, lora_request):
+        import copy
+        import json
+
+        from peft import PeftModel
+
+        if lora_request is None:
+            return self.base
+        with open(os.path.join(lora_request.lora_path, "adapter_config.json")) as fh:
+            r = json.load(fh)["r"]
+        if r > self.kw["max_lora_rank"]:
+            raise ValueError(f"LoRA rank {r} is greater than max_lora_rank {self.kw['max_lora_rank']}")
+        return PeftModel.from_pretrained(copy.deepcopy(self.base), lora_request.lora_path).merge_and_unload()
+
+    @torch.no_grad()
+    def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+        self.calls.append((prompts, params, lora_request))
+        model, g = self._model(lora_request), torch.Generator().manual_seed(len(self.calls))
+        bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
+        for t, b in (params.logit_bias or {}).items():
+            bias[t] = b
+        outs = []
+        for req in prompts:
+            enc = self.processor(text=[req["prompt"]], images=[req["multi_modal_data"]["image"]], return_tensors="pt",
+                                 **req.get("mm_processor_kwargs", {}))
+            comps = []
+            for i in range(params.n):
+                ids, lps = enc["input_ids"], []
+                for _ in range(params.max_tokens):
+                    k = ids.shape[1] - enc["input_ids"].shape[1]
+                    extra = {key: torch.nn.functional.pad(enc[key], (0, k)) for key in ("mm_token_type_ids",)
+                             if key in enc}
+                    logits = model(**{**enc, **extra, "input_ids": ids,
+                                      "attention_mask": torch.ones_like(ids)}).logits[0, -1]
+                    logits = logits.float() + bias
+                    if params.temperature == 0:
+                        logp = torch.log_softmax(logits, -1)
+                        tok = int(logp.argmax())
+                    else:
+                        logp = torch.log_softmax(logits / params.temperature, -1)
+                        tok = int(torch.multinomial(logp.exp(), 1, generator=g))
+                    lps.append(float(logp[tok]))
+                    ids = torch.cat([ids, torch.tensor([[tok]])], 1)
+                    if tok in params.stop_token_ids:
+                        break
+                new = ids[0, enc["input_ids"].shape[1]:].tolist()
+                comps.append(_completion(i, new, lps, self.processor.tokenizer.decode(new, skip_special_tokens=True)))
+            outs.append(NS(outputs=comps))
+        return outs
+
+
+def _trained(cap, seed=0, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cap.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return cap
+
+
+@pytest.fixture
+def model_vllm(fake_vllm):
+    fake_vllm.LLM = ModelLLM
+    return fake_vllm
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return hf_tiny.make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen-base") / "base"), seed=0)
+
+
+def test_engine_samples_what_the_trainer_recomputes_after_every_update(tiny_base, model_vllm, tmp_path):
+    """The engine's captions, sampled by a separate model from the prompts and adapter it was handed, get the same
+    log-probs from the training model, before and after an update (a stale or wrong adapter, prompt or image would
+    not); π_ref's answers from the engine (no adapter) are the HF captioner's."""
+    settings = HFSettings(device="cpu")
+    torch.manual_seed(0)
+    cap = _trained(HFCaptioner.load(tiny_base, lora=LORA, settings=settings))
+    engine = VLLMRolloutEngine(cap, VLLMSettings(adapter_dir=str(tmp_path)))
+    for step in range(2):
+        roll = engine.generate(_images(), QUESTIONS, n=2, temperature=1.0, max_new_tokens=5)
+        assert roll.tokens.shape == (4, 5)
+        assert torch.allclose(cap.logprobs(roll).detach(), roll.logprobs, atol=1e-4), step
+        opt = torch.optim.SGD(cap.trainable_parameters(), lr=2.0)
+        (-(cap.logprobs(roll) * roll.mask).sum()).backward()
+        opt.step()
+        engine.push_adapter()
+    questions = ["What colour is the bar?", "How tall is it?"]
+    from_engine = engine.answer(_images(), questions)
+    cap.rollout_engine = None
+    assert from_engine == cap.answer(_images(), questions)
+    engine.close()
+
+
+def test_resumed_adapter_above_rank_16_is_accepted_by_the_engine(tiny_base, model_vllm, tmp_path):
+    """Resuming a rank-32 run (the adapter loaded with lora=None): the engine is sized from the adapter's own rank."""
+    torch.manual_seed(0)
+    lora = LoraSettings(enabled=True, r=32, alpha=64)
+    _trained(HFCaptioner.load(tiny_base, lora=lora, settings=HFSettings(device="cpu"))).save(str(tmp_path / "ckpt"))
+    resumed = HFCaptioner.load(str(tmp_path / "ckpt"), settings=HFSettings(device="cpu"))
+    engine = VLLMRolloutEngine(resumed, VLLMSettings(adapter_dir=str(tmp_path / "a")))
+    assert engine.llm.kw["max_lora_rank"] == 32
+    roll = engine.generate(_images(), QUESTIONS, n=1, max_new_tokens=4)
+    assert torch.allclose(resumed.logprobs(roll).detach(), roll.logprobs, atol=1e-4)
+    with pytest.raises(ValueError, match="max_lora_rank=16"):
+        VLLMRolloutEngine(resumed, VLLMSettings(adapter_dir=str(tmp_path / "b"), max_lora_rank=16))
+    engine.close()
+
+
+def test_engine_started_from_an_adapter_answers_as_the_starting_checkpoint(tiny_base, model_vllm, tmp_path):
+    """Training from an SFT adapter: the engine's model is base + that adapter (π_ref), so its adapter-free answers
+    are the HF π_ref's, and captions with the new adapter still match the trainer's log-probs."""
+    settings = HFSettings(device="cpu")
+    torch.manual_seed(0)
+    _trained(HFCaptioner.load(tiny_base, lora=LORA, settings=settings), std=0.3).save(str(tmp_path / "sft"))
+    start = str(tmp_path / "sft")
+    cap = _trained(HFCaptioner.load(start, lora=LORA, settings=settings, reference=start), seed=1)
+    engine = VLLMRolloutEngine(cap, VLLMSettings(adapter_dir=str(tmp_path / "a")))
+    assert engine.llm.kw["model"] != cap.base_path
+    questions = ["What colour is the bar?", "How tall is it?"]
+    from_engine = engine.answer(_images(), questions)
+    roll = engine.generate(_images(), QUESTIONS, n=1, max_new_tokens=4)
+    assert torch.allclose(cap.logprobs(roll).detach(), roll.logprobs, atol=1e-4)
+    assert torch.allclose(cap.logprobs(roll, reference=True),
+                          HFCaptioner.load(start, settings=settings).logprobs(roll).detach(), atol=1e-4)
+    cap.rollout_engine = None
+    assert from_engine == cap.answer(_images(), questions)
     engine.close()
