@@ -189,7 +189,7 @@ def extract_answer(text: str | None) -> str | None:
 # The last sentence's conclusion: "So the length of AB is 5 cm." -> "5 cm"; "Thus x = 3." -> "3".
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\\$*(])|\n+")
 _CONCLUSION_MARK_RE = re.compile(
-    r"(?:\bis\b|\bare\b|\bequals?\b|\bequal\s+to\b|\bbe\b|\bgives\b|\bget\b|\bhave\b|=|≈|\\approx|:"
+    r"(?:\bis\b|\bare\b|\bequal\s+to\b|\bequals?\b|\bbe\b|\bgives\b|\bget\b|\bhave\b|=|≈|\\approx|:"
     r"|\bapproximately\b|\babout\b)", re.IGNORECASE)
 _OPTION_MENTION_RE = re.compile(r"\b(?:option|choice)\s*[:\s]?\s*\(?([A-Z])\)?(?![A-Za-z])|\(([A-Z])\)(?![A-Za-z])")
 _KEYWORD_RE = re.compile(r"^\W*(?:solved|answer)\b\W*", re.IGNORECASE)
@@ -200,10 +200,27 @@ def _unmath(s: str) -> str:
     return re.sub(r"\\[()\[\]]", " ", s).replace("**", "").replace("$", " ").strip()
 
 
-def _conclusion(body: str) -> str | None:
+def _pick_number(span: str, question_numbers: set[str]) -> str | None:
+    """``span`` itself, or the one number in it that the question does not already state ("12 bars are taller
+    than 10" -> "12"); None when every number in it comes from the question."""
+    nums = _NUMBER_TOKEN_RE.findall(span)
+    if not nums:
+        return span
+    keep = [n for n in nums if n.replace(",", "") not in question_numbers]
+    if not keep:
+        return None
+    if len(nums) > 1 and len(keep) == 1 and not re.search(r"[\\^/*+=<>×÷]", span):
+        return keep[0]
+    return span
+
+
+def _conclusion(body: str, question: str = "") -> str | None:
     """The answer a reply states in its last sentence without a box or an answer phrase: an option mention
     ("option B", "(B)") when there is one, else what follows the last "is" / "=" / "equals" ... (the last such
-    mark followed by a number, when there is one), else the sentence itself."""
+    mark followed by a number that the question does not already state, when there is one), else the
+    sentence itself (its one new number, if it has one)."""
+    qnums = {n.replace(",", "") for n in _NUMBER_TOKEN_RE.findall(question or "")}
+    body = re.sub(r"\b(i\.e|e\.g|resp|approx|vs)\.", r"\1", body, flags=re.IGNORECASE)
     sentences = [x.strip() for x in _SENTENCE_SPLIT_RE.split(body) if x and x.strip(" \t*#>-")]
     if not sentences:
         return None
@@ -224,22 +241,30 @@ def _conclusion(body: str) -> str | None:
     spans = [sp for sp in spans if sp]
     for sp in spans:
         if _MATHY_RE.search(sp):
-            return sp
+            picked = _pick_number(sp, qnums)
+            if picked is not None:
+                return picked
+    whole = _clean_answer_span(_unmath(last))
+    if _MATHY_RE.search(whole):
+        picked = _pick_number(whole, qnums)
+        if picked is not None and picked != whole:
+            return picked
     if spans:
         return spans[0]
-    return _clean_answer_span(_unmath(last)) or None
+    return whole or None
 
 
-def final_answer(text: str | None) -> str | None:
+def final_answer(text: str | None, question: str = "") -> str | None:
     """The answer to grade in a reply: :func:`extract_answer` (box, ``<answer>`` tag, "the answer is",
-    "Final Answer" heading), else the conclusion of the reply's last sentence (see :func:`_conclusion`)."""
+    "Final Answer" heading), else the conclusion of the reply's last sentence (see :func:`_conclusion`;
+    ``question`` tells it which numbers are only restated from the question)."""
     if not text:
         return None
     found = extract_answer(text)
     if found is not None:
         return found
     body = strip_think(text).strip()
-    return _conclusion(body) if body else None
+    return _conclusion(body, question) if body else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -720,13 +745,13 @@ def _grade_multiple_choice(pred: str, gold: str, choices: list[str] | None) -> b
     return _mv_equal(p, gold_text)
 
 
-def _prediction_text(prediction: Any) -> str | None:
+def _prediction_text(prediction: Any, question: str = "") -> str | None:
     if prediction is None:
         return None
     text = prediction if isinstance(prediction, str) else str(prediction)
     if not text.strip():
         return None
-    extracted = final_answer(text)
+    extracted = final_answer(text, question)
     if extracted is not None:
         return extracted
     body = strip_think(text).strip()
@@ -734,8 +759,8 @@ def _prediction_text(prediction: Any) -> str | None:
 
 
 def _grade(prediction: Any, gold: Any, answer_type: str, choices: list[str] | None,
-           tolerance: float | None) -> bool:
-    pred = _prediction_text(prediction)
+           tolerance: float | None, question: str = "") -> bool:
+    pred = _prediction_text(prediction, question)
     if pred is None or gold is None:
         return False
     gold_s = str(gold).strip()
@@ -757,20 +782,23 @@ def grade_answer(
     answer_type: str = "free_form",
     choices: list[str] | None = None,
     tolerance: float | None = None,
+    question: str = "",
 ) -> bool:
     """Whether ``prediction`` matches ``gold``.
 
     ``prediction`` may be a bare answer or a whole completion: ``<think>`` blocks are dropped and the boxed /
     "answer is" answer is used when present (see :func:`extract_answer`). ``answer_type`` is one of
     ``integer``, ``float``, ``multiple_choice`` or ``free_form`` (unknown types grade as free form); ``choices``
-    are the option texts for multiple choice and ``tolerance`` an absolute numeric tolerance. Never raises:
+    are the option texts for multiple choice and ``tolerance`` an absolute numeric tolerance; ``question`` (optional)
+    lets a reply without a box or answer phrase be read from its last sentence without mistaking a number the
+    question states for the answer. Never raises:
     empty, missing or malformed predictions, and any internal error, give ``False``.
     """
     try:
         tol = None if tolerance is None else abs(float(tolerance))
         if tol is not None and not math.isfinite(tol):
             tol = None
-        return bool(_grade(prediction, gold, answer_type, choices, tol))
+        return bool(_grade(prediction, gold, answer_type, choices, tol, question))
     except Exception:  # noqa: BLE001 - grading must never raise
         return False
     except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
@@ -787,4 +815,5 @@ def grade(prediction: str | None, problem: Problem) -> bool:
         answer_type=problem.answer_type,
         choices=problem.choices,
         tolerance=problem.tolerance,
+        question=problem.question,
     )

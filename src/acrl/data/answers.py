@@ -66,6 +66,7 @@ def grade_problem(prediction: Any, problem: Problem) -> bool:
     if grade(prediction, problem):
         return True
     for alt in (meta.get("accepted_answers") or [])[1:]:
-        if grade_answer(prediction, str(alt), problem.answer_type, problem.choices, problem.tolerance):
+        if grade_answer(prediction, str(alt), problem.answer_type, problem.choices, problem.tolerance,
+                        question=problem.question):
             return True
     return False
