@@ -100,3 +100,36 @@ def test_items_keep_raw_replies_and_text_only_rows_have_a_defined_path(tmp_path)
         assert it["meta"]["sample_index"] and it["deny_prediction"] == "13"
     saved = [json.loads(x) for x in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
     assert saved[0]["replies"] == items[0]["replies"] and saved[-1]["text_only"]
+
+
+def _item(correct, asked, clarified_correct, deny_correct=None, failed=False, caption="a b"):
+    return {"id": "x", "family": "f", "category": "c", "needed": 1, "caption": caption, "correct": correct,
+            "failed": failed, "malformed": None, "asked": asked, "clarified_correct": clarified_correct,
+            "deny_correct": deny_correct}
+
+
+def test_metric_values_on_a_hand_counted_table():
+    """Six live items and one failed one: accuracy 3/6, clarification rate 3/6, accuracy with clarification 4/6,
+    gap 1/6, Acc_deny over the asked items that were denied: 1 of 2 (the third ask has no denial recorded)."""
+    from acrl.evaluate import group_metrics
+
+    rows = [
+        _item(True, False, True),                          # direct, right
+        _item(False, False, False),                        # direct, wrong
+        _item(False, True, True, deny_correct=False),      # asked: right after the answer, wrong when denied
+        _item(True, True, True, deny_correct=True),        # asked: right either way
+        _item(False, True, True),                          # asked, no denial recorded
+        _item(True, False, False, caption="a b c d"),     # the clarification-enabled pass got it wrong
+        _item(True, True, True, deny_correct=True, failed=True),   # a service error: counted, excluded
+    ]
+    m = group_metrics(rows)
+    assert (m["n"], m["failed"]) == (6, 1)
+    assert abs(m["accuracy"] - 3 / 6) < 1e-12
+    assert abs(m["clarification_rate"] - 3 / 6) < 1e-12
+    assert abs(m["accuracy_with_clarification"] - 4 / 6) < 1e-12
+    assert abs(m["clarification_gap"] - 1 / 6) < 1e-12
+    assert abs(m["acc_deny"] - 1 / 2) < 1e-12
+    assert abs(m["caption_words"] - 14 / 6) < 1e-12
+    none_denied = group_metrics([_item(True, False, True)])
+    assert none_denied["acc_deny"] != none_denied["acc_deny"]      # NaN: no ask was denied
+    assert group_metrics([_item(True, True, True, failed=True)]) == {"n": 0, "failed": 1}
