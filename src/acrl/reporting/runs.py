@@ -20,7 +20,7 @@ from acrl.episode import tier_reward
 
 _KNOWN_ITEM = {"id", "family", "category", "needed", "question", "answer", "caption", "prediction", "correct",
                "failed", "malformed", "asked", "clarification_question", "clarification", "clarified_prediction",
-               "clarified_correct", "deny_correct"}
+               "clarified_correct", "deny_correct", "deny_prediction", "errors", "error"}
 _KNOWN_EPISODE = {"step", "problem_id", "group", "sample", "caption", "decision", "question", "clarification",
                   "prediction", "correct", "tier", "reward", "malformed", "error", "deny_prediction", "deny_correct",
                   "replies"}
@@ -158,15 +158,25 @@ def eval_tier(item: dict) -> str:
     return "wrong"
 
 
-def _replies(rec: dict) -> list[str]:
-    """Raw reasoner replies under whatever name the record keeps them (``replies``, ``reply``, ``raw_reply`` ...)."""
-    out: list[str] = []
+def _replies(rec: dict) -> list[dict]:
+    """Raw reasoner replies as ``[{"label", "text"}]``, under whatever name the record keeps them: a list
+    (``replies``: the turns in order), a dict (``{"decision": ..., "final": ...}``) or single strings
+    (``reply``, ``raw_reply``, ...)."""
+    out: list[dict] = []
     for k, v in rec.items():
-        if "repl" not in k.lower():
+        if "repl" not in k.lower() or v is None:
             continue
-        vals = v if isinstance(v, list) else [v]
-        out += [s if isinstance(s, str) else json.dumps(s) for s in vals if s is not None]
+        if isinstance(v, dict):
+            out += [{"label": str(kk), "text": _text(t)} for kk, t in v.items() if t is not None]
+        elif isinstance(v, list):
+            out += [{"label": f"turn {i + 1}", "text": _text(t)} for i, t in enumerate(v) if t is not None]
+        else:
+            out.append({"label": k, "text": _text(v)})
     return out
+
+
+def _text(x) -> str:
+    return x if isinstance(x, str) else json.dumps(x)
 
 
 def eval_episode(item: dict, run: str, alpha: float = 0.7) -> dict:
@@ -180,10 +190,17 @@ def eval_episode(item: dict, run: str, alpha: float = 0.7) -> dict:
         "clar_q": item.get("clarification_question"), "clar_a": item.get("clarification"),
         "final": item.get("clarified_prediction"), "single_pass": item.get("prediction"),
         "single_pass_correct": item.get("correct"), "deny_correct": item.get("deny_correct"),
-        "tier": tier, "reward": None if tier == "failed" else tier_reward(tier, alpha), "alpha": alpha,
-        "malformed": item.get("malformed"), "error": item.get("error"),
+        "deny_prediction": item.get("deny_prediction"), "tier": tier, "alpha": alpha,
+        "reward": None if tier == "failed" else tier_reward(tier, alpha),
+        "malformed": item.get("malformed"), "error": _errors(item),
         "extra": clean({k: v for k, v in item.items() if k not in _KNOWN_ITEM and "repl" not in k.lower()}),
     }
+
+
+def _errors(item: dict) -> str | None:
+    errs = ([item["error"]] if item.get("error") else []) + [e if isinstance(e, str) else json.dumps(e)
+                                                              for e in item.get("errors") or []]
+    return "; ".join(errs) or None
 
 
 def train_episode(rec: dict, run: str) -> dict:
@@ -195,6 +212,7 @@ def train_episode(rec: dict, run: str) -> dict:
         "caption": rec.get("caption") or "", "replies": _replies(rec), "asked": rec.get("decision") == "ask",
         "clar_q": rec.get("question"), "clar_a": rec.get("clarification"), "final": rec.get("prediction"),
         "single_pass": None, "single_pass_correct": None, "deny_correct": rec.get("deny_correct"),
+        "deny_prediction": rec.get("deny_prediction"),
         "tier": rec.get("tier") or "wrong", "reward": clean(rec.get("reward")), "alpha": None,
         "malformed": rec.get("malformed"), "error": rec.get("error"),
         "extra": clean({k: v for k, v in rec.items() if k not in _KNOWN_EPISODE and "repl" not in k.lower()}),
