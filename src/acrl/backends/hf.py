@@ -880,19 +880,19 @@ class HFCaptioner:
         return self.settings.logprob_batch_size or self.micro_batch or DEFAULT_LOGPROB_ROWS
 
     def _caption_logits(self, model, encs: list[dict], groups: list[int], tails: torch.Tensor,
-                        shared: bool) -> torch.Tensor:
+                        shared: bool) -> torch.Tensor | list[torch.Tensor]:
         """Logits predicting each of the ``t`` caption tokens ``tails`` (rows, t); row ``r`` follows the prompt
-        ``encs[groups[r]]``."""
+        ``encs[groups[r]]``. The shared path returns them as consecutive pieces along t (no concatenated copy)."""
         t = tails.shape[1]
         if shared:   # prompt once per problem, then captions (but the last token) over the expanded cache
             cache, att, nxt, first = self._prefix(model, encs, groups)
             if t == 1:
-                return first[:, None]
+                return [first[:, None]]
             inp = tails[:, :-1].to(att.device)
             att = torch.cat([att, torch.ones_like(inp)], 1)
             logits = model(input_ids=inp, attention_mask=att, position_ids=self._step_positions(nxt, t - 1),
                            use_cache=True, **{self._cache_kw: cache}).logits
-            return torch.cat([first[:, None], logits], 1)
+            return [first[:, None], logits]
         batch = _collate([encs[g] for g in groups], self.pad_id, tails, self.device)
         if not self._mrope:   # M-RoPE models derive positions from the mask and mm_token_type_ids
             batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -913,8 +913,15 @@ class HFCaptioner:
             logits = self._caption_logits(model, ctx.encodings[g0:g1], [r // ctx.n - g0 for r in range(a, b)],
                                           tails, shared)
             safe = torch.where(mask[:, :t] > 0, tails, torch.full_like(tails, self.eos_ids[0]))  # no -inf * 0
-            lp = token_logprobs(logits, safe, rollout.temperature, self.banned.to(logits.device))
+            pieces, lps, k = logits if isinstance(logits, list) else [logits], [], 0
             del logits
+            while pieces:
+                piece = pieces.pop(0)
+                lps.append(token_logprobs(piece, safe[:, k:k + piece.shape[1]], rollout.temperature,
+                                          self.banned.to(piece.device)))
+                k += piece.shape[1]
+                del piece
+            lp = torch.cat(lps, 1)
             parts.append(F.pad(lp.cpu() * mask[:, :t], (0, width - t)))
         if not parts:
             return torch.zeros(0, width)

@@ -97,16 +97,18 @@ def build_tokenizer(family: str, seed: int = 0):
     return fast
 
 
-def _text_config(tok, hidden=64, layers=2, heads=4, kv_heads=2, **kw) -> dict:
+def _text_config(tok, hidden=64, layers=2, heads=4, kv_heads=2, vocab_size=0, **kw) -> dict:
     ids = tok.convert_tokens_to_ids
-    return {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+    return {"vocab_size": max(vocab_size, len(tok)), "hidden_size": hidden, "intermediate_size": 2 * hidden,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
             "max_position_embeddings": 1024, "bos_token_id": None, "eos_token_id": ids("<|im_end|>"),
             "pad_token_id": ids("<pad>"), **kw}
 
 
-def build(family: str, seed: int = 0):
-    """(model, processor) for ``family``, randomly initialised with ``seed``."""
+def build(family: str, seed: int = 0, vocab_size: int = 0):
+    """(model, processor) for ``family``, randomly initialised with ``seed``. ``vocab_size``: rows of the
+    embedding and output head (0: the tokenizer's 400; larger, e.g. Qwen's 151,936, for memory checks: the rows
+    past the tokenizer are never sampled)."""
     import torch
 
     from acrl.backends.hf import no_video_processor_class
@@ -120,8 +122,8 @@ def build(family: str, seed: int = 0):
         from transformers import Qwen2VLImageProcessorPil
 
         # head_dim 16: mrope_section sums to head_dim / 2
-        text = _text_config(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                  "rope_theta": 1e4})
+        text = _text_config(tok, vocab_size=vocab_size,
+                            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
         ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                       min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
         common = {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
@@ -156,7 +158,7 @@ def build(family: str, seed: int = 0):
                                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
         seq = (IMAGE_SIZE // 14) ** 2 // 4
         cfg = InternVLConfig(
-            text_config={"model_type": "qwen2", **_text_config(tok)},
+            text_config={"model_type": "qwen2", **_text_config(tok, vocab_size=vocab_size)},
             vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                            "intermediate_size": 64, "image_size": IMAGE_SIZE, "patch_size": 14},
             image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=seq, downsample_ratio=0.5,
@@ -181,7 +183,7 @@ def build(family: str, seed: int = 0):
         cfg = LlavaConfig(
             vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14),
-            text_config=LlamaConfig(**_text_config(tok)), image_token_id=ids("<image>"),
+            text_config=LlamaConfig(**_text_config(tok, vocab_size=vocab_size)), image_token_id=ids("<image>"),
             vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True)
         model = LlavaForConditionalGeneration(cfg)
     model.generation_config.eos_token_id = ids("<|im_end|>")
@@ -190,9 +192,9 @@ def build(family: str, seed: int = 0):
     return model.eval(), proc
 
 
-def make_tiny(family: str, out_dir: str, seed: int = 0) -> str:
+def make_tiny(family: str, out_dir: str, seed: int = 0, vocab_size: int = 0) -> str:
     """Write a tiny random checkpoint of ``family`` (model + processor) to ``out_dir``; return ``out_dir``."""
-    model, proc = build(family, seed)
+    model, proc = build(family, seed, vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     proc.save_pretrained(out_dir)
