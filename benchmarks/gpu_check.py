@@ -156,12 +156,13 @@ def check_family(name: str, steps: int, problems: int, max_new: int) -> dict:
     opt = torch.optim.AdamW(cap.trainable_parameters(), lr=tc.lr)
     images, questions = _images(problems), [f"What is the height of bar {i}?" for i in range(problems)]
     res["steps"] = []
-    for step in range(steps):
+    for _ in range(steps):
         roll, gen = _phase(lambda: cap.generate(images, questions, n=tc.samples_per_problem,
                                                 temperature=c.temperature, max_new_tokens=max_new))
-        ref, refp = _phase(lambda: reference_logprobs(cap, roll, tc.micro_batch))
+        ref, refp = _phase(lambda r=roll: reference_logprobs(cap, r, tc.micro_batch))
         adv = torch.randn(roll.tokens.shape[0])
-        stats, upd = _phase(lambda: update(cap, opt, roll, adv, torch.ones_like(adv, dtype=torch.bool), cfg, ref))
+        valid = torch.ones_like(adv, dtype=torch.bool)
+        stats, upd = _phase(lambda r=roll, a=adv, v=valid, x=ref: update(cap, opt, r, a, v, cfg, x))
         res["steps"].append({"generation": gen, "reference": refp, "update": upd,
                              "caption_tokens": float(roll.mask.sum()), "ratio_mean": stats.get("ratio_mean"),
                              "clip_frac": stats.get("clip_frac"), "grad_norm": stats.get("grad_norm")})
