@@ -111,12 +111,19 @@ def test_evaluate_and_training_in_process_and_served_are_identical(world, served
     local, remote = run(WorldReasoner(), "local"), run(OpenAIReasoner(served, "world"), "remote")
     assert remote == local and all("loss" in h for h in local)
 
-    down, _, url = start_server(WorldBackend(), fail_rate=1.0)   # every request fails: the step is skipped
+    # every request fails: the step is retried, never counted, and the run stops with a checkpoint
+    from acrl.checkpoint import latest
+    from acrl.trainer import ServiceDown
+
+    cfg.train.step_retries, cfg.train.retry_wait = 2, 0.01
+    down, _, url = start_server(WorldBackend(), fail_rate=1.0)
     try:
-        skipped = run(OpenAIReasoner(url, "world", max_retries=0), "down")
+        with pytest.raises(ServiceDown, match="of the step's episodes failed") as e:
+            run(OpenAIReasoner(url, "world", max_retries=0), "down")
     finally:
         _stop(down)
-    assert all("skipped" in h and "loss" not in h and h["failed"] == h["episodes"] for h in skipped)
+    assert e.value.step == 0 and latest(str(tmp_path / "down")).step == 0
+    assert not open(tmp_path / "down" / "metrics.jsonl").read()
 
 
 def _restart_mid_run(server, port, after_requests, pause, state):

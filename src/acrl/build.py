@@ -26,7 +26,8 @@ def build_policy(cfg: Config, path: str | None = None, reference: str | None = N
         from acrl.backends.hf import HFCaptioner, HFSettings
 
         policy = HFCaptioner.load(path or captioner_path(cfg), lora=cfg.captioner.lora,
-                                  settings=HFSettings.from_config(cfg.captioner), reference=reference)
+                                  settings=HFSettings.from_config(cfg.captioner), reference=reference,
+                                  micro_batch=cfg.train.micro_batch)
         if cfg.captioner.rollout_engine == "vllm":
             from acrl.backends.vllm_engine import make_engine
 

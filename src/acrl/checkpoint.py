@@ -74,12 +74,16 @@ def _fsync_tree(root: str) -> None:
 
 def _write_error(err: BaseException, path: str) -> CheckpointError:
     text = str(err)
-    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) \
-        or "No space left" in text or "inline_container" in text or "File too large" in text
-    if full:
-        return CheckpointError(f"no space left on {os.path.dirname(os.path.abspath(path))} while writing checkpoint "
-                               f"{path} ({type(err).__name__}: {text.splitlines()[0] if text else ''})")
-    return CheckpointError(f"could not write checkpoint {path}: {type(err).__name__}: {text}")
+    first = text.splitlines()[0] if text else type(err).__name__
+    where = os.path.dirname(os.path.abspath(path))
+    code = err.errno if isinstance(err, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "inline_container" in text:
+        return CheckpointError(f"no space left on {where} while writing checkpoint {path} ({first}); the previous "
+                               f"checkpoint is intact")
+    if code == errno.EFBIG or "File too large" in text:
+        return CheckpointError(f"file size limit reached while writing checkpoint {path} ({first}); the previous "
+                               f"checkpoint is intact")
+    return CheckpointError(f"could not write checkpoint {path}: {type(err).__name__}: {first}")
 
 
 def save(out: str, step: int, write: Callable[[str], None], keep: int = 2) -> str:

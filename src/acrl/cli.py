@@ -79,6 +79,9 @@ def cmd_train(args) -> int:
     found = None
     if args.resume:
         found = checkpoint.latest(out)
+        if dist.is_main:
+            for why in found.skipped or []:
+                print(f"resume: skipping {why}", file=sys.stderr)
         if found.path is None:
             raise FileNotFoundError(checkpoint.describe_missing(out, found))
         if stored is None:
@@ -114,7 +117,7 @@ def cmd_train(args) -> int:
     again = f"acrl train --out {out} --resume"
     try:
         hist = train(cfg, policy, build_reasoner(cfg), clarifier, source, out, resume=found.path if found else False,
-                     evaluate_fn=eval_fn, progress=not args.quiet, overwrite=True)
+                     evaluate_fn=eval_fn, progress=not args.quiet)
     except Interrupted as e:
         where = f"checkpoint of step {e.step} in {e.checkpoint}" if e.checkpoint else \
             f"step {e.step + 1} abandoned during its update; the newest checkpoint is {checkpoint.latest(out).path}"

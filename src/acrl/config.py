@@ -315,6 +315,8 @@ def _check_type(value: Any, t, key: str) -> Any:
             return float(value)
         raise ValueError(f"config {key}={value!r}: expected a number, got {type(value).__name__}")
     if t is int:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):   # e.g. a JSON object's keys
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():

@@ -450,6 +450,7 @@ def episode_metrics(groups: Sequence[Sequence[Episode]]) -> dict[str, float]:
         "episodes": len(flat),
         "failed": len(flat) - len(live),
         "malformed": sum(ep.malformed is not None for ep in live),
+        "ambiguous": sum(parse_reply(r).ambiguous is not None for ep in live for r in ep.replies),
         "reward": sum(ep.reward for ep in live) / n,
         "accuracy": sum(ep.correct for ep in live) / n,
         "direct_correct": sum(ep.tier == "direct_correct" for ep in live) / n,

@@ -101,6 +101,11 @@ class RunExists(ValueError):
     """``out`` already holds a run and neither resume nor overwrite was asked for."""
 
 
+def _say(msg: str) -> None:
+    """A line for the user on stderr that does not break the progress bar."""
+    tqdm.write(msg, file=sys.stderr)
+
+
 def _set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -239,7 +244,7 @@ def update(policy: Policy, opt: torch.optim.Optimizer, rollout, advantages: torc
             logp = policy.logprobs(rollout, sl)
             loss, st = policy_loss(logp, rollout.logprobs[sl], adv[sl], m, None if ref is None else ref[sl],
                                    clip_low=tc.clip_low, clip_high=tc.clip_high, kl_beta=tc.kl_beta,
-                                   aggregation=tc.aggregation)
+                                   aggregation=tc.aggregation, length_norm=cfg.captioner.max_new_tokens)
             share = (m.sum() / total_tokens) if tc.aggregation == "token-mean" else ((m.sum(1) > 0).sum() / n_seqs)
             (loss * share).backward()
             agg += torch.tensor([float(st[k]) * float(share) for k in _STATS] + [1.0], dtype=torch.float64)
@@ -280,7 +285,7 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
     _set_seed(tc.seed + d.rank)             # rank 0 samples as a single process would
     d.broadcast(policy.trainable_parameters())
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    state = _open_run(out, opt, d, resume, overwrite, log=tqdm.write if main else lambda _: None)
+    state = _open_run(out, opt, d, resume, overwrite, log=_say if main else lambda _: None)
     history: list[dict] = []
     tracker = _Trackers(tc.report_to, out, cfg, cpu=d.device.type == "cpu") if tc.report_to and main else None
     log = _RunLog(out, append=bool(resume)) if main else None
@@ -384,7 +389,7 @@ class _StopSignals:
         if self.signum is None:
             self.signum = signum
             if self.announce:
-                tqdm.write(f"{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+                _say(f"{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
                            f"(send it again to abandon the step)")
             return
         if self._armed:
@@ -455,7 +460,7 @@ def _wait_for_service(reason: str, step: int, attempt: int, tc, stop: _StopSigna
     """Wait before retry ``attempt`` of ``step`` (the waits double); False when a stop was asked for meanwhile."""
     wait = min(tc.retry_wait * 2 ** (attempt - 1), 120.0)
     if main:
-        tqdm.write(f"step {step}: not counted, {reason}; retrying in {wait:.0f}s (retry {attempt}/{tc.step_retries})")
+        _say(f"step {step}: not counted, {reason}; retrying in {wait:.0f}s (retry {attempt}/{tc.step_retries})")
     end = time.monotonic() + wait
     while time.monotonic() < end:
         if stop.signum:
@@ -493,7 +498,7 @@ def run_exists(out: str) -> str | None:
     """What shows that ``out`` already holds a training run (None: nothing)."""
     if not os.path.isdir(out):
         return None
-    for name in ("metrics.jsonl", "episodes.jsonl", "run.json"):
+    for name in ("metrics.jsonl", "episodes.jsonl"):
         p = os.path.join(out, name)
         if os.path.exists(p) and os.path.getsize(p) > 0:
             return p

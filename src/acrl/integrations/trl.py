@@ -59,7 +59,8 @@ __all__ = [
 ]
 
 # episode_metrics keys logged through TRL's ``log_metric`` (as ``acrl/<key>``)
-METRICS = ("clarification_rate", "direct_correct", "accuracy", "clarified_accuracy", "malformed", "failed")
+METRICS = ("clarification_rate", "direct_correct", "accuracy", "clarified_accuracy", "malformed", "ambiguous",
+           "failed")
 _TRL_ONLY = ("trainer_state", "completion_ids", "environments", "log_metric", "log_extra")
 
 
@@ -207,7 +208,7 @@ class ACRLReward:
         if log_metric is not None:
             m = episode_metrics(episodes)
             for k in METRICS:
-                value = m[k] / max(m["episodes"], 1) if k in ("malformed", "failed") else m[k]
+                value = m[k] / max(m["episodes"], 1) if k in ("malformed", "ambiguous", "failed") else m[k]
                 log_metric(f"acrl/{k}", float(value))
         if log_extra is not None:
             log_extra("acrl_tier", tiers)
