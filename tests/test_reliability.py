@@ -303,3 +303,43 @@ def test_yaml_errors_and_missing_checkpoints_have_one_line_messages(tmp_path, ca
     assert cli_main(["train", "--config", MICRO, "--out", str(tmp_path / "empty"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "warmstart" not in err
+
+
+def test_resume_before_the_first_checkpoint_starts_again_from_its_stored_run(tmp_path, micro_captioner, straight):
+    """A kill before the first checkpoint: run.json defines the start, so --resume runs it again from step 0."""
+    _train(tmp_path, micro_captioner, "--steps", 2)
+    for name in os.listdir(tmp_path):
+        if name.startswith("checkpoint"):
+            p = tmp_path / name
+            p.unlink() if os.path.islink(p) else shutil.rmtree(p)
+    p = run_cli("train", "--out", tmp_path, "--steps", 4, "--resume", "--quiet")
+    assert "starting the run again from step 0" in p.stderr
+    _same_metrics(straight, _lines(tmp_path / "metrics.jsonl"))
+
+
+def test_training_data_bad_rows_are_counted_named_and_written(tmp_path, micro_captioner):
+    """Item 8: a non-UTF-8 byte dropped a whole file, an invalid JSON line read as "missing column", a first row
+    without an answer rejected its file, and skipped rows were not reported."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), "white").save(data / "a.png")
+    good = [json.dumps({"question": f"How many bars? ({i})", "answer": str(i), "image": "a.png"}) for i in range(40)]
+    (data / "part1.jsonl").write_text("\n".join(good[:20]) + "\n")
+    raw = b"".join(x.encode() + b"\n" for x in good[20:])
+    raw = b'{"question": "q?", "image": "a.png"}\n' + raw + b'{"question": "caf\xe9?", "answer": "1", "image": "a.png"}\n'
+    (data / "part2.jsonl").write_bytes(raw + b"{not json\n")
+    from acrl.data import load_training_set
+
+    res = load_training_set(data, max_bad_fraction=0.2)
+    assert len(res.problems) == 40
+    reasons = sorted(b.reason for b in res.bad)
+    assert len(reasons) == 3 and any("not valid UTF-8" in r for r in reasons) and any("invalid JSON" in r
+                                                                                       for r in reasons)
+    p = _train(tmp_path / "run", micro_captioner, "--steps", 1, "--data", data, check=False)
+    assert p.returncode == 2 and "3 of 43 rows unusable" in p.stderr   # above the 5% limit: refused, named
+    (data / "part2.jsonl").write_bytes(raw)                               # one bad row of 42: under the limit
+    p = _train(tmp_path / "run2", micro_captioner, "--steps", 1, "--data", data)
+    assert "40 problems, 2 bad rows" in p.stdout
+    assert len(_lines(tmp_path / "run2" / "bad_rows.jsonl")) == 2

@@ -82,23 +82,30 @@ def cmd_train(args) -> int:
         if dist.is_main:
             for why in found.skipped or []:
                 print(f"resume: skipping {why}", file=sys.stderr)
-        if found.path is None:
+        if found.path is None and stored is not None:
+            # stopped before its first checkpoint: run.json defines the start, so the run starts again from step 0
+            if dist.is_main:
+                print(f"resume: {out} has no complete checkpoint yet; starting the run again from step 0 with its "
+                      f"stored config", file=sys.stderr)
+            found = None
+        elif found.path is None:
             raise FileNotFoundError(checkpoint.describe_missing(out, found))
-        if stored is None:
+        elif stored is None:
             print(f"resume: {out} has no {runinfo.FILE} (a run from an older acrl): its config, π_ref and data "
                   f"are taken from this command line", file=sys.stderr)
-        else:
+        if stored is not None:
             diffs = runinfo.differences(stored, to_dict(cfg), base, data)
             if diffs and not args.allow_change:
                 raise ValueError(f"--resume would change the experiment ({runinfo.describe(diffs)}); resume "
                                  f"without these values, or pass --allow-change to change them (it is recorded "
                                  f"in {runinfo.FILE})")
-            stored["changes"] += [{"at_step": found.step, "key": k, "old": a, "new": b} for k, a, b in diffs]
-    elif dist.is_main:
+            stored["changes"] += [{"at_step": found.step if found else 0, "key": k, "old": a, "new": b}
+                                  for k, a, b in diffs]
+    if not found and dist.is_main:
         from acrl.trainer import RunExists, clear_run, run_exists
 
         existing = run_exists(out)
-        if existing and not args.overwrite:
+        if existing and not args.overwrite and not args.resume:
             raise RunExists(f"{out!r} already holds a run ({existing}); continue it with --resume or replace it "
                             f"with --overwrite")
         if existing:

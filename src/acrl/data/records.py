@@ -221,11 +221,16 @@ def detect_layout(path: str | os.PathLike, what: str = "dataset", expected_json:
 def _json_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON / JSONL annotation file: a list of objects, an ``{id: object}`` mapping (the key is kept
     as ``__key__``), or an object holding such a list under ``data`` / ``rows`` / ``annotations``."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
+    raw = path.read_bytes()
+    if path.suffix.lower() == ".jsonl":   # a bad line is a bad row; the other lines of the file still count
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
+        for n, bline in enumerate(raw.splitlines(), 1):
+            try:
+                line = bline.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                rows.append({"__error__": f"line {n}: not valid UTF-8 (byte 0x{bline[e.start]:02x} at column "
+                                          f"{e.start + 1})"})
+                continue
             if not line:
                 continue
             try:
@@ -235,6 +240,10 @@ def _json_rows(path: Path) -> list[dict[str, Any]]:
                 continue
             rows.append(obj if isinstance(obj, dict) else {"__error__": f"line {n}: not an object"})
         return rows
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     data = json.loads(text)
     if isinstance(data, dict):
         for key in ("data", "rows", "annotations", "questions"):
@@ -246,6 +255,18 @@ def _json_rows(path: Path) -> list[dict[str, Any]]:
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
         return [{"__key__": str(k), **v} for k, v in data.items()]
     raise ValueError(f"{path}: JSON is neither a list of rows nor an {{id: row}} mapping")
+
+
+def _columns(rows: list[dict[str, Any]], n: int = 50) -> dict[str, Any]:
+    """The columns of a file's first ``n`` readable rows (one row may lack a column the others have), as a row;
+    the first row when none is readable."""
+    good = [r for r in rows[:n] if "__error__" not in r]
+    if not good:
+        return rows[0]
+    merged: dict[str, Any] = {}
+    for r in reversed(good):
+        merged.update(r)
+    return merged
 
 
 def _parquet_rows(path: Path, batch_size: int = 64) -> Iterator[dict[str, Any]]:
@@ -307,11 +328,13 @@ def iter_records(layout: Layout, accept_split: Callable[[str | None, list[str | 
         else:
             try:
                 rows = _json_rows(f)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, UnicodeDecodeError, OSError) as e:
                 if single:
                     raise ValueError(f"{f}: cannot read annotations: {e}") from e
+                # an unreadable file is reported as a bad row that names it, never dropped without a word
+                yield Record({"__error__": f"cannot read the file: {e}"}, str(f), 0, tok, group, base)
                 continue
-            if not rows or (json_filter is not None and not json_filter(f, rows[0])):
+            if not rows or (json_filter is not None and not json_filter(f, _columns(rows))):
                 continue
             for i, row in enumerate(rows):
                 yield Record(row, str(f), i, tok, group, base)

@@ -173,8 +173,16 @@ def load_training_set(path: str | os.PathLike, split: str | None = None, limit: 
             break
         if rec.source not in files:
             files.append(rec.source)
+        if "__error__" in rec.row:
+            bad.append(BadRow(f"{fam or 'train'}-{rec.split or split or 'train'}-{rec.index}",
+                              f"{Path(rec.source).name}: {rec.row['__error__']}"))
+            continue
         if schema is None:
-            schema = detect_training_schema(rec.row)
+            try:
+                schema = detect_training_schema(rec.row)
+            except ValueError as e:   # this row lacks a column; the schema comes from the next good row
+                bad.append(BadRow(f"{fam or 'train'}-{rec.split or split or 'train'}-{rec.index}", str(e)))
+                continue
             if fam is None:
                 generic = re.sub(r"[^a-z0-9]+", "", root.name.lower()) or "train"
                 fam = schema if schema != "generic" else generic
