@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -115,7 +116,8 @@ def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progres
     items: list[dict] = []
     if any(p.image is None for p in problems):
         clarifier = _TextOnlyClarifier(clarifier)
-    for i in tqdm(range(0, len(problems), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
+    for i in tqdm(range(0, len(problems), batch_size), desc=desc, disable=not progress, dynamic_ncols=True,
+                  mininterval=0.1 if sys.stderr.isatty() else 30.0):   # a log file gets a line every 30 s
         batch = list(problems[i:i + batch_size])
         first = len(items)
         captions = _captions(policy, batch)

@@ -188,6 +188,30 @@ def test_colocated_engine_returns_the_rollout_hf_would(captioner, fake_vllm, tmp
     engine.close()
 
 
+def test_sampling_seeds_follow_the_trainers_step_seed(captioner, fake_vllm, tmp_path):
+    """A resumed run must not replay the engine's first random stream: each step's requests are seeded from
+    (train.seed, step, rank), through the policy hook the trainer calls before every step."""
+    images = _images()
+    roll = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=4)
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)))
+    captioner.rollout_engine = engine
+    try:
+        seeds = []
+        for step_seed in (11, 12, 11):
+            captioner.set_sampling_seed(step_seed)
+            engine.llm.canned.append(_as_vllm_outputs(roll))
+            engine.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=4)
+            params = engine.llm.calls[-1][1]
+            assert isinstance(params, list) and len(params) == len(QUESTIONS)
+            seeds.append([p.seed for p in params])
+        assert seeds[0] == seeds[2] != seeds[1] and len(set(seeds[0])) == len(QUESTIONS)
+        server_body = VLLMServerEngine._body   # the server engine's request body carries the same seed
+        assert server_body(engine, "m", images[0], "q", 2, 1.0, 4, False, seed=seeds[0][0])["seed"] == seeds[0][0]
+        assert "seed" not in server_body(engine, "m", images[0], "q", 1, 1.0, 4, True, seed=5)   # greedy: none
+    finally:
+        captioner.rollout_engine = None
+
+
 def test_greedy_requests_one_sample_and_repeats_it(captioner, fake_vllm, tmp_path):
     llm = FakeLLM()
     engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)), llm=llm)
@@ -270,6 +294,7 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
 
     class SamplingLLM(FakeLLM):   # random caption tokens; answers are one word
         def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            params = params[0] if isinstance(params, list) else params   # vLLM takes one or one per prompt
             self.calls.append((prompts, params, lora_request))
             self.events.append("answer" if lora_request is None else f"captions@{lora_request.lora_int_id}")
             g = torch.Generator().manual_seed(len(self.calls))
@@ -351,6 +376,7 @@ class ModelLLM(FakeLLM):
 
     @torch.no_grad()
     def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+        params = params[0] if isinstance(params, list) else params   # vLLM takes one or one per prompt
         self.calls.append((prompts, params, lora_request))
         model, g = self._model(lora_request), torch.Generator().manual_seed(len(self.calls))
         bias = torch.zeros(model.get_output_embeddings().weight.shape[0])

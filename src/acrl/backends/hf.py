@@ -470,6 +470,13 @@ class HFCaptioner:
         if self.rollout_engine is not None:
             self.rollout_engine.push_adapter()
 
+    def set_sampling_seed(self, seed: int) -> None:
+        """Called by the trainer before each step with a seed derived from (train.seed, step, rank): a rollout
+        engine seeds its requests from it, so a resumed run samples as the uninterrupted one (HF sampling draws
+        from torch's RNG, whose CPU and CUDA states the checkpoint restores)."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.sampling_seed = seed
+
     def __init__(self, model, processor, lora: Any = None, settings: HFSettings | None = None,
                  base_path: str = "", reference_model=None, micro_batch: int = 0,
                  reference_adapters: list[str] | None = None, reference_sources: list[str] | None = None):

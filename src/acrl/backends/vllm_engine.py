@@ -187,6 +187,15 @@ def lora_rank_for(r: int) -> int:
 
 # --- the engines -------------------------------------------------------------------------------------------------
 class _Engine:
+    sampling_seed: int | None = None   # set per step by the trainer from (train.seed, step, rank); see seeds()
+
+    def seeds(self, count: int) -> list[int | None]:
+        """One sampling seed per request of a generate call: a resumed run samples what the uninterrupted run
+        sampled at the same step (None before the trainer sets one: the engine's own stream)."""
+        if self.sampling_seed is None:
+            return [None] * count
+        return [(self.sampling_seed * 7_919 + i) % 2**31 for i in range(count)]
+
     """What both modes share: prompts as the captioner renders them, the banned-token bias, adapter directories."""
 
     def __init__(self, captioner, settings: VLLMSettings):
@@ -284,21 +293,25 @@ class VLLMRolloutEngine(_Engine):
         return [{"prompt": self.chat_text(t), "multi_modal_data": {"image": self.cap._fit(im)}, **extra}
                 for im, t in zip(images, texts)]
 
-    def _params(self, n: int, temperature: float, max_tokens: int, greedy: bool, top_p: float = 1.0):
+    def _params(self, n: int, temperature: float, max_tokens: int, greedy: bool, top_p: float = 1.0,
+                seed: int | None = None):
         from vllm import SamplingParams
 
         return SamplingParams(n=1 if greedy else n, temperature=0.0 if greedy else temperature,
                               top_p=1.0 if greedy else top_p, max_tokens=max_tokens, logprobs=0,
                               stop_token_ids=list(self.cap.eos_ids), logit_bias=self.bias or None,
-                              skip_special_tokens=True)
+                              skip_special_tokens=True, seed=None if greedy else seed)
 
     def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
                  greedy: bool = False) -> Rollout:
         """``n`` captions per (image, question) with the current adapter: the Rollout ``HFCaptioner.generate``
         would return (its ``recompute_logprobs`` then applies as usual)."""
         self.wake_up()
-        outputs = self.llm.generate(self._requests(images, [captioner_prompt(q) for q in prompts]),
-                                    self._params(n, temperature, max_new_tokens, greedy, self.cap.settings.top_p),
+        params = [self._params(n, temperature, max_new_tokens, greedy, self.cap.settings.top_p, seed)
+                  for seed in self.seeds(len(prompts))]
+        if self.sampling_seed is None:   # one SamplingParams for all requests, as vLLM also accepts
+            params = params[0] if params else self._params(n, temperature, max_new_tokens, greedy)
+        outputs = self.llm.generate(self._requests(images, [captioner_prompt(q) for q in prompts]), params,
                                     lora_request=self.lora, use_tqdm=False)
         return self._rollout(samples_from_outputs(outputs), images, prompts, n, temperature, greedy, max_new_tokens)
 
@@ -362,7 +375,7 @@ class VLLMServerEngine(_Engine):
         return r.json()["data"][0]["id"]
 
     def _body(self, model: str, image, text: str, n: int, temperature: float, max_tokens: int, greedy: bool,
-              top_p: float = 1.0) -> dict:
+              top_p: float = 1.0, seed: int | None = None) -> dict:
         from acrl.backends.openai_api import image_data_url
 
         body = {"model": model, "n": 1 if greedy else n, "temperature": 0.0 if greedy else temperature,
@@ -374,6 +387,8 @@ class VLLMServerEngine(_Engine):
                     {"type": "text", "text": text}]}]}
         if self.cap.settings.processor_kwargs:
             body["mm_processor_kwargs"] = dict(self.cap.settings.processor_kwargs)
+        if seed is not None and not greedy:
+            body["seed"] = seed
         return body
 
     def _chat(self, bodies: list[dict]) -> list[list[Sample]]:
@@ -384,7 +399,8 @@ class VLLMServerEngine(_Engine):
                  greedy: bool = False) -> Rollout:
         self.wake_up()
         bodies = [self._body(self.lora_name, im, captioner_prompt(q), n, temperature, max_new_tokens, greedy,
-                             self.cap.settings.top_p) for im, q in zip(images, prompts)]
+                             self.cap.settings.top_p, seed)
+                  for im, q, seed in zip(images, prompts, self.seeds(len(prompts)))]
         return self._rollout(self._chat(bodies), images, prompts, n, temperature, greedy, max_new_tokens)
 
     def answer(self, images, questions: list[str]) -> list[str]:
