@@ -328,7 +328,8 @@ def test_training_data_bad_rows_are_counted_named_and_written(tmp_path, micro_ca
     good = [json.dumps({"question": f"How many bars? ({i})", "answer": str(i), "image": "a.png"}) for i in range(40)]
     (data / "part1.jsonl").write_text("\n".join(good[:20]) + "\n")
     raw = b"".join(x.encode() + b"\n" for x in good[20:])
-    raw = b'{"question": "q?", "image": "a.png"}\n' + raw + b'{"question": "caf\xe9?", "answer": "1", "image": "a.png"}\n'
+    latin1 = b'{"question": "caf\xe9?", "answer": "1", "image": "a.png"}\n'   # one non-UTF-8 byte
+    raw = b'{"question": "q?", "image": "a.png"}\n' + raw + latin1
     (data / "part2.jsonl").write_bytes(raw + b"{not json\n")
     from acrl.data import load_training_set
 
@@ -343,3 +344,31 @@ def test_training_data_bad_rows_are_counted_named_and_written(tmp_path, micro_ca
     p = _train(tmp_path / "run2", micro_captioner, "--steps", 1, "--data", data)
     assert "40 problems, 2 bad rows" in p.stdout
     assert len(_lines(tmp_path / "run2" / "bad_rows.jsonl")) == 2
+
+
+def test_truncated_parquet_and_checkpoint_files_are_named(tmp_path, micro_captioner, capsys):
+    """Item 10: a truncated parquet or config.json was a traceback that named no file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from acrl.data import load_training_set
+
+    pq.write_table(pa.table({"question": ["q?"] * 50, "answer": ["1"] * 50, "image": ["a.png"] * 50}),
+                   tmp_path / "train.parquet")
+    blob = (tmp_path / "train.parquet").read_bytes()
+    (tmp_path / "train.parquet").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="train.parquet"):
+        load_training_set(tmp_path / "train.parquet")
+    broken = tmp_path / "captioner"
+    shutil.copytree(micro_captioner, broken)
+    (broken / "config.json").write_text('{"d_model": 12')
+    assert cli_main(["eval", "--config", MICRO, "--captioner", str(broken), "--reference", str(micro_captioner),
+                     "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and str(broken) in err and "Traceback" not in err
+    shutil.copy(micro_captioner / "config.json", broken / "config.json")
+    (broken / "model.pt").write_bytes(b"\x00" * 64)
+    assert cli_main(["eval", "--config", MICRO, "--captioner", str(broken), "--reference", str(micro_captioner),
+                     "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt" in err and "corrupt" in err and "weights_only" not in err

@@ -150,8 +150,8 @@ def load_checkpoint(path: str, policy_opt: torch.optim.Optimizer, rank: int = 0)
         blob = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
         policy_opt.load_state_dict(blob["optimizer"])
     except Exception as e:   # noqa: BLE001 - torch raises many kinds; all mean the same to the user
-        raise ckpt.CheckpointError(f"checkpoint {path} is corrupt: state.pt cannot be read ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ckpt.CheckpointError(f"checkpoint {path} is corrupt: state.pt cannot be read "
+                                   f"({type(e).__name__})") from None
     rng = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
     if rank < len(rng):
         _set_rng_state(rng[rank])

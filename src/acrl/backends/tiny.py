@@ -318,12 +318,20 @@ class TinyCaptioner:
         for f in ("config.json", "vocab.json", "model.pt"):
             if not os.path.exists(os.path.join(path, f)):
                 raise FileNotFoundError(f"captioner checkpoint {path!r} has no {f}")
-        with open(os.path.join(path, "config.json")) as fh:
-            cfg = TinyVLMConfig(**json.load(fh))
-        with open(os.path.join(path, "vocab.json")) as fh:
-            tok = WordTokenizer(json.load(fh))
+        try:
+            with open(os.path.join(path, "config.json")) as fh:
+                cfg = TinyVLMConfig(**json.load(fh))
+            with open(os.path.join(path, "vocab.json")) as fh:
+                tok = WordTokenizer(json.load(fh))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"captioner checkpoint {path!r}: config.json or vocab.json is corrupt ({e})") from None
         model = TinyVLM(cfg)
-        model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as e:   # noqa: BLE001 - torch's unpickling errors advise weights_only=False: not here
+            raise ValueError(f"captioner checkpoint {os.path.join(path, 'model.pt')!r} is corrupt or not a "
+                             f"captioner's weights ({type(e).__name__})") from None
         adapter = os.path.join(path, "adapter")
         lora_on = bool(lora is not None and lora.enabled)
         starts_here = reference is not None and os.path.abspath(reference) == os.path.abspath(path)

@@ -272,9 +272,14 @@ def _columns(rows: list[dict[str, Any]], n: int = 50) -> dict[str, Any]:
 def _parquet_rows(path: Path, batch_size: int = 64) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(str(path))
-    for batch in pf.iter_batches(batch_size=batch_size):
-        yield from batch.to_pylist()
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(str(path))
+        for batch in pf.iter_batches(batch_size=batch_size):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:   # a truncated or corrupt file: name it
+        raise ValueError(f"{path}: cannot read the parquet file ({e})") from None
 
 
 def _saved_splits(d: Path) -> list[tuple[str | None, Any]]:
