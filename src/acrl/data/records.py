@@ -270,9 +270,8 @@ def _columns(rows: list[dict[str, Any]], n: int = 50) -> dict[str, Any]:
 
 
 def _parquet_rows(path: Path, batch_size: int = 64) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(str(path))
