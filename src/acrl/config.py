@@ -134,8 +134,10 @@ class TrainConfig:
         micro_batch: caption rows per forward/backward (gradients accumulate over the step).
         clarifier_noise: probability that π_ref's answer states a wrong value (world regime "noisy clarifier").
         max_failed_fraction: a step whose share of failed episodes (the reasoner or clarifier service did not
-            answer) exceeds this does not count: it is retried (see ``step_retries``); below it, the failed
-            episodes are masked out of the update and counted.
+            answer after its own retries) exceeds this does not count: it is retried whole from the same random
+            state (see ``step_retries``), so a counted step is the step a run without the fault would have taken.
+            Default 0: any failed episode retries the step. Above 0, failed episodes up to this share are masked
+            out of the update and counted (``failed_episodes`` in metrics.jsonl).
         eval_every: steps between held-out evaluations during training (0: none). eval_n: problems per check.
         checkpoint_every: steps between checkpoints (the last step, and a stop on SIGINT / SIGTERM or an outage,
             always write one).
@@ -168,7 +170,7 @@ class TrainConfig:
     epochs: int = 1
     micro_batch: int = 128
     clarifier_noise: float = 0.0
-    max_failed_fraction: float = 0.5
+    max_failed_fraction: float = 0.0
     eval_every: int = 0
     eval_n: int = 200
     checkpoint_every: int = 50
