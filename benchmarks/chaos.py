@@ -59,7 +59,9 @@ def _metrics(out: str) -> list[dict]:
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    """Everything the steps computed; not timings, nor the run's own fault counters (retried steps)."""
+    skip = ("retried_steps_total", "failed_episodes_total")
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in skip} for r in rows]
 
 
 def _free_port() -> int:
@@ -175,8 +177,9 @@ def trial_signal(kind: str, i: int, work: str, reference: list[dict], rng: rando
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     rec["exits"].append(proc.returncode)
-    if proc.returncode == 0:   # it finished before the signal: nothing to resume, but it must be complete
-        rec["signal_after_end"] = True
+    rec["steps_at_fault"] = len(_metrics(out))
+    if proc.returncode == 0 or rec["steps_at_fault"] == STEPS:
+        rec["signal_after_end"] = True   # the run had finished (the signal came during exit): nothing was lost
     elif kind != "kill9":
         rec["clean_exit"] = proc.returncode == 128 + sig and "Traceback" not in err
         rec["checkpoint_at_last_step"] = (_metrics(out) or [{"step": 0}])[-1]["step"] == _latest_step(out)
@@ -304,13 +307,19 @@ def _write(args, records: list[dict], duration: float, seconds: float) -> dict:
         "steps_redone": sum(r["steps_redone"] for r in done),
         "steps_redone_after_sigint_sigterm": sum(r["steps_redone"] for r in done if r["fault"] in ("sigint",
                                                                                                     "sigterm")),
+        "sigint_sigterm_unclean_exits": sum(r.get("clean_exit") is False for r in done
+                                            if r["fault"] in ("sigint", "sigterm")),
+        "service_down_clean_exit": all(r.get("clean_exit") for r in done if r["fault"] in ("reasoner_dead",
+                                                                                          "disk_full")),
         "stuck": sum(r["stuck"] for r in done),
         "silent_successes": sum(r["silent_success"] for r in done),
         "lost_rows": sum(r["lost_rows"] for r in done),
         "skipped": [f"{r['fault']}: {r['skipped']}" for r in records if "skipped" in r],
     }
     totals["goal_met"] = (totals["resumed"] == totals["runs"] == totals["identical"] and totals["stuck"] == 0
-                          and totals["silent_successes"] == 0 and totals["lost_rows"] == 0)
+                          and totals["silent_successes"] == 0 and totals["lost_rows"] == 0
+                          and totals["sigint_sigterm_unclean_exits"] == 0 and totals["service_down_clean_exit"]
+                          and totals["steps_redone_after_sigint_sigterm"] == 0)
     summary = {"setup": {"config": "configs/micro.yaml", "steps": STEPS, "checkpoint_every": 3,
                          "uninterrupted_seconds": round(duration, 1), "seed": args.seed},
                "seconds": round(seconds, 1), "totals": totals, "runs": records}
