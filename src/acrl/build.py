@@ -51,7 +51,10 @@ def build_reasoner(cfg: Config):
     if rc.backend == "world":
         from acrl.backends.world import WorldReasoner
 
-        return WorldReasoner(read_budget=rc.read_budget)
+        return WorldReasoner(read_budget=rc.read_budget, noise=rc.noise, seed=rc.noise_seed)
+    if rc.noise:
+        raise ValueError(f"reasoner.noise is a world-reasoner setting; reasoner.backend={rc.backend!r} has its own "
+                         f"errors (set reasoner.noise=0)")
     if rc.backend == "openai":
         from acrl.backends.openai_api import OpenAIReasoner
 

@@ -73,8 +73,11 @@ def cmd_train(args) -> int:
         cfg.train.alpha = args.alpha
     if args.report_to:
         cfg.train.report_to = args.report_to
+    if args.reference:
+        cfg.train.reference = args.reference
     cfg = validate(cfg)
     base = args.captioner or (stored or {}).get("captioner") or captioner_path(cfg)
+    reference = cfg.train.reference or base   # π_ref: answers clarifications, anchors the KL
     data = args.data or (stored or {}).get("data")
     found = None
     if args.resume:
@@ -115,11 +118,11 @@ def cmd_train(args) -> int:
         info["config"] = to_dict(cfg)
         runinfo.write(out, info)
     start = os.path.join(found.path, "policy") if found else base
-    policy = build_policy(cfg, path=start, reference=base)
+    policy = build_policy(cfg, path=start, reference=reference)
     clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
     eval_fn = None
     if cfg.train.eval_every and dist.is_main:   # only rank 0 evaluates
-        eval_fn = _periodic_eval(cfg, policy, base)
+        eval_fn = _periodic_eval(cfg, policy, reference)
     source = data_source(data, report_to=out if dist.is_main else None) if data else world_source(cfg)
     again = f"acrl train --out {out} --resume"
     try:
@@ -255,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_config(p)
     p.add_argument("--out", required=True, help="run directory (metrics.jsonl, episodes.jsonl, checkpoint/)")
     p.add_argument("--captioner", help="starting checkpoint, also π_ref (default: captioner.path or the shipped one)")
+    p.add_argument("--reference", metavar="PATH",
+                   help="π_ref's checkpoint when it is not the starting one (train.reference), e.g. an untrained or "
+                        "intermediate warm start (acrl warmstart with warmstart.save_every)")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--alpha", type=float, help="override train.alpha (0 = binary-reward ablation)")
     p.add_argument("--resume", action="store_true",
@@ -319,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(sub)
     from acrl.reporting import add_report_parser
     add_report_parser(sub)
+    from acrl.sweep import add_sweep_parser
+    add_sweep_parser(sub)
 
     args = parser.parse_args(argv)
     from acrl.checkpoint import CheckpointError

@@ -17,6 +17,7 @@ import yaml
 from acrl.backends.hf import HFSettings
 from acrl.backends.tiny import LoraSettings, TinyVLMConfig
 from acrl.backends.vllm_engine import VLLMSettings
+from acrl.episode import SCHEDULES
 from acrl.warmstart import WarmStartConfig
 from acrl.world import WorldConfig
 
@@ -74,6 +75,10 @@ class ReasonerConfig:
         think: ``strip`` or ``keep`` R1-style ``<think>`` blocks before parsing.
         cache: (openai) response cache for temperature-0 calls: ``""``, ``memory`` or a ``.jsonl`` path.
         batch_size: (hf) prompts per generate call.
+        noise: (world) probability that an answer of the reasoner is LLM-like wrong: built on a misread value
+            (one needed fact off), or, when it could answer, a question about a fact it already has.
+        noise_seed: (world) seed of those slips; a slip depends only on (seed, prompt), like a cached
+            temperature-0 LLM.
     """
 
     backend: str = "world"
@@ -89,6 +94,8 @@ class ReasonerConfig:
     think: str = "strip"
     cache: str = ""
     batch_size: int = 8
+    noise: float = 0.0
+    noise_seed: int = 0
 
 
 @dataclass
@@ -122,7 +129,15 @@ class TrainConfig:
         steps: optimisation steps (each: sample problems, M captions each, episodes, one update).
         problems_per_step: problems per step (B).
         samples_per_problem: captions per problem (M, the advantage group; 8 in the paper).
-        alpha: reward for a correct answer after one clarification (0.7 in the paper, 0 = binary ablation).
+        alpha: reward for a correct answer after one clarification (0.7 in the paper, 0 = binary ablation); after
+            k clarifications ``alpha ** k`` (unless ``turn_rewards``).
+        alpha_schedule: ``constant`` | ``linear`` | ``cosine`` | ``step``: α moves from ``alpha`` at the first step
+            to ``alpha_end`` at the last (``step``: switches at the fraction ``alpha_step_at`` of the run).
+        alpha_end: α at the end of a schedule. alpha_step_at: where a ``step`` schedule switches (0..1).
+        max_clarifications: questions the reasoner may ask in turn (K; 1 = the paper); π_ref answers each.
+        turn_rewards: reward of a correct answer after 0, 1, ..., K clarifications, e.g. ``[1, 0.7, 0.5]``
+            (empty: ``alpha ** k``); needs K + 1 entries and a constant α.
+        reference: π_ref's checkpoint (answers clarifications and anchors the KL); empty: the starting captioner.
         advantage: ``bnpo`` | ``bnpo_decomposed`` | ``grpo`` | ``rloo`` | ``reinforce``.
         lr: AdamW learning rate (constant after ``warmup`` steps of linear warm-up).
         warmup: warm-up steps. weight_decay: AdamW weight decay. grad_clip: max gradient norm.
@@ -158,6 +173,12 @@ class TrainConfig:
     problems_per_step: int = 16
     samples_per_problem: int = 8
     alpha: float = 0.7
+    alpha_schedule: str = "constant"
+    alpha_end: float = 0.0
+    alpha_step_at: float = 0.5
+    max_clarifications: int = 1
+    turn_rewards: list[float] = field(default_factory=list)
+    reference: str = ""
     advantage: str = "bnpo"
     lr: float = 3e-4
     warmup: int = 0
@@ -183,6 +204,18 @@ class TrainConfig:
     step_retries: int = 6
     retry_wait: float = 5.0
 
+    def __post_init__(self) -> None:
+        if self.turn_rewards and len(self.turn_rewards) < self.max_clarifications + 1:
+            raise ValueError(f"turn_rewards needs max_clarifications + 1 = {self.max_clarifications + 1} entries "
+                             f"(rewards after 0..{self.max_clarifications} clarifications), got "
+                             f"{len(self.turn_rewards)}")
+        if self.turn_rewards and self.alpha_schedule != "constant":
+            raise ValueError("turn_rewards fixes every turn's reward: it cannot be combined with an alpha_schedule")
+        if self.advantage == "bnpo_decomposed" and (self.max_clarifications > 1 or self.turn_rewards
+                                                    or self.alpha_schedule != "constant"):
+            raise ValueError("advantage bnpo_decomposed is defined for the paper's reward (one clarification, "
+                             "constant alpha)")
+
 
 @dataclass
 class EvalConfig:
@@ -192,12 +225,17 @@ class EvalConfig:
         split: world split to evaluate on. n: number of problems.
         batch_size: problems per captioning batch.
         reference: checkpoint of π_ref that answers clarifications (empty: the shipped warm-started captioner).
+        sets: named evaluation sets beyond the training distribution, each a mapping of section overrides
+            (``world``, ``reasoner``, ``clarifier``, ``train``) applied to this config for that evaluation, e.g.
+            ``{tri: {world: {families: [tri]}}, noisy: {reasoner: {noise: 0.2}}}``
+            (held-out families, question sizes, another reasoner); see :func:`eval_view`.
     """
 
     split: str = "test"
     n: int = 500
     batch_size: int = 100
     reference: str = ""
+    sets: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -240,6 +278,7 @@ def _csv_of(*names):
 
 
 _PROB = _within(0.0, 1.0)
+EVAL_SECTIONS = ("world", "reasoner", "clarifier", "train")
 RULES: dict[str, tuple] = {
     "world.mc_rate": _PROB, "world.fact_rate": _PROB, "world.seed": _ge(0),
     "captioner.backend": _one_of("tiny", "hf"),
@@ -264,17 +303,20 @@ RULES: dict[str, tuple] = {
     "reasoner.backend": _one_of("world", "openai", "hf"), "reasoner.read_budget": _ge(1),
     "reasoner.concurrency": _ge(1), "reasoner.timeout": _gt(0), "reasoner.max_retries": _ge(0),
     "reasoner.temperature": _ge(0.0), "reasoner.max_tokens": _ge(1), "reasoner.think": _one_of("strip", "keep"),
-    "reasoner.batch_size": _ge(1),
+    "reasoner.batch_size": _ge(1), "reasoner.noise": _PROB, "reasoner.noise_seed": _ge(0),
     "clarifier.backend": _one_of("reference", "openai"), "clarifier.concurrency": _ge(1),
     "clarifier.timeout": _gt(0), "clarifier.max_retries": _ge(0), "clarifier.temperature": _ge(0.0),
     "clarifier.max_tokens": _ge(1),
     "warmstart.steps": _ge(1), "warmstart.batch_size": _ge(1), "warmstart.lr": _gt(0), "warmstart.warmup": _ge(0),
     "warmstart.weight_decay": _ge(0), "warmstart.grad_clip": _gt(0), "warmstart.qa_phase": _PROB,
     "warmstart.qa_rate_early": _PROB, "warmstart.qa_rate_late": _PROB, "warmstart.fact_rate": _PROB,
-    "warmstart.eval_every": _ge(0), "warmstart.eval_n": _ge(1),
+    "warmstart.eval_every": _ge(0), "warmstart.eval_n": _ge(1), "warmstart.save_every": _ge(0),
     "train.steps": _ge(1), "train.problems_per_step": _ge(1),
     "train.samples_per_problem": (lambda v: v >= 2, ">= 2 (an advantage group needs at least two samples)"),
-    "train.alpha": _PROB, "train.advantage": _one_of("bnpo", "bnpo_decomposed", "grpo", "rloo", "reinforce"),
+    "train.alpha": _PROB, "train.alpha_schedule": _one_of(*SCHEDULES), "train.alpha_end": _PROB,
+    "train.alpha_step_at": _PROB, "train.max_clarifications": _ge(1),
+    "train.turn_rewards": (lambda v: all(0 <= x <= 1 for x in v), "a list of rewards in [0, 1]"),
+    "train.advantage": _one_of("bnpo", "bnpo_decomposed", "grpo", "rloo", "reinforce"),
     "train.lr": _gt(0), "train.warmup": _ge(0), "train.weight_decay": _ge(0), "train.grad_clip": _gt(0),
     "train.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.clip_high": _ge(0), "train.kl_beta": _ge(0),
     "train.aggregation": _one_of("seq-mean-token-mean", "seq-mean-token-sum", "token-mean",
@@ -286,6 +328,8 @@ RULES: dict[str, tuple] = {
     "train.report_to": _csv_of("tensorboard", "wandb", "all"),
     "train.step_retries": _ge(0), "train.retry_wait": _ge(0),
     "eval.split": _one_of("train", "val", "test"), "eval.n": _ge(1), "eval.batch_size": _ge(1),
+    "eval.sets": (lambda v: all(isinstance(o, dict) and set(o) <= set(EVAL_SECTIONS) for o in v.values()),
+                  "a mapping of set names to overrides of the sections " + ", ".join(EVAL_SECTIONS)),
 }
 
 
@@ -376,7 +420,30 @@ def _build(cls, data: dict[str, Any], where: str):
 
 def validate(cfg: Config) -> Config:
     """Check every field of a built config (e.g. after code changed it) as :func:`load_config` does."""
-    return _build(Config, to_dict(cfg), "")
+    return _checked(_build(Config, to_dict(cfg), ""))
+
+
+def _checked(cfg: Config) -> Config:
+    for name in cfg.eval.sets:   # every evaluation set must give a valid config
+        eval_view(cfg, name)
+    return cfg
+
+
+def eval_view(cfg: Config, name: str) -> Config:
+    """The config that evaluation set ``name`` (``eval.sets``) describes: this config with the set's section
+    overrides applied, every value checked as in :func:`load_config`."""
+    if name not in cfg.eval.sets:
+        raise ValueError(f"evaluation set {name!r} is not in eval.sets ({', '.join(cfg.eval.sets) or 'none'})")
+    data = to_dict(cfg)
+    data["eval"]["sets"] = {}
+    for section, values in cfg.eval.sets[name].items():
+        if not isinstance(values, dict):
+            raise ValueError(f"config eval.sets.{name}.{section} must be a mapping, got {type(values).__name__}")
+        data[section] = {**data[section], **copy.deepcopy(values)}
+    try:
+        return _build(Config, data, "")
+    except ValueError as e:
+        raise ValueError(f"config eval.sets.{name}: {e}") from None
 
 
 def _coerce(value: str) -> Any:
@@ -417,7 +484,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
             if not isinstance(node, dict):
                 raise ValueError(f"override {ov!r}: {p!r} is not a section")
         node[parts[-1]] = _coerce(value)
-    return _build(Config, data, "")
+    return _checked(_build(Config, data, ""))
 
 
 def to_dict(cfg) -> dict:

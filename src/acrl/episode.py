@@ -19,6 +19,7 @@ reasoner in one more call.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,12 @@ FINAL_PROMPT = _CONTEXT + (
     "Now solve the problem. Reply with SOLVED followed by the final answer in \\boxed{{}}."
 )
 
+FOLLOWUP_ASK = (
+    "If the answers give you everything you need, solve the problem and reply with SOLVED followed by the final "
+    "answer in \\boxed{{}}.\nIf a detail you need is still missing, reply with NEED MORE INFO followed by exactly "
+    "one short question about the image on the next line."
+)
+
 DENY_PROMPT = _CONTEXT + (
     ASKED_MARK + " {asked}\nNo further information is available.\n\n"
     "Solve the problem from the description alone; if a detail is missing, make your best guess. Reply with SOLVED "
@@ -93,6 +100,19 @@ def final_prompt(question: str, caption: str, asked: str, clarification: str) ->
     return FINAL_PROMPT.format(question=question, caption=caption, asked=asked, clarification=clarification)
 
 
+def followup_prompt(question: str, caption: str, turns: Sequence[tuple[str, str]], may_ask: bool = False) -> str:
+    """The reasoner's turn after the clarifications ``turns`` (``(asked, answer)`` pairs, in order). ``may_ask``:
+    it may ask once more (multi-turn, ``max_clarifications`` > number of turns). With one turn and no further
+    question this is :func:`final_prompt`."""
+    if not turns:
+        raise ValueError("followup_prompt needs at least one (question, answer) turn")
+    if len(turns) == 1 and not may_ask:
+        return final_prompt(question, caption, *turns[0])
+    asked = "\n".join(f"{ASKED_MARK} {q}\n{CLARIFICATION_MARK} {a}" for q, a in turns)
+    tail = FOLLOWUP_ASK if may_ask else FINAL_PROMPT[FINAL_PROMPT.rindex("\n\n") + 2:]
+    return _CONTEXT.format(question=question, caption=caption) + asked + "\n\n" + tail.format()
+
+
 def deny_prompt(question: str, caption: str, asked: str) -> str:
     """Second reasoner turn when the clarification request is refused (Acc_deny)."""
     return DENY_PROMPT.format(question=question, caption=caption, asked=asked)
@@ -103,10 +123,16 @@ def clarify_prompt(question: str) -> str:
     return CLARIFY_PROMPT.format(question=question)
 
 
-def parse_prompt(prompt: str) -> dict[str, str | None]:
+_TURN = re.compile(re.escape(ASKED_MARK) + r" (.*?)\n" + re.escape(CLARIFICATION_MARK)
+                   + r" (.*?)(?=\n" + re.escape(ASKED_MARK) + r" |\n\n(?:Now solve|If the answers)|\Z)", re.S)
+
+
+def parse_prompt(prompt: str) -> dict:
     """Recover the sections of a reasoner prompt (question, caption, asked, clarification) and its mode.
 
-    ``mode`` is ``decide`` (may ask), ``final`` (after a clarification) or ``answer`` (must answer).
+    ``mode`` is ``decide`` (may ask), ``final`` (after clarifications, must answer) or ``answer`` (must answer).
+    ``turns``: every ``(asked, answer)`` pair of a follow-up prompt, in order; ``asked`` is the first question,
+    ``clarification`` all answers, one per line.
     """
     def section(start: str, stops: Sequence[str]) -> str | None:
         i = prompt.find(start)
@@ -116,13 +142,17 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
         j = min([k for s in stops if (k := prompt.find(s, i)) >= 0], default=len(prompt))
         return prompt[i:j].strip()
 
+    turns = [(q.strip(), a.strip()) for q, a in _TURN.findall(prompt)]
     out = {
         "question": section(QUESTION_MARK, ["\n\n" + CAPTION_MARK]),
         "caption": section(CAPTION_MARK, ["\n\nIf the description", "\n\nSolve the problem", "\n\n" + ASKED_MARK]),
         "asked": section(ASKED_MARK, ["\n"]),
-        "clarification": section(CLARIFICATION_MARK, ["\n\nNow solve"]),
+        "clarification": "\n".join(a for _, a in turns) if turns else None,
     }
-    out["mode"] = "final" if out["clarification"] is not None else "decide" if "NEED MORE INFO" in prompt else "answer"
+    tail = prompt[prompt.rfind("\n\n"):]
+    may_ask = "reply with NEED MORE INFO" in tail
+    out["mode"] = "decide" if may_ask else "final" if turns else "answer"
+    out["turns"] = turns
     return out
 
 
@@ -265,6 +295,36 @@ def tier_reward(tier: str, alpha: float = 0.7) -> float:
     return {"direct_correct": 1.0, "clarified_correct": alpha, "wrong": 0.0, "failed": float("nan")}[tier]
 
 
+def turn_reward(turns: int, alpha: float = 0.7, table: Sequence[float] | None = None) -> float:
+    """Reward of a correct answer after ``turns`` clarifications: ``table[turns]`` when a table is given
+    (``train.turn_rewards``), else ``alpha ** turns`` (1, α, α², ...; with one turn the paper's tiers, and
+    ``alpha=0`` stays binary: only a self-sufficient caption is paid)."""
+    if table:
+        if turns >= len(table):
+            raise ValueError(f"turn_rewards has {len(table)} entries, no reward for {turns} clarifications")
+        return float(table[turns])
+    return 1.0 if turns == 0 else alpha ** turns
+
+
+SCHEDULES = ("constant", "linear", "cosine", "step")
+
+
+def scheduled_alpha(schedule: str, start: float, end: float, step: int, steps: int, at: float = 0.5) -> float:
+    """α of training step ``step`` (0-based) of ``steps``: ``constant`` (``start``), ``linear`` or ``cosine``
+    from ``start`` at the first step to ``end`` at the last, or ``step`` (``start`` before the fraction ``at`` of
+    the run, ``end`` from then on)."""
+    if schedule == "constant":
+        return start
+    t = step / max(steps - 1, 1)
+    if schedule == "linear":
+        return start + (end - start) * t
+    if schedule == "cosine":
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "step":
+        return start if step < at * steps else end
+    raise ValueError(f"alpha schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
 # --- backends seen by the episode --------------------------------------------------------------------------------
 
 class Reasoner(Protocol):
@@ -288,21 +348,35 @@ class EpisodeConfig:
     """How episodes run.
 
     Attributes:
-        alpha: reward for a correct answer after one clarification (0.7 in the paper; 0 = binary ablation).
-        clarification: ``on`` (may ask once), ``off`` (single pass, must answer) or ``deny`` (asks are refused).
+        alpha: reward for a correct answer after one clarification (0.7 in the paper; 0 = binary ablation); after
+            k clarifications ``alpha ** k``.
+        clarification: ``on`` (may ask), ``off`` (single pass, must answer) or ``deny`` (asks are refused).
         record_deny: in ``on`` mode, also ask the reasoner to answer without the clarification it requested
             (for Acc_deny); does not change the reward.
+        max_clarifications: questions the reasoner may ask in turn (1: the paper); π_ref answers each.
+        turn_rewards: reward of a correct answer after 0, 1, 2, ... clarifications (instead of ``alpha ** k``).
     """
 
     alpha: float = 0.7
     clarification: str = "on"
     record_deny: bool = False
+    max_clarifications: int = 1
+    turn_rewards: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.clarification not in ("on", "off", "deny"):
             raise ValueError(f"clarification must be on, off or deny, got {self.clarification!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.max_clarifications < 1:
+            raise ValueError(f"max_clarifications must be >= 1, got {self.max_clarifications}")
+        if self.turn_rewards and len(self.turn_rewards) < self.max_clarifications + 1:
+            raise ValueError(f"turn_rewards needs {self.max_clarifications + 1} entries (0..max_clarifications "
+                             f"clarifications), got {len(self.turn_rewards)}")
+
+    def reward(self, turns: int) -> float:
+        """Reward of a correct answer after ``turns`` clarifications (:func:`turn_reward`)."""
+        return turn_reward(turns, self.alpha, self.turn_rewards)
 
 
 @dataclass
@@ -316,6 +390,9 @@ class Episode:
     decision: str = ""                 # solved | ask | malformed | failed (of the first reasoner turn)
     question: str | None = None        # the reasoner's clarification question q1
     clarification: str | None = None   # the reference's answer c1
+    turns: int = 0                     # clarifications answered before the final answer
+    questions: list[str] = field(default_factory=list)        # every question asked, in turn (multi-turn)
+    clarifications: list[str] = field(default_factory=list)   # the reference's answer to each
     prediction: str | None = None      # the reasoner's final answer
     correct: bool = False
     tier: str = "wrong"
@@ -367,34 +444,36 @@ def run_episodes(
             ep.malformed = r.reason
         elif r.kind == "ask" and may_ask:
             ep.question = r.question
+            ep.questions.append(r.question)
             asked.append(ep)
         elif r.kind == "ask":                                   # asked although it had to answer
             ep.malformed = "ask_in_single_pass"
         else:
-            _score(ep, r.answer, problems[ep.group], direct=True, alpha=cfg.alpha)
+            _score(ep, r.answer, problems[ep.group], cfg, turns=0)
 
     if asked and cfg.clarification == "on":
         if clarifier is None:
             raise ValueError("clarification='on' needs a clarifier (the reference captioner)")
-        # π_ref is frozen: each distinct (problem, question) of the batch is asked once and the answer shared.
-        keys = [(ep.group, ep.question) for ep in asked]
-        unique = list(dict.fromkeys(keys))
-        got = clarifier.answer([problems[g].image for g, _ in unique], [q for _, q in unique])
-        _check_len(got, unique, "clarifier")
-        answer_of = dict(zip(unique, got))
-        answers = [answer_of[k] for k in keys]
-        pending = []
-        for ep, a in zip(asked, answers):
-            if isinstance(a, Exception):
-                _fail(ep, a, cfg.alpha)
-            else:
-                ep.clarification = a
-                pending.append(ep)
-        finals = reasoner.complete([
-            final_prompt(question[ep.group], ep.caption, ep.question, ep.clarification) for ep in pending])
-        _check_len(finals, pending, "reasoner")
-        for ep, rep in zip(pending, finals):
-            _finish(ep, rep, problems[ep.group], cfg.alpha, direct=False)
+        pending = list(asked)
+        for turn in range(1, cfg.max_clarifications + 1):   # π_ref answers, the reasoner answers or asks again
+            pending = _clarify(pending, problems, clarifier, cfg.alpha)
+            may_ask = turn < cfg.max_clarifications
+            finals = reasoner.complete([followup_prompt(question[ep.group], ep.caption,
+                                                        list(zip(ep.questions, ep.clarifications)), may_ask)
+                                        for ep in pending])
+            _check_len(finals, pending, "reasoner")
+            again = []
+            for ep, rep in zip(pending, finals):
+                r = None if isinstance(rep, Exception) else parse_reply(rep)
+                if may_ask and r is not None and r.kind == "ask":
+                    ep.replies.append(rep)
+                    ep.questions.append(r.question)
+                    again.append(ep)
+                else:
+                    _finish(ep, rep, problems[ep.group], cfg, turns=turn)
+            pending = again
+            if not pending:
+                break
 
     if asked and (cfg.clarification == "deny" or cfg.record_deny):
         live = [ep for ep in asked if ep.tier != "failed" or cfg.clarification == "deny"]
@@ -402,7 +481,7 @@ def run_episodes(
         _check_len(denies, live, "reasoner")
         for ep, rep in zip(live, denies):
             if cfg.clarification == "deny":
-                _finish(ep, rep, problems[ep.group], cfg.alpha, direct=True, deny=True)
+                _finish(ep, rep, problems[ep.group], cfg, turns=0, deny=True)
             elif not isinstance(rep, Exception):
                 r = parse_reply(rep)
                 ep.deny_prediction = r.answer
@@ -415,24 +494,48 @@ def _check_len(out: Sequence, inp: Sequence, who: str) -> None:
         raise RuntimeError(f"{who} returned {len(out)} replies for {len(inp)} prompts")
 
 
-def _score(ep: Episode, answer: str | None, problem: Problem, direct: bool, alpha: float) -> None:
+def _clarify(pending: list[Episode], problems: Sequence[Problem], clarifier: Clarifier, alpha: float) -> list[Episode]:
+    """π_ref answers the newest question of every pending episode; returns those that got an answer.
+
+    π_ref is frozen: each distinct (problem, question) of the batch is asked once and the answer shared."""
+    keys = [(ep.group, ep.questions[-1]) for ep in pending]
+    unique = list(dict.fromkeys(keys))
+    got = clarifier.answer([problems[g].image for g, _ in unique], [q for _, q in unique])
+    _check_len(got, unique, "clarifier")
+    answer_of = dict(zip(unique, got))
+    out = []
+    for ep, key in zip(pending, keys):
+        a = answer_of[key]
+        if isinstance(a, Exception):
+            _fail(ep, a, alpha)
+            continue
+        if ep.clarification is None:
+            ep.clarification = a
+        ep.clarifications.append(a)
+        out.append(ep)
+    return out
+
+
+def _score(ep: Episode, answer: str | None, problem: Problem, cfg: EpisodeConfig, turns: int) -> None:
+    """The reward of an answer after ``turns`` clarifications: the one place where rewards are assigned."""
     ep.prediction = answer
+    ep.turns = turns
     ep.correct = bool(grade(answer, problem))
-    ep.tier = ("direct_correct" if direct else "clarified_correct") if ep.correct else "wrong"
-    ep.reward = tier_reward(ep.tier, alpha)
+    ep.tier = ("direct_correct" if turns == 0 else "clarified_correct") if ep.correct else "wrong"
+    ep.reward = cfg.reward(turns) if ep.correct else 0.0
 
 
-def _finish(ep: Episode, rep, problem: Problem, alpha: float, direct: bool, deny: bool = False) -> None:
+def _finish(ep: Episode, rep, problem: Problem, cfg: EpisodeConfig, turns: int, deny: bool = False) -> None:
     if isinstance(rep, Exception):
-        _fail(ep, rep, alpha)
+        _fail(ep, rep, cfg.alpha)
         return
     ep.replies.append(rep)
     r = parse_reply(rep)
     if r.kind != "solved":
         ep.malformed = f"{'deny' if deny else 'final'}_{r.reason or 'ask_again'}"
-        ep.tier, ep.reward, ep.correct = "wrong", 0.0, False
+        ep.tier, ep.reward, ep.correct, ep.turns = "wrong", 0.0, False, turns
         return
-    _score(ep, r.answer, problem, direct=direct, alpha=alpha)
+    _score(ep, r.answer, problem, cfg, turns=turns)
     if deny:
         ep.deny_prediction, ep.deny_correct = ep.prediction, ep.correct
 
@@ -458,4 +561,5 @@ def episode_metrics(groups: Sequence[Sequence[Episode]]) -> dict[str, float]:
         "clarified_accuracy": sum(ep.correct for ep in asked) / max(len(asked), 1),
         "acc_deny": (sum(bool(ep.deny_correct) for ep in denied) / len(denied)) if denied else float("nan"),
         "caption_words": sum(len(ep.caption.split()) for ep in live) / n,
+        "mean_turns": sum(ep.turns for ep in live) / n,
     }

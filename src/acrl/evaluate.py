@@ -7,7 +7,9 @@ For each held-out problem the captioner writes one greedy caption c0. Then:
   clarification**, the **gap** (with minus without), and **Acc_deny**: among the episodes that asked, the accuracy
   when the request is refused and the reasoner must answer from c0 alone.
 
-Results break down by family (or benchmark category) and by the number of facts a question needs.
+Results break down by family (or benchmark category), by the number of facts a question needs and, with
+clarification, by the number of clarification turns the reasoner took (``by_turns``: the distribution of turns and
+the accuracy at each; ``max_clarifications`` > 1 lets it ask in turn, as in multi-turn training).
 
 Every item keeps the reasoner's raw replies (``replies``: ``single_pass``, ``decision``, ``final``, ``denial``) so
 a failure can be read, and the loader's scalar ``meta`` (We-Math ``wemath_id`` / ``key``, DynaMath ``seed`` /
@@ -80,7 +82,8 @@ def _scalar_meta(meta: dict) -> dict:
 
 
 def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequence[Problem], batch_size: int = 100,
-             progress: bool = False, desc: str = "eval", items_path: str | None = None) -> tuple[dict, list[dict]]:
+             progress: bool = False, desc: str = "eval", items_path: str | None = None,
+             max_clarifications: int = 1) -> tuple[dict, list[dict]]:
     """Returns ``(summary, items)``; ``summary['overall']`` and ``summary['by_<key>'][value]`` hold the metrics.
 
     With ``items_path``, every finished batch is appended to that JSONL file as it completes, and items already
@@ -104,7 +107,7 @@ def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequenc
         for row in done.values():
             sink.write(json.dumps(row) + "\n")
         sink.flush()
-    new = _evaluate_batches(policy, reasoner, clarifier, todo, batch_size, progress, desc, sink)
+    new = _evaluate_batches(policy, reasoner, clarifier, todo, batch_size, progress, desc, sink, max_clarifications)
     if sink:
         sink.close()
     by_id = {**done, **{r["id"]: r for r in new}}
@@ -112,7 +115,8 @@ def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequenc
     return summarize(items), items
 
 
-def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progress, desc, sink) -> list[dict]:
+def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progress, desc, sink,
+                      max_clarifications: int = 1) -> list[dict]:
     items: list[dict] = []
     if any(p.image is None for p in problems):
         clarifier = _TextOnlyClarifier(clarifier)
@@ -123,7 +127,8 @@ def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progres
         captions = _captions(policy, batch)
         rec = _RecordingReasoner(reasoner)
         sp = run_episodes(batch, captions, rec, None, EpisodeConfig(clarification="off"))
-        cl = run_episodes(batch, captions, rec, clarifier, EpisodeConfig(clarification="on", record_deny=True))
+        cl = run_episodes(batch, captions, rec, clarifier, EpisodeConfig(clarification="on", record_deny=True,
+                                                                         max_clarifications=max_clarifications))
         for p, (a,), (b,) in zip(batch, sp, cl):
             denial = (rec.replies.get(deny_prompt(p.question_with_choices(), b.caption, b.question))
                       if b.decision == "ask" and b.question else None)
@@ -133,12 +138,13 @@ def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progres
                 "prediction": a.prediction, "correct": a.correct, "failed": a.tier == "failed" or b.tier == "failed",
                 "malformed": a.malformed or b.malformed, "asked": b.decision == "ask",
                 "clarification_question": b.question, "clarification": b.clarification,
-                "clarified_prediction": b.prediction, "clarified_correct": b.correct,
+                "clarified_prediction": b.prediction, "clarified_correct": b.correct, "turns": b.turns,
+                "clarification_questions": b.questions, "clarifications": b.clarifications,
                 "deny_prediction": b.deny_prediction, "deny_correct": b.deny_correct,
                 "text_only": p.image is None,
                 "replies": {"single_pass": a.replies[0] if a.replies else None,
                             "decision": b.replies[0] if b.replies else None,
-                            "final": b.replies[1] if len(b.replies) > 1 else None,
+                            "final": b.replies[-1] if len(b.replies) > 1 else None,
                             "denial": denial},
                 "errors": [e for e in (a.error, b.error) if e],
                 "meta": _scalar_meta(p.meta),
@@ -179,7 +185,20 @@ def summarize(items: list[dict]) -> dict:
         for r in items:
             groups[r[key]].append(r)
         out[f"by_{key}"] = {str(k): group_metrics(v) for k, v in sorted(groups.items())}
+    out["by_turns"] = turn_metrics(items)
     return out
+
+
+def turn_metrics(items: list[dict]) -> dict:
+    """With clarification enabled: per number of clarification turns taken (0 = answered from the caption), the
+    share of episodes (``fraction``) and their accuracy (``accuracy_with_clarification``)."""
+    live = [r for r in items if not r["failed"]]
+    by: dict = defaultdict(list)
+    for r in live:
+        by[int(r.get("turns", int(bool(r["asked"]))))].append(r)
+    return {str(k): {"n": len(v), "fraction": len(v) / len(live),
+                     "accuracy_with_clarification": sum(r["clarified_correct"] for r in v) / len(v)}
+            for k, v in sorted(by.items())}
 
 
 def _fmt(x) -> str:

@@ -3,7 +3,8 @@
 One step::
 
     problems (B)  ──► policy.generate(n=M)      captions c0 with old log-probs
-                  ──► run_episodes(...)          reasoner decides; π_ref answers the clarified subset; tiered reward
+                  ──► run_episodes(...)          reasoner decides; π_ref answers the clarified subset (up to K
+                                                 turns); tiered reward with this step's α (episode_config)
                       ∥ π_ref log-probs          (for the KL term, computed meanwhile: they need only the captions)
                   ──► compute_advantages(...)    BNPO (or GRPO / RLOO) over each group of M
                   ──► policy_loss(...)           clipped surrogate + β·KL(π_θ || π_ref), only caption tokens
@@ -43,7 +44,7 @@ from acrl.advantages import compute_advantages, tiered_components
 from acrl.backends.base import Policy
 from acrl.config import Config, to_dict
 from acrl.distributed import SINGLE, Dist, setup, shard
-from acrl.episode import Clarifier, EpisodeConfig, Reasoner, episode_metrics, run_episodes
+from acrl.episode import Clarifier, EpisodeConfig, Reasoner, episode_metrics, run_episodes, scheduled_alpha
 from acrl.loss import policy_loss
 from acrl.problem import Problem
 
@@ -167,8 +168,17 @@ def reference_logprobs(policy: Policy, rollout, micro_batch: int) -> torch.Tenso
                       for i in range(0, rows, micro_batch)])
 
 
+def episode_config(cfg: Config, step: int) -> EpisodeConfig:
+    """How the episodes of training step ``step`` (0-based) run: α from ``train.alpha_schedule``, up to
+    ``train.max_clarifications`` turns, ``train.turn_rewards``."""
+    tc = cfg.train
+    alpha = scheduled_alpha(tc.alpha_schedule, tc.alpha, tc.alpha_end, step, tc.steps, tc.alpha_step_at)
+    return EpisodeConfig(alpha=alpha, clarification="on", max_clarifications=tc.max_clarifications,
+                         turn_rewards=tc.turn_rewards or None)
+
+
 def rollout_step(policy: Policy, problems: list[Problem], reasoner: Reasoner, clarifier: Clarifier, cfg: Config,
-                 overlap: bool = True):
+                 overlap: bool = True, step: int = 0):
     """Generate M captions per problem, run their episodes and (if ``kl_beta > 0``) compute π_ref's log-probs.
 
     Returns ``(rollout, groups, reference log-probs or None, seconds per phase)``.
@@ -189,8 +199,7 @@ def rollout_step(policy: Policy, problems: list[Problem], reasoner: Reasoner, cl
     timed_r, timed_c = _Timed(reasoner, "complete"), _Timed(clarifier, "answer", lock)
 
     def episodes():
-        return run_episodes(problems, rollout.texts, timed_r, timed_c,
-                            EpisodeConfig(alpha=tc.alpha, clarification="on"))
+        return run_episodes(problems, rollout.texts, timed_r, timed_c, episode_config(cfg, step))
 
     def reference():
         with lock:
@@ -417,7 +426,9 @@ def _run_step(cfg: Config, policy: Policy, opt, reasoner, clarifier, problems: P
         g["lr"] = tc.lr * min(1.0, (state.step + 1) / tc.warmup) if tc.warmup else tc.lr
     _call_hook(policy, "set_sampling_seed", tc.seed * 1_000_003 + state.step * 1_009 + d.rank)
     batch = problems(state.cursor + mine.start, mine.stop - mine.start)
-    rollout, groups, ref, times = rollout_step(policy, batch, reasoner, clarifier, cfg, overlap=tc.overlap)
+    ecfg = episode_config(cfg, state.step)
+    rollout, groups, ref, times = rollout_step(policy, batch, reasoner, clarifier, cfg, overlap=tc.overlap,
+                                               step=state.step)
     t0 = time.perf_counter()
     groups = [g for part in d.gather(groups) for g in part]   # the whole batch, in rank order
     for i, g in enumerate(groups):
@@ -433,11 +444,12 @@ def _run_step(cfg: Config, policy: Policy, opt, reasoner, clarifier, problems: P
         return None, f"{failed_frac:.0%} of the step's episodes failed (limit {tc.max_failed_fraction:.0%}): {err}"
     rec: dict = {"step": state.step + 1, **{k: v for k, v in episode_metrics(groups).items() if k != "acc_deny"}}
     rec["failed_episodes"] = int((~valid).sum())
+    rec["alpha"] = ecfg.alpha
     kw = {}
     if tc.advantage == "bnpo_decomposed":
         correct = torch.tensor([[ep.correct for ep in g] for g in groups])
         direct = torch.tensor([[ep.tier == "direct_correct" for ep in g] for g in groups])
-        kw["components"], kw["weights"] = tiered_components(correct, direct, tc.alpha)
+        kw["components"], kw["weights"] = tiered_components(correct, direct, ecfg.alpha)
     adv, ast = compute_advantages(torch.nan_to_num(rewards, nan=0.0), tc.advantage, mask=valid, **kw)
     t0 = time.perf_counter()
     stop.in_update = True

@@ -40,6 +40,8 @@ class WarmStartConfig:
         fact_rate: probability that a human caption states each quantity.
         eval_every: steps between held-out checks (0: only at the end). eval_n: held-out problems per check.
         seed: seed for model init and data order.
+        save_every: also save the captioner every this many steps to ``OUT/step-<n>/`` (intermediate warm
+            starts, e.g. a partly trained π_ref for the reference-sensitivity study); 0: only the final one.
     """
 
     steps: int = 5000
@@ -55,6 +57,7 @@ class WarmStartConfig:
     eval_every: int = 500
     eval_n: int = 200
     seed: int = 0
+    save_every: int = 0
 
 
 def _batch(cap: TinyCaptioner, world: WorldConfig, cfg: WarmStartConfig, step: int, rng: random.Random):
@@ -126,6 +129,8 @@ def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: Ti
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "warmstart_log.jsonl")
     t0, running = time.time(), None
+    if cfg.save_every:
+        cap.save(os.path.join(out, "step-0"))   # the untrained captioner, for an untrained π_ref
     with open(log_path, "w") as logf:
         for step in range(cfg.steps):
             for g in opt.param_groups:
@@ -138,6 +143,8 @@ def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: Ti
             opt.step()
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             last = step + 1 == cfg.steps
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+                cap.save(os.path.join(out, f"step-{step + 1}"))
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 cap.ref_model.load_state_dict(model.state_dict())
                 stats = evaluate_reading(cap, world, cfg.eval_n)

@@ -8,12 +8,17 @@ in a clarification, and either asks about one missing fact or computes the answe
 - a fact stated twice with different values is a contradiction: it counts as unknown, and the reasoner asks about it.
 
 When it must answer without a needed fact it guesses the middle of the fact's range (usually wrong).
+
+With ``noise`` > 0 it also slips like an LLM: with that probability an answer is built on a misread value (one
+needed fact taken as another value of its range), or, where it may ask and could answer, it asks about a fact it
+already has. A slip depends only on ``(seed, prompt)``, so the same prompt always gets the same reply.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import zlib
 
 from PIL import Image
 
@@ -24,8 +29,11 @@ from acrl.world import language
 class WorldReasoner:
     """Implements ``acrl.episode.Reasoner`` for world questions."""
 
-    def __init__(self, read_budget: int = 6):
-        self.read_budget = read_budget
+    def __init__(self, read_budget: int = 6, noise: float = 0.0, seed: int = 0):
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"reasoner noise must be in [0, 1], got {noise}")
+        self.read_budget, self.noise, self.seed = read_budget, noise, seed
+        self.slips = 0   # replies changed by noise (counted)
 
     def read(self, text: str, budget: int | None) -> tuple[dict[str, int], set[str]]:
         """Facts stated in ``text`` within the statement budget, and the keys stated with conflicting values."""
@@ -54,7 +62,16 @@ class WorldReasoner:
         missing = [k for k in needed if k not in known]
         if missing and sec["mode"] == "decide":
             return f"NEED MORE INFO\n{language.clarification_question(missing[0])}"
-        value = language.apply_op(template.op, [known.get(k, language.guess_value(k)) for k in needed])
+        values = [known.get(k, language.guess_value(k)) for k in needed]
+        rng = random.Random(zlib.crc32(f"{self.seed}\0{prompt}".encode())) if self.noise else None
+        if rng is not None and rng.random() < self.noise:
+            self.slips += 1
+            i = rng.randrange(len(needed))
+            if sec["mode"] == "decide" and rng.random() < 0.5:   # asks although it could answer
+                return f"NEED MORE INFO\n{language.clarification_question(needed[i])}"
+            lo, hi = language.FACT_KINDS[needed[i].split(".")[0]][3]
+            values[i] = rng.choice([v for v in range(lo, hi + 1) if v != values[i]])   # misread
+        value = language.apply_op(template.op, values)
         answer = language.format_number(value)
         choices = _parse_choices(sec["question"] or "")
         if choices:
