@@ -169,9 +169,11 @@ def trial_signal(kind: str, i: int, work: str, reference: list[dict], rng: rando
     if aim:
         rec["moment"] = "checkpoint write" if _wait(lambda: _tmp_checkpoint(out), proc, 300) else "missed"
     else:
-        delay = rng.uniform(0.2, 1.0) * duration
-        rec["moment"] = f"{delay:.2f}s"
-        _wait(lambda: False, proc, delay)
+        # a random moment of the run: after k logged steps, a random fraction of a step later
+        k, frac = rng.randint(0, STEPS - 2), rng.random()
+        rec["moment"] = f"step {k + 1} + {frac:.2f}"
+        _wait(lambda: len(_metrics(out)) >= k, proc, 300)
+        _wait(lambda: False, proc, frac * duration / STEPS)
     sig = {"kill9": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[kind]
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -271,8 +273,11 @@ def main() -> int:
                           if k in rec}), flush=True)
         _write(args, records, duration, time.time() - t)
 
-    for i in range(args.kills):
+    i = 0
+    while sum(r["fault"] == "kill9" and not r.get("signal_after_end") for r in records) < args.kills \
+            and i < 2 * args.kills:   # kills that found the run already finished do not count
         save(trial_signal("kill9", i, args.out, reference, rng, duration))
+        i += 1
     for kind in ("sigint", "sigterm"):
         for i in range(args.signals):
             save(trial_signal(kind, i, args.out, reference, rng, duration))
@@ -300,6 +305,7 @@ def _write(args, records: list[dict], duration: float, seconds: float) -> dict:
     totals = {
         "runs": len(done),
         "kill9": sum(r["fault"] == "kill9" for r in done),
+        "kill9_hit_a_running_process": sum(r["fault"] == "kill9" and not r.get("signal_after_end") for r in done),
         "kill9_during_checkpoint_write": sum(r.get("moment") == "checkpoint write" for r in done),
         "resumed": sum(r["resumed"] for r in done),
         "identical": sum(r["identical"] for r in done),
