@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-full test lint install clean
+.PHONY: demo demo-full research test lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,35 @@ demo: $(STAMP)
 
 demo-full: $(STAMP)
 	$(BIN)/acrl demo --config configs/demo.yaml --out runs/demo-full --full
+
+# The study of docs/research/alpha.md (long: days on 2 cores; not part of CI). Every run is resumable: run it again
+# after an interruption and finished runs are skipped. RESEARCH_JOBS runs at once, one thread each.
+RESEARCH_OUT   ?= runs/research
+RESEARCH_SEEDS ?= 0,1,2
+RESEARCH_JOBS  ?= 2
+SWEEP := $(BIN)/acrl sweep --seeds $(RESEARCH_SEEDS) --jobs $(RESEARCH_JOBS)
+ALPHAS := train.alpha=0,0.3,0.5,0.7,0.9,1
+ANNEAL := --arm "anneal-1-0:train.alpha=1 train.alpha_schedule=linear train.alpha_end=0" \
+          --arm "anneal-0.7-0:train.alpha=0.7 train.alpha_schedule=linear train.alpha_end=0"
+TURNS  := --arm "K2:train.alpha=0.7 train.max_clarifications=2" --arm "K3:train.alpha=0.7 train.max_clarifications=3"
+
+research: $(STAMP)
+	test -f $(RESEARCH_OUT)/warmstart-4bar/model.pt || $(BIN)/acrl warmstart \
+	    --config configs/research/warmstart-4bar.yaml --out $(RESEARCH_OUT)/warmstart-4bar
+	test -f $(RESEARCH_OUT)/warmstart-default/model.pt || $(BIN)/acrl warmstart --config configs/research/default.yaml \
+	    --set warmstart.save_every=1000 --out $(RESEARCH_OUT)/warmstart-default
+	for r in default sparse-3fact four-fact noisy-reasoner; do \
+	  $(SWEEP) --config configs/research/$$r.yaml --grid $(ALPHAS) --out $(RESEARCH_OUT)/$$r || exit 1; \
+	  $(SWEEP) --config configs/research/$$r.yaml $(ANNEAL) $(TURNS) --out $(RESEARCH_OUT)/$$r || exit 1; \
+	done
+	for r in noisy-clarifier short-budget heldout-tri heldout-4fact; do \
+	  $(SWEEP) --config configs/research/$$r.yaml --grid train.alpha=0,0.7 --out $(RESEARCH_OUT)/$$r || exit 1; \
+	  $(SWEEP) --config configs/research/$$r.yaml $(ANNEAL) --out $(RESEARCH_OUT)/$$r || exit 1; \
+	done
+	$(SWEEP) --config configs/research/default.yaml --grid train.alpha=0,0.7 --out $(RESEARCH_OUT)/reference \
+	    --arm "ref-untrained:train.reference=$(RESEARCH_OUT)/warmstart-default/step-0" \
+	    --arm "ref-step1000:train.reference=$(RESEARCH_OUT)/warmstart-default/step-1000" \
+	    --arm "ref-full:train.reference=$(RESEARCH_OUT)/warmstart-default"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -161,3 +161,119 @@ def test_tier_reward_values():
     assert tier_reward("wrong") == 0.0
     with pytest.raises(ValueError):
         EpisodeConfig(clarification="maybe")
+
+
+# --- multi-turn clarification and its rewards ------------------------------------------------------------------
+
+def _bars_problem(i=0):
+    return Problem(id=f"b{i}", image=None, question="what is the sum of the red and green and blue bars ?",
+                   answer="12")
+
+
+class CountingReasoner:
+    """Asks until it has heard ``need`` answers (the caption says how many: 'need:N'), then answers 12."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def complete(self, prompts):
+        self.prompts.append(list(prompts))
+        out = []
+        for p in prompts:
+            sec = parse_prompt(p)
+            need, heard = int(sec["caption"].split(":")[1]), len(sec["turns"])
+            if heard >= need:
+                out.append("SOLVED \\boxed{12}")
+            elif sec["mode"] == "decide":
+                out.append(f"NEED MORE INFO\nWhat is fact {heard + 1}?")
+            else:
+                out.append("SOLVED \\boxed{0}")    # forced to answer without what it needs: wrong
+        return out
+
+
+class EchoClarifier:
+    def __init__(self):
+        self.calls = []
+
+    def answer(self, images, questions):
+        self.calls.append(list(questions))
+        return [f"answer to {q}" for q in questions]
+
+
+@pytest.mark.parametrize("k,table,rewards,turns", [
+    # K=1 (the paper): one question is answered, a second one is refused -> wrong
+    (1, None, [1.0, 0.7, 0.0, 0.0], [0, 1, 1, 1]),
+    (2, None, [1.0, 0.7, 0.7 ** 2, 0.0], [0, 1, 2, 2]),
+    (3, None, [1.0, 0.7, 0.7 ** 2, 0.7 ** 3], [0, 1, 2, 3]),
+    (3, [1.0, 0.6, 0.5, 0.1], [1.0, 0.6, 0.5, 0.1], [0, 1, 2, 3]),
+    (2, [1.0, 0.9, 0.2], [1.0, 0.9, 0.2, 0.0], [0, 1, 2, 2]),
+])
+def test_multi_turn_reward_table(k, table, rewards, turns):
+    caps = [["need:0", "need:1", "need:2", "need:3"]]
+    r, clar = CountingReasoner(), EchoClarifier()
+    groups = run_episodes([_bars_problem()], caps, r, clar,
+                          EpisodeConfig(alpha=0.7, max_clarifications=k, turn_rewards=table))
+    eps = groups[0]
+    assert [e.reward for e in eps] == pytest.approx(rewards)
+    assert [e.turns for e in eps] == turns
+    # the tiers keep their meaning: direct, clarified (any number of turns), wrong
+    assert [e.tier for e in eps] == ["direct_correct"] + ["clarified_correct" if x else "wrong" for x in rewards[1:]]
+    # every question is answered in its turn, one batch per turn; the episode keeps all of them
+    # (π_ref is frozen: the same question about the same problem is answered once per turn)
+    assert len(clar.calls) == min(k, 3) and clar.calls[0] == ["What is fact 1?"]
+    assert eps[3].questions == [f"What is fact {i + 1}?" for i in range(min(k, 3))]
+    assert eps[3].clarifications[0] == "answer to What is fact 1?" == eps[3].clarification
+    if k == 1:   # must answer after its one question: a guess
+        assert eps[2].prediction == "0" and eps[2].malformed is None
+
+
+def test_binary_stays_binary_over_several_turns():
+    groups = run_episodes([_bars_problem()], [["need:0", "need:1", "need:2"]], CountingReasoner(), EchoClarifier(),
+                          EpisodeConfig(alpha=0.0, max_clarifications=3))
+    assert [e.reward for e in groups[0]] == [1.0, 0.0, 0.0]
+    assert [e.correct for e in groups[0]] == [True, True, True]
+
+
+def test_followup_prompt_with_one_turn_is_the_final_prompt():
+    from acrl.episode import followup_prompt
+
+    assert followup_prompt("q?", "cap", [("a?", "b.")]) == final_prompt("q?", "cap", "a?", "b.")
+    two = followup_prompt("q?", "cap", [("a?", "b."), ("c?", "d.")], may_ask=True)
+    sec = parse_prompt(two)
+    assert sec["mode"] == "decide" and sec["turns"] == [("a?", "b."), ("c?", "d.")]
+    assert sec["caption"] == "cap" and sec["asked"] == "a?" and sec["clarification"] == "b.\nd."
+    last = parse_prompt(followup_prompt("q?", "cap", [("a?", "b."), ("c?", "d.")]))
+    assert last["mode"] == "final" and "NEED MORE INFO" not in followup_prompt("q?", "cap", [("a?", "b.")] * 2)
+    assert parse_prompt(final_prompt("q?", "cap", "a?", "b."))["turns"] == [("a?", "b.")]
+
+
+def test_turn_reward_and_its_errors():
+    from acrl.episode import turn_reward
+
+    assert [turn_reward(k, 0.5) for k in range(4)] == [1.0, 0.5, 0.25, 0.125]
+    assert turn_reward(2, 0.5, [1, 0.8, 0.6]) == 0.6
+    with pytest.raises(ValueError, match="no reward for 3"):
+        turn_reward(3, 0.5, [1, 0.8, 0.6])
+    with pytest.raises(ValueError, match="turn_rewards needs 3"):
+        EpisodeConfig(max_clarifications=2, turn_rewards=[1, 0.5])
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [0.7, 0.7, 0.7, 0.7, 0.7]),
+    ("linear", [1.0, 0.75, 0.5, 0.25, 0.0]),
+    ("cosine", [1.0, 0.8535534, 0.5, 0.1464466, 0.0]),
+    ("step", [1.0, 1.0, 1.0, 0.0, 0.0]),      # switches at 0.5 * 5 steps: steps 3, 4 get alpha_end
+])
+def test_alpha_schedules_at_given_steps(schedule, expected):
+    from acrl.episode import scheduled_alpha
+
+    start = 0.7 if schedule == "constant" else 1.0
+    got = [scheduled_alpha(schedule, start, 0.0, s, 5) for s in range(5)]
+    assert got == pytest.approx(expected)
+
+
+def test_unknown_schedule_is_named():
+    from acrl.episode import scheduled_alpha
+
+    with pytest.raises(ValueError, match="'exp'"):
+        scheduled_alpha("exp", 1, 0, 0, 10)

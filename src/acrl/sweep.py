@@ -124,7 +124,7 @@ def prepare(jobs: list[Job], out: str) -> list[str]:
         if os.path.exists(path):
             with open(path) as fh:
                 old = json.load(fh)
-            if old["config"] != job.config:
+            if old["config"] != json.loads(json.dumps(job.config)):   # as stored (JSON keys are strings)
                 raise ValueError(f"{path} holds a different config for run {job.name!r}; the sweep changed: use a new "
                                  f"--out (or delete that run)")
         else:

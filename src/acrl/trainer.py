@@ -444,7 +444,7 @@ def _run_step(cfg: Config, policy: Policy, opt, reasoner, clarifier, problems: P
         return None, f"{failed_frac:.0%} of the step's episodes failed (limit {tc.max_failed_fraction:.0%}): {err}"
     rec: dict = {"step": state.step + 1, **{k: v for k, v in episode_metrics(groups).items() if k != "acc_deny"}}
     rec["failed_episodes"] = int((~valid).sum())
-    rec["alpha"] = ecfg.alpha
+    rec["reward_alpha"] = ecfg.alpha   # this step's α (train.alpha_schedule); "alpha" is BNPO's Beta fit
     kw = {}
     if tc.advantage == "bnpo_decomposed":
         correct = torch.tensor([[ep.correct for ep in g] for g in groups])
