@@ -92,6 +92,9 @@ def test_aggregate_mean_and_spread_over_seeds(tmp_path):
     assert rows[0].startswith("arm,seeds,") and len(rows) == 3 and rows[1].startswith("a,0 1,")
     assert json.loads((tmp_path / "results.json").read_text())["arms"].keys() == {"a", "b"}
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    md = (tmp_path / "results.md").read_text()
+    assert "| a | 2 | 40.0 ± 14.1 | 80.0 ± 14.1 |" in md             # val acc at steps 10 and 20
+    assert "| b | 1 |" in md and "(1 never)" in md                   # b never reaches 50%
 
 
 def _sweep_args(out, steps):

@@ -9,7 +9,7 @@ One sweep::
         answer accuracy in the run's world, final evaluation on eval.split and on every eval.sets entry
         ──► RUN/result.json (written last: its presence marks the run finished; finished runs are skipped)
     aggregate()                    results.csv / results.json (mean, spread and values over seeds of every final
-        metric, the held-out curves, their area and the steps to 50% / 80%), curves.png
+        metric, the held-out curves, their area and the steps to 50% / 80%), results.md, curves.png
 
 Processes get ``OMP_NUM_THREADS=1`` and ``train.threads=1``, so ``--jobs N`` uses N cores. Beyond one machine the
 same runs can go to Slurm through submitit (``--launcher submitit``): each job is ``python -m acrl.sweep RUN``.
@@ -400,9 +400,49 @@ def aggregate(out: str, plot: bool = True) -> dict:
             w.writerow([arm, " ".join(map(str, a["seeds"]))] + [
                 "" if (v := a["metrics"].get(k, {}).get(f)) is None else f"{v:.4g}" for k in keys
                 for f in ("mean", "std")])
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(markdown(table))
     if plot and table:
         plot_curves(table, os.path.join(out, "curves.png"))
     return result
+
+
+def _pm(m: dict | None, pct: bool = True) -> str:
+    if not m or m.get("mean") is None:
+        return "–"
+    f = 100 if pct else 1
+    missing = len(m["values"]) - m["n"]
+    text = f"{f * m['mean']:.1f} ± {f * m['std']:.1f}" if pct else f"{m['mean']:.3g} ± {m['std']:.2g}"
+    return text + (f" ({missing} never)" if missing else "")
+
+
+def markdown(table: dict) -> str:
+    """The sweep as Markdown tables: mean ± sample std over seeds (held-out curve points on ``val``, final
+    metrics on ``eval.split``; accuracies in %)."""
+    views = sorted({k.split("/")[0] for a in table.values() for k in a["metrics"] if k.endswith("/final_accuracy")},
+                   key=lambda v: (v != "in", v))
+    budgets = [b for b in BUDGETS if any(a["metrics"].get(f"in/curve_at_{b}", {}).get("n") for a in table.values())]
+    head = (["arm", "seeds"] + [f"val acc @{b}" for b in budgets] + ["val AUC", "steps to 50%", "steps to 80%",
+            "test acc", "clar. rate", "acc. with clar.", "mean turns", "uniform groups (train)", "KL (last 10)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, a in sorted(table.items()):
+        m = a["metrics"].get
+        lines.append("| " + " | ".join(
+            [arm, str(len(a["seeds"]))] + [_pm(m(f"in/curve_at_{b}")) for b in budgets]
+            + [_pm(m("in/curve_auc")), _pm(m("in/curve_steps_to_50"), False), _pm(m("in/curve_steps_to_80"), False),
+               _pm(m("in/final_accuracy")), _pm(m("in/final_clarification_rate")),
+               _pm(m("in/final_accuracy_with_clarification")), _pm(m("in/final_mean_turns"), False),
+               _pm(m("train/uniform_frac_mean")), _pm(m("train/kl_mean_last10"), False)]) + " |")
+    if len(views) > 1:
+        head = ["arm"] + [f"{v}: test acc" for v in views] + [f"{v}: clar. rate" for v in views] + \
+            [f"{v}: π_ref answers" for v in views]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm, a in sorted(table.items()):
+            m = a["metrics"].get
+            lines.append("| " + " | ".join([arm] + [_pm(m(f"{v}/final_accuracy")) for v in views]
+                                           + [_pm(m(f"{v}/final_clarification_rate")) for v in views]
+                                           + [_pm(m(f"{v}/reference_answer_accuracy")) for v in views]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(table: dict, path: str) -> None:
