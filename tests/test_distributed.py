@@ -93,7 +93,8 @@ def config() -> Config:
     cfg = Config()
     cfg.captioner.max_new_tokens = 8
     for k, v in dict(steps=2, problems_per_step=4, samples_per_problem=4, micro_batch=3, lr=3e-4, kl_beta=0.1,
-                     checkpoint_every=1, log_episodes=4, advantage="bnpo").items():
+                     checkpoint_every=1, log_episodes=4, advantage="bnpo",
+                     max_failed_fraction=0.5).items():   # a few failed episodes are masked, not retried
         setattr(cfg.train, k, v)
     return cfg
 
