@@ -191,7 +191,8 @@ def eval_episode(item: dict, run: str, alpha: float = 0.7) -> dict:
         "final": item.get("clarified_prediction"), "single_pass": item.get("prediction"),
         "single_pass_correct": item.get("correct"), "deny_correct": item.get("deny_correct"),
         "deny_prediction": item.get("deny_prediction"), "tier": tier, "alpha": alpha,
-        "reward": None if tier == "failed" else tier_reward(tier, alpha),
+        # an item's own reward when it has one (several turns, scheduled α); else the one-turn tier reward
+        "reward": None if tier == "failed" else item.get("reward", tier_reward(tier, alpha)),
         "malformed": item.get("malformed"), "error": _errors(item),
         "extra": clean({k: v for k, v in item.items() if k not in _KNOWN_ITEM and "repl" not in k.lower()}),
     }
