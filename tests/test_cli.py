@@ -134,3 +134,25 @@ def test_train_on_a_local_training_set(tmp_path, micro_captioner):
             "--out", tmp_path / "run", "--steps", 2, "--quiet")
     eps = _lines(tmp_path / "run" / "episodes.jsonl")
     assert eps and not any(e["problem_id"].startswith("world-") for e in eps)
+
+
+def test_eval_sets_and_turns_through_the_cli(tmp_path, micro_captioner):
+    """`acrl eval --eval-set` evaluates in each named world/reasoner view (its own output folder), and the
+    reasoner may ask up to train.max_clarifications times, as in multi-turn training."""
+    sets = "eval.sets={tri-only: {world: {families: [tri], needed_facts: {1: 0.5, 2: 0.5}}}}"
+    run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--set", sets,
+            "--set", "train.max_clarifications=3", "--set", "train.turn_rewards=[1, 0.7, 0.5, 0.3]",
+            "--eval-set", "all", "--out", tmp_path / "ev")
+    inside = json.load(open(tmp_path / "ev" / "in" / "summary.json"))
+    tri = json.load(open(tmp_path / "ev" / "tri-only" / "summary.json"))
+    assert tri["eval_set"] == "tri-only" and set(tri["by_family"]) == {"tri"}
+    assert set(inside["by_family"]) != {"tri"}
+    items = _lines(tmp_path / "ev" / "in" / "items.jsonl") + _lines(tmp_path / "ev" / "tri-only" / "items.jsonl")
+    assert max(r["turns"] for r in items) > 1   # a micro captioner leaves facts out: the reasoner asks again
+    assert max(r["turns"] for r in items) <= 3
+    run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--out", tmp_path / "one")
+    one = _lines(tmp_path / "one" / "items.jsonl")
+    assert max(r.get("turns", int(r["asked"])) for r in one) <= 1
+    p = run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--eval-set", "nope",
+                "--out", tmp_path / "bad", check=False)
+    assert p.returncode == 2 and "nope" in p.stderr and "eval.sets" in p.stderr

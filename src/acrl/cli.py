@@ -168,7 +168,8 @@ def _periodic_eval(cfg, policy, reference_path):
     reasoner = build_reasoner(cfg)
 
     def fn(step: int) -> dict:
-        summary, _ = evaluate(policy, reasoner, clarifier, problems, cfg.eval.batch_size)
+        summary, _ = evaluate(policy, reasoner, clarifier, problems, cfg.eval.batch_size,
+                              max_clarifications=cfg.train.max_clarifications)
         return {k: summary["overall"][k] for k in ("accuracy", "clarification_rate", "accuracy_with_clarification")}
     return fn
 
@@ -194,15 +195,33 @@ def cmd_eval(args) -> int:
                                split=args.split, limit=args.limit, max_bad_fraction=args.max_bad_fraction,
                                judge_url=args.judge_url, judge_model=args.judge_model,
                                dynamath_bad_as_wrong=args.dynamath_bad_as_wrong)
-    problems = make_problems(cfg.eval.split, cfg.eval.n, cfg.world)
-    t = time.time()
-    summary, items = evaluate(policy, build_reasoner(cfg), clarifier, problems, cfg.eval.batch_size, progress=True,
-                              items_path=os.path.join(args.out, "items.jsonl"))
-    summary["captioner"], summary["seconds"] = path, round(time.time() - t, 1)
-    write_results(args.out, summary, items, title=f"{os.path.basename(os.path.normpath(path))} on {cfg.eval.split}")
-    print(markdown_table(summary))
-    print(f"results in {args.out}")
+    views = _eval_views(cfg, args.eval_set)
+    for name, view in views.items():
+        out = args.out if len(views) == 1 and name == "in" else os.path.join(args.out, name)
+        clar = clarifier if view is cfg else build_clarifier(view, reference, view.train.clarifier_noise, 12345)
+        problems = make_problems(view.eval.split, view.eval.n, view.world)
+        t = time.time()
+        summary, items = evaluate(policy, build_reasoner(view), clar, problems, view.eval.batch_size, progress=True,
+                                  items_path=os.path.join(out, "items.jsonl"),
+                                  max_clarifications=view.train.max_clarifications)
+        summary["captioner"], summary["seconds"], summary["eval_set"] = path, round(time.time() - t, 1), name
+        title = f"{os.path.basename(os.path.normpath(path))} on {view.eval.split}"
+        write_results(out, summary, items, title=title if name == "in" else f"{title} ({name})")
+        print(f"## {name}\n" if len(views) > 1 else "", end="")
+        print(markdown_table(summary))
+        print(f"results in {out}")
     return 0
+
+
+def _eval_views(cfg, names: list[str] | None) -> dict:
+    """The configs ``acrl eval --eval-set`` asks for: ``in`` (this config), a set of ``eval.sets``, or ``all``."""
+    from acrl.config import eval_view
+
+    if not names:
+        return {"in": cfg}
+    if "all" in names:
+        names = ["in", *cfg.eval.sets]
+    return {n: cfg if n == "in" else eval_view(cfg, n) for n in dict.fromkeys(names)}
 
 
 def cmd_export(args) -> int:
@@ -298,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-url", help="optional LLM judge (OpenAI-compatible base URL) for free-form answers the "
                                        "rules reject; reported separately as accuracy_judged")
     p.add_argument("--judge-model", default="", help="served model name of the judge (default: the first)")
+    p.add_argument("--eval-set", action="append", metavar="NAME",
+                   help="evaluate in a set of eval.sets (another world or reasoner), 'in' for this config's own, or "
+                        "'all' for both; repeatable; each set's results go to OUT/NAME")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("demo", help="world -> warm start -> eval -> AC-RL -> eval -> binary RL -> eval -> report")

@@ -54,7 +54,7 @@ def run_regime(cfg: Config, name: str, out: str, base: str) -> dict:
     result: dict = {"regime": name}
     _log(f"[{name}] evaluating the pretrained captioner on {len(test)} held-out problems")
     summary, items = evaluate(reference, reasoner, eval_clarifier, test, cfg.eval.batch_size, progress=True,
-                              desc="eval pretrained")
+                              desc="eval pretrained", max_clarifications=cfg.train.max_clarifications)
     write_results(os.path.join(out, "eval-pretrained"), summary, items, "pretrained")
     result["pretrained"] = summary
     for arm, alpha in (("acrl", cfg.train.alpha), ("binary", 0.0)):
@@ -66,15 +66,16 @@ def run_regime(cfg: Config, name: str, out: str, base: str) -> dict:
         val = make_problems("val", acfg.train.eval_n, acfg.world)
         val_clar = build_clarifier(acfg, reference, acfg.train.clarifier_noise, 777)
 
-        def curve(step: int, policy=policy, val=val, val_clar=val_clar, bs=acfg.eval.batch_size) -> dict:
-            s, _ = evaluate(policy, reasoner, val_clar, val, bs)
+        def curve(step: int, policy=policy, val=val, val_clar=val_clar, bs=acfg.eval.batch_size,
+                  k=acfg.train.max_clarifications) -> dict:
+            s, _ = evaluate(policy, reasoner, val_clar, val, bs, max_clarifications=k)
             return {k: s["overall"][k] for k in ("accuracy", "clarification_rate", "accuracy_with_clarification")}
 
         run_dir = os.path.join(out, arm)
         hist = train(acfg, policy, reasoner, clarifier, world_source(acfg), run_dir, evaluate_fn=curve)
         _log(f"[{name}] evaluating {arm}")
         summary, items = evaluate(policy, reasoner, eval_clarifier, test, cfg.eval.batch_size, progress=True,
-                                  desc=f"eval {arm}")
+                                  desc=f"eval {arm}", max_clarifications=acfg.train.max_clarifications)
         write_results(os.path.join(out, f"eval-{arm}"), summary, items, arm)
         result[arm] = summary
         result[f"{arm}_history"] = hist
