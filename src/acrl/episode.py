@@ -123,6 +123,54 @@ def clarify_prompt(question: str) -> str:
     return CLARIFY_PROMPT.format(question=question)
 
 
+# --- few-shot demonstrations (``reasoner.few_shot``) --------------------------------------------------------------
+# Worked exchanges in the protocol, shown to a weak reasoner as earlier chat turns before its prompt. Their content
+# (fruit, gardens, ropes) comes from no benchmark and no world split. Each prompt kind gets demonstrations written
+# with its own template, so the reasoner sees exactly the format it must continue.
+_SHOTS = (   # (question, caption, clarification turns, reply)
+    ("How many fruits are in the basket?", "A basket with 4 apples and 3 pears.", (),
+     "The basket holds 4 + 3 = 7 fruits.\nSOLVED \\boxed{7}"),
+    ("What is the area of the garden?", "A rectangular garden drawn on a grid. It is 5 wide.", (),
+     "NEED MORE INFO\nHow tall is the garden?"),
+    ("How much longer is the red rope than the blue rope?", "Two ropes: the red rope is 9 long, the blue one 4.", (),
+     "The red rope is 9 - 4 = 5 longer.\nSOLVED \\boxed{5}"),
+    ("What is the area of the garden?", "A rectangular garden drawn on a grid. It is 5 wide.",
+     (("How tall is the garden?", "The garden is 2 tall."),), "The area is 5 * 2 = 10.\nSOLVED \\boxed{10}"),
+    ("How many coins are there in total?", "A table with gold and silver coins; there are 6 gold coins.",
+     (("How many silver coins are there?", "There are 5 silver coins."),), "6 + 5 = 11 coins.\nSOLVED \\boxed{11}"),
+)
+_DENIED = "No further information is available."
+
+
+def prompt_kind(prompt: str) -> str:
+    """Which reasoner turn ``prompt`` is: ``decision``, ``single_pass``, ``followup`` (after clarifications; it may
+    ask again), ``final`` or ``deny``."""
+    if ASKED_MARK in prompt:
+        if _DENIED in prompt:
+            return "deny"
+        return "followup" if prompt.endswith(FOLLOWUP_ASK.format()) else "final"
+    return "decision" if prompt.endswith(DECISION_PROMPT[DECISION_PROMPT.rindex("\n\n") + 2:].format()) \
+        else "single_pass"
+
+
+def few_shot_messages(prompt: str, k: int) -> list[dict]:
+    """Up to ``k`` demonstrations (user prompt, assistant reply) for a prompt of ``prompt``'s kind."""
+    if k <= 0:
+        return []
+    kind = prompt_kind(prompt)
+    pairs = []
+    for question, caption, turns, reply in _SHOTS:
+        if kind == "decision" and not turns:
+            pairs.append((decision_prompt(question, caption), reply))
+        elif kind == "single_pass" and not turns and "SOLVED" in reply:
+            pairs.append((single_pass_prompt(question, caption), reply))
+        elif kind == "deny" and not turns and "SOLVED" in reply:
+            pairs.append((deny_prompt(question, caption, "What else is in the picture?"), reply))
+        elif kind in ("followup", "final") and turns:
+            pairs.append((followup_prompt(question, caption, list(turns), may_ask=kind == "followup"), reply))
+    return [m for q, a in pairs[:k] for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+
 _TURN = re.compile(re.escape(ASKED_MARK) + r" (.*?)\n" + re.escape(CLARIFICATION_MARK)
                    + r" (.*?)(?=\n" + re.escape(ASKED_MARK) + r" |\n\n(?:Now solve|If the answers)|\Z)", re.S)
 

@@ -11,6 +11,11 @@ Results break down by family (or benchmark category), by the number of facts a q
 clarification, by the number of clarification turns the reasoner took (``by_turns``: the distribution of turns and
 the accuracy at each; ``max_clarifications`` > 1 lets it ask in turn, as in multi-turn training).
 
+A single-pass reply that follows neither SOLVED nor NEED MORE INFO is wrong. For small LLM reasoners that rarely
+follow the protocol, such a reply is also read leniently (:func:`acrl.grading.final_answer`: "the answer is X", the
+last sentence's conclusion) and counted apart: ``lenient`` replies and ``accuracy_lenient`` (correct under either
+reading). ``accuracy`` never uses the lenient reading, and neither does training.
+
 Every item keeps the reasoner's raw replies (``replies``: ``single_pass``, ``decision``, ``final``, ``denial``) so
 a failure can be read, and the loader's scalar ``meta`` (We-Math ``wemath_id`` / ``key``, DynaMath ``seed`` /
 ``variant`` ...) so benchmark metrics can be computed from ``items.jsonl`` alone.
@@ -31,7 +36,9 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from acrl.episode import Clarifier, EpisodeConfig, Reasoner, deny_prompt, run_episodes
+from acrl.data.answers import grade_problem
+from acrl.episode import Clarifier, Episode, EpisodeConfig, Reasoner, deny_prompt, run_episodes
+from acrl.grading import final_answer
 from acrl.problem import Problem
 
 NO_IMAGE_CAPTION = "There is no image for this problem: the question text above is complete."
@@ -135,7 +142,8 @@ def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progres
             items.append({
                 "id": p.id, "family": p.family, "category": p.category, "needed": len(p.needed),
                 "question": p.question, "answer": p.answer, "caption": a.caption,
-                "prediction": a.prediction, "correct": a.correct, "failed": a.tier == "failed" or b.tier == "failed",
+                "prediction": a.prediction, "correct": a.correct, **_lenient(a, p),
+                "failed": a.tier == "failed" or b.tier == "failed",
                 "malformed": a.malformed or b.malformed, "asked": b.decision == "ask",
                 "clarification_question": b.question, "clarification": b.clarification,
                 "clarified_prediction": b.prediction, "clarified_correct": b.correct, "turns": b.turns,
@@ -156,6 +164,12 @@ def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progres
     return items
 
 
+def _lenient(ep: Episode, p: Problem) -> dict:
+    """The lenient reading of a single-pass reply without a decision (counted apart, never in ``accuracy``)."""
+    ans = final_answer(ep.replies[0], p.question) if ep.malformed == "no_decision" and ep.replies else None
+    return {"lenient_prediction": ans, "lenient_correct": bool(ans is not None and grade_problem(ans, p))}
+
+
 def group_metrics(rows: list[dict]) -> dict:
     live = [r for r in rows if not r["failed"]]
     n = len(live)
@@ -174,6 +188,8 @@ def group_metrics(rows: list[dict]) -> dict:
         "accuracy_with_clarification": acc_clar,
         "clarification_gap": acc_clar - acc,
         "acc_deny": sum(bool(r["deny_correct"]) for r in denied) / len(denied) if denied else float("nan"),
+        "lenient": sum(r.get("lenient_prediction") is not None for r in live),
+        "accuracy_lenient": sum(bool(r["correct"] or r.get("lenient_correct")) for r in live) / n,
         "caption_words": sum(len(r["caption"].split()) for r in live) / n,
     }
 
@@ -210,6 +226,8 @@ def _fmt(x) -> str:
 def markdown_table(summary: dict, title: str = "") -> str:
     cols = ["n", "accuracy", "clarification_rate", "accuracy_with_clarification", "clarification_gap", "acc_deny"]
     head = ["", "n", "single-pass acc %", "clar. rate %", "acc. with clar. %", "gap (pts)", "Acc_deny %"]
+    if summary["overall"].get("lenient"):   # replies without a decision were read leniently: show it apart
+        cols, head = cols + ["accuracy_lenient"], head + ["lenient acc. %"]
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |",
                                                       "|" + "---|" * len(head)]
     rows = [("overall", summary["overall"])]

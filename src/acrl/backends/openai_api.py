@@ -392,20 +392,24 @@ class OpenAIReasoner(_ChatClient):
 
     ``think``: ``strip`` removes ``<think>...</think>`` (and a reasoning parser's separate reasoning field) from the
     returned text; ``keep`` returns it (the episode parser ignores thinking either way). ``system``: an optional
-    system message sent before each prompt.
+    system message sent before each prompt. ``few_shot``: that many worked demonstrations of the protocol
+    (:func:`acrl.episode.few_shot_messages`) as earlier turns.
     """
 
     what = "reasoner service"
 
-    def __init__(self, base_url: str, model: str = "", *, think: str = "strip", system: str | None = None, **kw):
+    def __init__(self, base_url: str, model: str = "", *, think: str = "strip", system: str | None = None,
+                 few_shot: int = 0, **kw):
         if think not in THINK_MODES:
             raise ValueError(f"think must be one of {THINK_MODES}, got {think!r}")
         super().__init__(base_url, model, **kw)
-        self.think, self.system = think, system
+        self.think, self.system, self.few_shot = think, system, few_shot
 
     def _messages(self, prompt: str) -> list[dict]:
+        from acrl.episode import few_shot_messages
+
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": "user", "content": prompt}]
+        return head + few_shot_messages(prompt, self.few_shot) + [{"role": "user", "content": prompt}]
 
     def _post(self, reply: str | Exception) -> str | Exception:
         if isinstance(reply, Exception) or self.think == "keep":
