@@ -105,15 +105,10 @@ def cmd_train(args) -> int:
                                  f"in {runinfo.FILE})")
             stored["changes"] += [{"at_step": found.step if found else 0, "key": k, "old": a, "new": b}
                                   for k, a, b in diffs]
-    if not found and dist.is_main:
-        from acrl.trainer import RunExists, clear_run, run_exists
+    if not found and dist.is_main:   # from step 0 (a --resume without a checkpoint starts its run again)
+        from acrl.trainer import open_fresh
 
-        existing = run_exists(out)
-        if existing and not args.overwrite and not args.resume:
-            raise RunExists(f"{out!r} already holds a run ({existing}); continue it with --resume or replace it "
-                            f"with --overwrite")
-        if existing:
-            clear_run(out)
+        open_fresh(out, overwrite=args.overwrite or args.resume)
     if dist.is_main:
         info = stored or runinfo.record(to_dict(cfg), base, data)
         info["config"] = to_dict(cfg)

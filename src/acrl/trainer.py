@@ -530,17 +530,23 @@ def clear_run(out: str) -> None:
                 shutil.rmtree(p)
 
 
+def open_fresh(out: str, overwrite: bool) -> None:
+    """Make ``out`` ready for a run from step 0: refuse a directory that holds a run unless ``overwrite``, in which
+    case that run's records and checkpoints are removed first."""
+    existing = run_exists(out)
+    if existing and not overwrite:
+        raise RunExists(f"{out!r} already holds a run ({existing}); continue it with --resume or replace it "
+                        f"with --overwrite")
+    if existing:
+        clear_run(out)
+    os.makedirs(out, exist_ok=True)
+
+
 def _open_run(out: str, opt, d: Dist, resume: bool | str, overwrite: bool, log) -> TrainState:
     """Prepare ``out`` for this run and return the state to start from (see :func:`train`)."""
     if not resume:
-        existing = run_exists(out) if d.is_main else None
-        if existing and not overwrite:
-            raise RunExists(f"{out!r} already holds a run ({existing}); continue it with --resume or replace it "
-                            f"with --overwrite")
         if d.is_main:
-            if existing:
-                clear_run(out)
-            os.makedirs(out, exist_ok=True)
+            open_fresh(out, overwrite)
         d.barrier()
         return TrainState()
     path = resume if isinstance(resume, str) else None
