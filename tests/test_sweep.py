@@ -97,6 +97,21 @@ def test_aggregate_mean_and_spread_over_seeds(tmp_path):
     assert "| b | 1 |" in md and "(1 never)" in md                   # b never reaches 50%
 
 
+def test_a_numeric_grid_gets_its_own_plot(tmp_path):
+    for i, alpha in enumerate(("0", "0.5", "1")):
+        _fake_run(tmp_path, f"alpha={alpha}_seed=0", f"alpha={alpha}", 0, 0.5 + 0.1 * i, [0.1, 0.5])
+    _fake_run(tmp_path, "anneal-1-0_seed=0", "anneal-1-0", 0, 0.6, [0.1, 0.5])
+    sweep.aggregate(str(tmp_path))
+    assert sweep.grid_axis(json.loads((tmp_path / "results.json").read_text())["arms"]) == (
+        "alpha", {"alpha=0": 0.0, "alpha=0.5": 0.5, "alpha=1": 1.0})
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    two = tmp_path / "two"
+    for alpha in ("0", "0.7"):
+        _fake_run(two, f"alpha={alpha}_seed=0", f"alpha={alpha}", 0, 0.5, [0.1, 0.5])
+    sweep.aggregate(str(two))
+    assert not (two / "grid.png").exists()                          # two values are no axis
+
+
 def _sweep_args(out, steps):
     return ["sweep", "--config", MICRO, "--set", f"train.steps={steps}", "--set", "train.eval_every=2",
             "--set", "train.eval_n=4", "--set", "train.checkpoint_every=1",

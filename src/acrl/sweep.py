@@ -404,6 +404,8 @@ def aggregate(out: str, plot: bool = True) -> dict:
         fh.write(markdown(table))
     if plot and table:
         plot_curves(table, os.path.join(out, "curves.png"))
+        if grid_axis(table):
+            plot_grid(table, os.path.join(out, "grid.png"))
     return result
 
 
@@ -471,6 +473,49 @@ def plot_curves(table: dict, path: str) -> None:
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def grid_axis(table: dict) -> tuple[str, dict[str, float]] | None:
+    """When the arms are one numeric grid (``train.alpha=0`` ... or ``alpha=0.3``, at least three values), its key
+    and each arm's value; else None (named arms such as ``anneal-1-0`` are left out of the axis)."""
+    found: dict[str, dict[str, float]] = {}
+    for arm in table:
+        if "=" in arm and " " not in arm:
+            key, value = arm.split("=", 1)
+            try:
+                found.setdefault(key, {})[arm] = float(value)
+            except ValueError:
+                continue
+    key, arms = max(found.items(), key=lambda kv: len(kv[1]), default=(None, {}))
+    return (key, arms) if len(arms) >= 3 else None
+
+
+def plot_grid(table: dict, path: str) -> None:
+    """Final single-pass accuracy, clarification rate and held-out AUC against the grid's value: mean over seeds
+    with ±1 std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, arms = grid_axis(table)
+    order = sorted(arms, key=arms.get)
+    panels = (("in/final_accuracy", "test single-pass accuracy"), ("in/final_clarification_rate", "clarification rate"),
+              ("in/curve_auc", "held-out AUC (mean val accuracy over the run)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels):
+        stats = [table[a]["metrics"].get(metric) or {} for a in order]
+        xs = [arms[a] for a, st in zip(order, stats) if st.get("mean") is not None]
+        ys = [100 * st["mean"] for st in stats if st.get("mean") is not None]
+        es = [100 * st["std"] for st in stats if st.get("mean") is not None]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(key)
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
