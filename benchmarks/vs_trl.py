@@ -545,7 +545,7 @@ def plot(path: str) -> str:
 
     with open(path) as fh:
         cells = json.load(fh)["cells"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.4), gridspec_kw={"width_ratios": [1, 1.6]})
     for cap, marker in ((32, "o"), (128, "s")):
         pts = sorted((c["settings"]["model_parameters"], c["ratio_acrl_over_trl"], c["settings"]["order"])
                      for c in cells.values() if c["settings"]["max_new_tokens"] == cap)
@@ -558,29 +558,36 @@ def plot(path: str) -> str:
                         label=f"cap {cap}, TRL run first")
     ax1.axhline(2.0, color="grey", ls="--", lw=1)
     ax1.set_xscale("log")
+    sizes = sorted({(c["settings"]["model_parameters"], c["settings"]["size"]) for c in cells.values()})
+    ax1.set_xticks([n for n, _ in sizes], [f"{name}\n{n:,}" for n, name in sizes], fontsize=8)
+    ax1.minorticks_off()
+    ax1.set_ylim(bottom=0)
     ax1.set_xlabel("model parameters")
     ax1.set_ylabel("acrl / TRL episodes per second")
-    ax1.set_title("acrl vs TRL GRPOTrainer, same AC-RL job (CPU, 1 thread)")
+    ax1.set_title("acrl vs TRL GRPOTrainer, same AC-RL job (CPU, 1 thread)", fontsize=10)
     ax1.legend(fontsize=8)
     labels, colors = [], plt.get_cmap("tab10").colors
-    x = 0
+    x, ticks = 0.0, []
     for key, c in cells.items():
         for side in ("acrl", "trl"):
-            sec = phase_seconds(c[side])
+            sec, step = phase_seconds(c[side]), c[side]["seconds_per_step"]
             bottom = 0.0
             for i, k in enumerate(PHASES):
-                v = max(0.0, sec.get(k) or 0.0)
-                ax2.bar(x, v, bottom=bottom, color=colors[i], label=k if x == 0 else None, width=0.8)
+                v = max(0.0, sec.get(k) or 0.0) / step
+                ax2.bar(x, v, bottom=bottom, color=colors[i], label=k if not ticks else None, width=0.8)
                 bottom += v
+            ax2.text(x, min(bottom, 1.02) + 0.01, f"{step:.3g}s", ha="center", fontsize=6)
+            ax2.plot([x - 0.4, x + 0.4], [c[side]["model"]["model_compute_fraction"]] * 2, color="k", lw=1.5,
+                     label="model compute share" if not ticks else None)
             labels.append(f"{side}\n{key.rsplit('/', 1)[0]}" + ("*" if c["settings"]["order"] != "acrl,trl" else ""))
+            ticks.append(x)
             x += 1
         x += 0.5
-    ticks = [i + 0.5 * (i // 2) for i in range(len(labels))]
     ax2.set_xticks(ticks, labels, fontsize=6.5)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("seconds per step (stacked phases, log)")
-    ax2.set_title("step time by phase (size/cap; * TRL first)")
-    ax2.legend(fontsize=7, ncol=2)
+    ax2.set_ylim(0, 1.12)
+    ax2.set_ylabel("share of the step (seconds per step on top)")
+    ax2.set_title("step by phase, per side and cell (size/cap; * TRL ran first)", fontsize=10)
+    ax2.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, -0.32))
     fig.tight_layout()
     out = os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=120)
