@@ -547,7 +547,8 @@ def plot(path: str) -> str:
     with open(path) as fh:
         cells = json.load(fh)["cells"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.4), gridspec_kw={"width_ratios": [1, 1.6]})
-    for cap, marker in ((32, "o"), (128, "s")):
+    caps = sorted({c["settings"]["max_new_tokens"] for c in cells.values()})
+    for cap, marker in zip(caps, "os^Dv"):
         pts = sorted((c["settings"]["model_parameters"], c["ratio_acrl_over_trl"], c["settings"]["order"])
                      for c in cells.values() if c["settings"]["max_new_tokens"] == cap)
         main_pts = [(n, r) for n, r, o in pts if o == "acrl,trl"]
