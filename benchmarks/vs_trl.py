@@ -409,8 +409,8 @@ def prompt_tokens(model_dir: str, problems) -> float:
     proc = load_processor(model_dir)
     lens = []
     for p in problems:
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                                                                   "text": captioner_prompt(p.question_with_choices())}]}]
+        question = {"type": "text", "text": captioner_prompt(p.question_with_choices())}
+        msgs = [{"role": "user", "content": [{"type": "image"}, question]}]
         text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         lens.append(proc(text=[text], images=[p.image.convert("RGB")], return_tensors="pt")["input_ids"].shape[1])
     return round(statistics.fmean(lens), 1)
