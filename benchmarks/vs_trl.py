@@ -546,7 +546,7 @@ def plot(path: str) -> str:
 
     with open(path) as fh:
         cells = json.load(fh)["cells"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.4), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(17, 5.6), gridspec_kw={"width_ratios": [1, 2]})
     caps = sorted({c["settings"]["max_new_tokens"] for c in cells.values()})
     for cap, marker in zip(caps, "os^Dv"):
         pts = sorted((c["settings"]["model_parameters"], c["ratio_acrl_over_trl"], c["settings"]["order"])
