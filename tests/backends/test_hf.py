@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from acrl.backends import hf_tiny
-from acrl.backends.hf import HFCaptioner, HFSettings, export_merged
+from acrl.backends.hf import HFCaptioner, HFSettings, _with_room, export_merged
 from acrl.backends.tiny import LoraSettings
 
 LORA = LoraSettings(enabled=True, r=4, alpha=8)
@@ -303,3 +303,26 @@ def test_shared_sampler_top_p_and_gradient_checkpointing(tiny_dirs):
         grads.append([p.grad.clone() for p in c.trainable_parameters()])
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
     assert all(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_cache_with_room_gives_the_stock_cache_values_without_concatenating():
+    """_with_room: decode-step updates land in a preallocated buffer (the returned keys are views of one storage)
+    and equal the stock DynamicCache's concatenation, also past the room (then it concatenates)."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)) for _ in range(2)]
+    stock, roomy = DynamicCache(), DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        stock.update(k, v, i)
+        roomy.update(k.clone(), v.clone(), i)
+    _with_room(roomy, 2)
+    storage = roomy.layers[0].keys.untyped_storage().data_ptr()
+    for step in range(3):                                   # 2 fit in the room, the third does not
+        for i in range(2):
+            k, v = torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g)
+            a, b = stock.update(k, v, i), roomy.update(k, v, i)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert roomy.get_seq_length() == stock.get_seq_length() == 6 + step
+        same = roomy.layers[0].keys.untyped_storage().data_ptr() == storage
+        assert same == (step < 2)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import os
@@ -797,11 +798,12 @@ class HFCaptioner:
     def _sample_shared(self, model, encs: list[dict], rows_of: list[int], temperature: float, max_new: int,
                        greedy: bool, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill each distinct prompt once, then sample all rows in a plain decode loop over the shared
-        cache. Tokens (pad after an end token) and the log-probs of the sampled tokens under
-        softmax(banned logits / T), both (rows, steps) on CPU."""
+        cache (given room for the ``max_new`` tokens up front, :func:`_with_room`). Tokens (pad after an end
+        token) and the log-probs of the sampled tokens under softmax(banned logits / T), both (rows, steps) on CPU."""
         uniq = sorted(set(rows_of))
         where = {g: k for k, g in enumerate(uniq)}
         cache, att, nxt, logits = self._prefix(model, [encs[g] for g in uniq], [where[g] for g in rows_of])
+        _with_room(cache, max_new)
         temp, top_p = (1.0, 1.0) if greedy else (temperature, top_p)
         banned = self.banned.to(logits.device)
         eos = torch.tensor(self.eos_ids, device=logits.device)
@@ -967,6 +969,47 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         yield
+
+
+@functools.lru_cache(maxsize=1)
+def _roomy_layer():
+    """A transformers ``DynamicLayer`` whose keys/values are views of a buffer with room for more positions
+    (``room_k`` / ``room_v``): ``update`` writes new positions in place while they fit, else concatenates."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, m = self.keys.shape[-2], key_states.shape[-2]
+            if n + m > self.room_k.shape[-2]:                      # out of room: the stock concatenation
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.room_k[..., n:n + m, :] = key_states
+            self.room_v[..., n:n + m, :] = value_states
+            self.keys, self.values = self.room_k[..., :n + m, :], self.room_v[..., :n + m, :]
+            return self.keys, self.values
+
+    return DynamicLayer, RoomyLayer
+
+
+def _with_room(cache, room: int) -> None:
+    """Give each plain layer of a filled KV cache a buffer with ``room`` more positions, in place: decode steps
+    then write their keys/values into it and attend over views of the filled part, where the stock layer
+    concatenates, i.e. copies the whole cache of every layer at every step (on a CPU, with a prompt of a few
+    hundred tokens, that copy was most of a decode step). Same values; layers of other kinds (sliding windows)
+    are left as they are."""
+    plain, roomy = _roomy_layer()
+    layers = getattr(cache, "layers", None) or []
+    for i, layer in enumerate(layers):
+        if type(layer) is not plain or not layer.is_initialized or layer.keys is None:
+            continue
+        new = roomy()
+        n = layer.keys.shape[-2]
+        for name, t in (("room_k", layer.keys), ("room_v", layer.values)):
+            buf = t.new_empty(*t.shape[:-2], n + room, t.shape[-1])
+            buf[..., :n, :] = t
+            setattr(new, name, buf)
+        new.keys, new.values = new.room_k[..., :n, :], new.room_v[..., :n, :]
+        new.device, new.is_initialized = layer.device, True
+        layers[i] = new
 
 
 def _ban(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:

@@ -97,51 +97,80 @@ def build_tokenizer(family: str, seed: int = 0):
     return fast
 
 
-def _text_config(tok, hidden=64, layers=2, heads=4, kv_heads=2, vocab_size=0, **kw) -> dict:
+def _text_config(tok, hidden=64, layers=2, heads=4, kv_heads=2, vocab_size=0, intermediate_size=0, **kw) -> dict:
     ids = tok.convert_tokens_to_ids
-    return {"vocab_size": max(vocab_size, len(tok)), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+    return {"vocab_size": max(vocab_size, len(tok)), "hidden_size": hidden,
+            "intermediate_size": intermediate_size or 2 * hidden,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
             "max_position_embeddings": 1024, "bos_token_id": None, "eos_token_id": ids("<|im_end|>"),
             "pad_token_id": ids("<pad>"), **kw}
 
 
-def build(family: str, seed: int = 0, vocab_size: int = 0):
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen2-VL's M-RoPE split of ``head_dim / 2`` rotary pairs into (temporal, height, width): 1/4, 3/8, 3/8
+    (the released [16, 24, 24] of head_dim 128; [2, 3, 3] of the tiny head_dim 16)."""
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def build(family: str, seed: int = 0, vocab_size: int = 0, image_size: int = IMAGE_SIZE, text: dict | None = None,
+          vision: dict | None = None):
     """(model, processor) for ``family``, randomly initialised with ``seed``. ``vocab_size``: rows of the
     embedding and output head (0: the tokenizer's 400; larger, e.g. Qwen's 151,936, for memory checks: the rows
-    past the tokenizer are never sampled)."""
+    past the tokenizer are never sampled).
+
+    Larger models of the same architecture (Qwen-VL families only): ``image_size`` (the processor resizes every
+    image to it: Qwen ``(image_size / 28)^2`` image tokens), ``text`` (``hidden``, ``layers``, ``heads``,
+    ``kv_heads``, ``intermediate``; default 64, 2, 4, 2, 2 x hidden) and ``vision`` (Qwen2-VL vision config
+    fields, e.g. ``depth``, ``embed_dim``, ``num_heads``; its output width is always the text ``hidden``)."""
     import torch
 
     from acrl.backends.hf import no_video_processor_class
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r} (available: {', '.join(FAMILIES)})")
+    if (image_size != IMAGE_SIZE or text or vision) and family != "qwen2-vl" and family != "qwen2.5-vl":
+        raise ValueError(f"image_size / text / vision dimensions are supported for qwen2-vl and qwen2.5-vl, "
+                         f"not {family!r}")
+    if image_size % 28:
+        raise ValueError(f"image_size must be a multiple of 28 (14-px patches merged 2x2); got {image_size}")
+    text = dict(text or {})
+    unknown = set(text) - {"hidden", "layers", "heads", "kv_heads", "intermediate"}
+    if unknown:
+        raise ValueError(f"unknown text dimension(s) {sorted(unknown)} (hidden, layers, heads, kv_heads, "
+                         f"intermediate)")
     tok = build_tokenizer(family, seed)
     ids = tok.convert_tokens_to_ids
     torch.manual_seed(seed)
     if family in ("qwen2-vl", "qwen2.5-vl"):
         from transformers import Qwen2VLImageProcessorPil
 
-        # head_dim 16: mrope_section sums to head_dim / 2
-        text = _text_config(tok, vocab_size=vocab_size,
-                            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+        dims = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, **text}
+        if "intermediate" in dims:
+            dims["intermediate_size"] = dims.pop("intermediate")
+        hidden = dims["hidden"]
+        # mrope_section sums to head_dim / 2 (head_dim 16 for the default: [2, 3, 3])
+        text = _text_config(tok, vocab_size=vocab_size, **dims, rope_parameters={
+            "rope_type": "default", "mrope_section": mrope_section(hidden // dims["heads"]), "rope_theta": 1e4})
         ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                      min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+                                      min_pixels=image_size * image_size, max_pixels=image_size * image_size)
         common = {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
                   "vision_start_token_id": ids("<|vision_start|>"),
                   "vision_end_token_id": ids("<|vision_end|>"), "tie_word_embeddings": True}
         if family == "qwen2-vl":
             from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-            vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
-                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+            vision = {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2, **(vision or {}), "hidden_size": hidden}
             cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
             model, proc_cls = Qwen2VLForConditionalGeneration(cfg), Qwen2VLProcessor
         else:
             from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-            vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                      "out_hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2,
-                      "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]}
+            vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                      "fullatt_block_indexes": [1], **(vision or {}), "out_hidden_size": hidden}
             cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
             model, proc_cls = Qwen2_5_VLForConditionalGeneration(cfg), Qwen2_5_VLProcessor
         proc = no_video_processor_class(proc_cls)(image_processor=ip, tokenizer=tok,
@@ -192,13 +221,16 @@ def build(family: str, seed: int = 0, vocab_size: int = 0):
     return model.eval(), proc
 
 
-def make_tiny(family: str, out_dir: str, seed: int = 0, vocab_size: int = 0) -> str:
-    """Write a tiny random checkpoint of ``family`` (model + processor) to ``out_dir``; return ``out_dir``."""
-    model, proc = build(family, seed, vocab_size)
+def make_tiny(family: str, out_dir: str, seed: int = 0, vocab_size: int = 0, image_size: int = IMAGE_SIZE,
+              text: dict | None = None, vision: dict | None = None) -> str:
+    """Write a tiny random checkpoint of ``family`` (model + processor) to ``out_dir``; return ``out_dir``.
+    ``image_size`` / ``text`` / ``vision``: larger Qwen-VL models, see :func:`build`."""
+    model, proc = build(family, seed, vocab_size, image_size, text, vision)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     proc.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "acrl_tiny.json"), "w") as fh:
-        json.dump({"family": family, "seed": seed, "image_size": IMAGE_SIZE,
-                   "parameters": sum(p.numel() for p in model.parameters())}, fh, indent=1)
+        json.dump({"family": family, "seed": seed, "image_size": image_size,
+                   "parameters": sum(p.numel() for p in model.parameters()),
+                   "text": text or {}, "vision": vision or {}}, fh, indent=1)
     return out_dir
