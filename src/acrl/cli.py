@@ -42,13 +42,20 @@ def cmd_warmstart(args) -> int:
     from acrl.warmstart import warm_start
 
     cfg = _cfg(args)
+    ws = cfg.reasoner_warmstart if args.reasoner else cfg.warmstart
     if args.steps:
-        cfg.warmstart.steps = args.steps
+        ws.steps = args.steps
     if args.seed is not None:
-        cfg.warmstart.seed = args.seed
+        ws.seed = args.seed
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    warm_start(args.out, cfg.warmstart, cfg.world, cfg.model)
+    if args.reasoner:
+        from acrl.reasoner_warmstart import warm_start_reasoner
+
+        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model)
+        print(f"warm-started reasoner written to {args.out}")
+        return 0
+    warm_start(args.out, ws, cfg.world, cfg.model)
     print(f"warm-started captioner written to {args.out}")
     return 0
 
@@ -252,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--steps", type=int, help="override warmstart.steps")
     p.add_argument("--seed", type=int, help="override warmstart.seed")
+    p.add_argument("--reasoner", action="store_true",
+                   help="warm-start the world's trainable reasoner (reasoner_warmstart, reasoner_model) on "
+                        "transcripts of the world reasoner, instead of the captioner")
     p.set_defaults(fn=cmd_warmstart)
 
     p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
