@@ -82,6 +82,8 @@ def cmd_train(args) -> int:
         cfg.train.report_to = args.report_to
     if args.reference:
         cfg.train.reference = args.reference
+    if args.cotrain:
+        cfg.train.cotrain = True
     cfg = validate(cfg)
     base = args.captioner or (stored or {}).get("captioner") or captioner_path(cfg)
     reference = cfg.train.reference or base   # π_ref: answers clarifications, anchors the KL
@@ -127,14 +129,20 @@ def cmd_train(args) -> int:
     start = os.path.join(found.path, "policy") if found else base
     policy = build_policy(cfg, path=start, reference=reference)
     clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
+    colearner = None
+    if cfg.train.cotrain:   # the reasoner trains too: from its start, or from the checkpoint's reasoner/
+        from acrl.cotrain import build_learner
+
+        colearner = build_learner(cfg, found.path if found else None)
     eval_fn = None
     if cfg.train.eval_every and dist.is_main:   # only rank 0 evaluates
-        eval_fn = _periodic_eval(cfg, policy, reference)
+        eval_fn = _periodic_eval(cfg, policy, reference, colearner.reasoner if colearner else None)
     source = data_source(data, report_to=out if dist.is_main else None) if data else world_source(cfg)
     again = f"acrl train --out {out} --resume"
     try:
-        hist = train(cfg, policy, build_reasoner(cfg), clarifier, source, out, resume=found.path if found else False,
-                     evaluate_fn=eval_fn, progress=not args.quiet)
+        hist = train(cfg, policy, colearner.recorder if colearner else build_reasoner(cfg), clarifier, source, out,
+                     resume=found.path if found else False, evaluate_fn=eval_fn, progress=not args.quiet,
+                     colearner=colearner)
     except Interrupted as e:
         where = f"checkpoint of step {e.step} in {e.checkpoint}" if e.checkpoint else \
             f"step {e.step + 1} abandoned during its update; the newest checkpoint is {checkpoint.latest(out).path}"
@@ -164,7 +172,7 @@ def _shares_reference(cfg) -> bool:
     return cfg.captioner.backend == "hf" and cfg.captioner.lora.enabled
 
 
-def _periodic_eval(cfg, policy, reference_path):
+def _periodic_eval(cfg, policy, reference_path, reasoner=None):
     from acrl.build import build_clarifier, build_policy, build_reasoner
     from acrl.evaluate import evaluate
     from acrl.world import make_problems
@@ -172,7 +180,7 @@ def _periodic_eval(cfg, policy, reference_path):
     problems = make_problems("val", cfg.train.eval_n, cfg.world)
     reference = policy if _shares_reference(cfg) else build_policy(cfg, path=reference_path)
     clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, cfg.train.seed + 1)
-    reasoner = build_reasoner(cfg)
+    reasoner = reasoner or build_reasoner(cfg)   # co-training: the reasoner being trained (greedy)
 
     def fn(step: int) -> dict:
         summary, _ = evaluate(policy, reasoner, clarifier, problems, cfg.eval.batch_size)
@@ -282,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", metavar="PATH", help="train on a local visual-math set (ViRL39K, Geometry3K, or the "
                                                   "generic question/answer/images schema) instead of the world")
     p.add_argument("--report-to", help="also log to tensorboard / wandb / all (through accelerate's trackers)")
+    p.add_argument("--cotrain", action="store_true",
+                   help="co-train the reasoner on the same episodes (train.cotrain; reasoner.backend tiny or hf; "
+                        "its settings in reasoner_train)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
