@@ -10,9 +10,10 @@ contradicting or a wrong statement, as a trained captioner writes them) and one 
 - the single-pass and the denied prompt (it must answer from the description).
 
 The target is the world reasoner's decision written as the tiny reasoner writes it (:func:`transcript`): the
-question, or ``SOLVED`` + the arithmetic, one operation per step, + ``\\boxed{answer}``. The numbers of the working
-are the values the world reasoner read, so the model has to find the facts in the text and compute the answer
-from them; nothing in the prompt states it.
+question, or ``SOLVED`` + the working + ``\\boxed{answer}``. The working restates each needed fact with the value
+the world reasoner read (``red bar = 7``; a guess where it lacks one) and then does the arithmetic, one operation
+per step, so the model has to find the facts in the text and compute the answer from them; nothing in the prompt
+states it.
 
 Held-out checks (:func:`evaluate_reasoner`, ``val`` split): well-formed replies, accuracy with oracle captions,
 asking about a missing fact (and whether that question is answerable), accuracy after the clarification, and
@@ -82,9 +83,23 @@ def _num(x: float) -> list[str]:
     return ["-", s[1:]] if s.startswith("-") else [s]
 
 
-def working(op: str, values: list[int]) -> list[str]:
-    """The arithmetic of ``op`` over ``values``, one operation per step (``7 + 3 = 10 ; 10 + 5 = 15``)."""
-    steps: list[list[str]] = []
+def fact_words(key: str) -> list[str]:
+    """How the working names a fact: ``bar.red`` -> ``red bar``, ``count.blue`` -> ``blue shapes``,
+    ``rect.width`` -> ``rectangle wide``, ``tri.base`` -> ``triangle base``."""
+    kind, slot = key.split(".")
+    if kind == "bar":
+        return [slot, "bar"]
+    if kind == "count":
+        return [slot, "shapes"]
+    if kind == "rect":
+        return ["rectangle", "wide" if slot == "width" else "tall"]
+    return ["triangle", slot]
+
+
+def working(op: str, values: list[int], keys: list[str] | None = None) -> list[str]:
+    """The working of an answer: each needed fact restated with the value used (``red bar = 7``), then the
+    arithmetic of ``op``, one operation per step (``7 + 3 = 10 ; 10 + 5 = 15``)."""
+    steps: list[list[str]] = [fact_words(k) + ["="] + _num(v) for k, v in zip(keys or [], values)]
     if op == "sum":
         acc = values[0]
         for v in values[1:]:
@@ -121,7 +136,7 @@ def transcript(prompt: str, world: WorldReasoner) -> list[str]:
         known.update(world.read(sec["clarification"], None)[0])
     values = [known.get(k, language.guess_value(k)) for k in needed]
     boxed = [answer] if answer.isalpha() else _num(float(answer))
-    return [SOLVED] + working(template.op, values) + [BOX_OPEN] + boxed + [BOX_CLOSE]
+    return [SOLVED] + working(template.op, values, needed) + [BOX_OPEN] + boxed + [BOX_CLOSE]
 
 
 def world_words(text: str) -> list[str]:

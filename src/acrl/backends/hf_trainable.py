@@ -58,11 +58,11 @@ class HFTrainableReasoner(HFReasoner):
             self.lora = lora or LoraSettings(enabled=True, targets=r".*\.(q_proj|k_proj|v_proj|o_proj)$")
             if not self.lora.enabled:
                 raise ValueError("the hf trainable reasoner trains a LoRA adapter: lora.enabled must be true")
+            if self.lora.dropout > 0:
+                raise ValueError(f"reasoner LoRA dropout {self.lora.dropout}: dropout makes the update's log-probs "
+                                 f"differ from the sampling policy's; use 0")
             self.model = get_peft_model(self.model, LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha,
                                                                lora_dropout=0.0, target_modules=self.lora.targets))
-        if self.lora.dropout > 0:
-            raise ValueError(f"reasoner LoRA dropout {self.lora.dropout}: dropout makes the update's log-probs "
-                             f"differ from the sampling policy's; use 0")
         self.model.to(self.device).eval()   # no dropout anywhere: sampling and update compute one function
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id

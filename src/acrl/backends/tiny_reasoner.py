@@ -6,12 +6,12 @@ captioner's word vocabulary, extended by section markers, two mode tokens (``<de
 it must answer) and the reply's own tokens (``SOLVED``, ``NEED MORE INFO``, ``\\boxed{``, ``}``, ``+ * / =``, the
 option letters and the half numbers ``0.5`` .. ``99.5``). It writes, token by token,
 
-    SOLVED 7 + 3 = 10 ; 10 + 5 = 15 \\boxed{15}          or       NEED MORE INFO
-                                                                  what is the height of the red bar ?
+    SOLVED red bar = 7 ; blue bar = 3 ; 7 + 3 = 10 \\boxed{10}      or    NEED MORE INFO
+                                                                       what is the height of the red bar ?
 
-which :func:`acrl.episode.parse_reply` reads like any LLM's reply. The working before the box is the arithmetic
-the model has to do itself: the numbers come from the facts in the description and the clarification, one
-operation per step (partial sums, ``w + h`` then ``* 2``, ``b * h`` then ``/ 2``).
+which :func:`acrl.episode.parse_reply` reads like any LLM's reply. The working before the box is what the model
+has to do itself: restate each needed fact with the value it found in the description or the clarification,
+then the arithmetic, one operation per step (partial sums, ``w + h`` then ``* 2``, ``b * h`` then ``/ 2``).
 
 Architecture (about 0.85M parameters at the defaults): a decoder-only pre-LN transformer built from the world
 captioner's :class:`acrl.backends.tiny.Block` (self-attention only), learned positions, the output head tied to
@@ -127,7 +127,7 @@ class TinyReasonerConfig:
     n_heads: int = 4
     n_layers: int = 4
     max_prompt_tokens: int = 112
-    max_new_tokens: int = 32
+    max_new_tokens: int = 48
 
 
 class TinyLM(nn.Module):
