@@ -11,7 +11,7 @@ from conftest import MICRO, run_cli
 from acrl.backends.world import OracleClarifier
 from acrl.build import build_policy, world_source
 from acrl.config import SHIPPED_REASONER, load_config
-from acrl.cotrain import RecordingReasoner, build_learner, reasoner_rewards, reply_rows
+from acrl.cotrain import build_learner, reasoner_rewards, reply_rows
 from acrl.episode import Episode, EpisodeConfig, run_episodes
 from acrl.trainer import train
 from acrl.world import make_problems, oracle_caption_for

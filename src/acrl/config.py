@@ -228,6 +228,15 @@ class TrainConfig:
 
 
 @dataclass
+class ReasonerLoraSettings(LoraSettings):
+    """LoRA of an hf reasoner in co-training (the fields of :class:`acrl.backends.tiny.LoraSettings`): on by
+    default, on the attention projections of every layer."""
+
+    enabled: bool = True
+    targets: str = r".*\.(q_proj|k_proj|v_proj|o_proj)$"
+
+
+@dataclass
 class ReasonerTrainConfig:
     """The reasoner's side of co-training (``train.cotrain``): its own reward, advantages, optimiser and KL.
 
@@ -259,8 +268,7 @@ class ReasonerTrainConfig:
     kl_beta: float = 0.02
     aggregation: str = "seq-mean-token-mean"
     micro_batch: int = 128
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(
-        enabled=True, targets=r".*\.(q_proj|k_proj|v_proj|o_proj)$"))
+    lora: ReasonerLoraSettings = field(default_factory=ReasonerLoraSettings)
 
 
 @dataclass

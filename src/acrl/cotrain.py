@@ -107,16 +107,13 @@ class ReasonerLearner:
         self.reasoner, self.cfg, self.rt = reasoner, cfg, cfg.reasoner_train
         self.recorder = RecordingReasoner(reasoner, self.rt.temperature)
         self.opt = torch.optim.AdamW(reasoner.trainable_parameters(), lr=self.rt.lr, weight_decay=self.rt.weight_decay)
-        self.update_cfg = self._update_view(cfg)
+        self.update_cfg = self._update_view(cfg, reasoner.max_new_tokens)
 
     @staticmethod
-    def _update_view(cfg):
+    def _update_view(cfg, width: int):
         """The config :func:`acrl.trainer.update` reads, with the reasoner's settings in ``train`` and the
-        reasoner's reply cap as the loss's length normaliser."""
+        reasoner's reply cap ``width`` as the loss's length normaliser."""
         rt = cfg.reasoner_train
-        width = getattr(getattr(cfg, "reasoner_model", None), "max_new_tokens", 32)
-        if cfg.reasoner.backend == "hf":
-            width = cfg.reasoner.max_tokens
         train = dataclasses.replace(cfg.train, epochs=1, micro_batch=rt.micro_batch, clip_low=rt.clip_low,
                                     clip_high=rt.clip_high, kl_beta=rt.kl_beta, aggregation=rt.aggregation,
                                     grad_clip=rt.grad_clip)

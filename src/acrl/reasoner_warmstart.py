@@ -147,10 +147,6 @@ def world_words(text: str) -> list[str]:
 
 # --- training data -----------------------------------------------------------------------------------------------
 
-def _statements(p, facts: dict[str, int], rng: random.Random) -> list[str]:
-    return [language.fact_sentence(k, v) for k, v in facts.items()]
-
-
 def training_caption(p, rng: random.Random, oracle_rate: float) -> str:
     """A description of problem ``p`` as captioners write them (see the module docstring)."""
     scene = p.meta["scene"]
@@ -161,7 +157,7 @@ def training_caption(p, rng: random.Random, oracle_rate: float) -> str:
     else:
         rate = rng.choice([0.0, 0.3, 0.5, 0.8])
         stated = {k: v for k, v in p.facts.items() if rng.random() < rate}
-    parts = _statements(p, stated, rng)
+    parts = [language.fact_sentence(k, v) for k, v in stated.items()]
     parts += rng.sample(remarks, k=rng.randint(0, len(remarks)))
     rng.shuffle(parts)
     u = rng.random()

@@ -74,6 +74,7 @@ class TrainableReasoner(Protocol):
     """A reasoner policy π_φ with its frozen starting copy (see the module docstring)."""
 
     temperature: float   # how ``complete`` samples (0: greedy)
+    max_new_tokens: int  # the reply cap: every ReplyBatch is padded to it
 
     def complete(self, prompts: list[str]) -> list[str]: ...
 

@@ -236,6 +236,10 @@ class TinyReasoner:
             json.dump(self.tokenizer.vocab, fh)
         torch.save(self.model.state_dict(), os.path.join(path, "model.pt"))
 
+    @property
+    def max_new_tokens(self) -> int:
+        return self.cfg.max_new_tokens
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
