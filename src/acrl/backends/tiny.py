@@ -152,11 +152,8 @@ class Block(nn.Module):
             self.ln2, self.xattn = nn.LayerNorm(d), Attention(d, h)
         self.ln3, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
-    def forward(self, x, memory=None, memory_mask=None, causal=False, cache=None, self_mask=None):
-        """``self_mask``: boolean [B, 1, Tq, Tk] mask of the self-attention (True: attend), instead of ``causal``
-        (a decoder-only model with padded rows builds its own causal and key-padding mask)."""
-        x = x + self.attn(self.ln1(x), causal=causal and self_mask is None, mask=self_mask,
-                          cache=None if cache is None else cache.setdefault("self", {}))
+    def forward(self, x, memory=None, memory_mask=None, causal=False, cache=None):
+        x = x + self.attn(self.ln1(x), causal=causal, cache=None if cache is None else cache.setdefault("self", {}))
         if self.cross:
             x = x + self.xattn(self.ln2(x), kv=memory, mask=memory_mask,
                                cache=None if cache is None else cache.setdefault("cross", {}))

@@ -13,11 +13,12 @@ which :func:`acrl.episode.parse_reply` reads like any LLM's reply. The working b
 has to do itself: restate each needed fact with the value it found in the description or the clarification,
 then the arithmetic, one operation per step (partial sums, ``w + h`` then ``* 2``, ``b * h`` then ``/ 2``).
 
-Architecture (about 0.85M parameters at the defaults): a decoder-only pre-LN transformer built from the world
-captioner's :class:`acrl.backends.tiny.Block` (self-attention only), learned positions, the output head tied to
-the word embedding. Prompts are left-padded, so every reply starts in the same column; a KV cache serves
-sampling. Attention projections are named ``q_proj/k_proj/v_proj/o_proj`` and the MLP ``fc1/fc2`` as in the
-captioner, so PEFT LoRA can wrap them.
+Architecture (about 0.88M parameters at the defaults): a decoder-only pre-LN transformer over the world
+captioner's :class:`acrl.backends.tiny.Attention` projections with rotary positions, a causal token shift at the
+input (each position also sees the embeddings of the three tokens before it, so a fact is found by its name in
+one attention step), the output head tied to the word embedding. Prompts are left-padded, so every reply starts
+in the same column; a KV cache serves sampling. Attention projections are named ``q_proj/k_proj/v_proj/o_proj``
+and the MLP ``fc1/fc2`` as in the captioner, so PEFT LoRA can wrap them.
 
 Warm start: :mod:`acrl.reasoner_warmstart` (supervision on the world reasoner's transcripts).
 """
@@ -36,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from acrl.backends.replies import ReplyBatch
-from acrl.backends.tiny import BOS, EOS, PAD, SPECIALS, Block, WordTokenizer, world_tokenizer
+from acrl.backends.tiny import BOS, EOS, PAD, SPECIALS, Attention, WordTokenizer, world_tokenizer
 from acrl.episode import parse_prompt
 
 MARKERS = ["<question>", "<description>", "<asked>", "<clarification>", "<decide>", "<solve>", "<reply>"]
@@ -120,6 +121,9 @@ class TinyReasonerConfig:
         d_model: width. n_heads: attention heads. n_layers: transformer layers.
         max_prompt_tokens: prompt length cap (the description is cut first).
         max_new_tokens: longest reply.
+        shift: previous tokens whose embeddings are mixed into each position's input (a causal token shift:
+            "the red bar is 7" puts "red bar is" next to the 7, so one attention step finds a fact by its name);
+            0: none.
     """
 
     vocab_size: int = 0
@@ -128,6 +132,46 @@ class TinyReasonerConfig:
     n_layers: int = 4
     max_prompt_tokens: int = 112
     max_new_tokens: int = 48
+    shift: int = 3
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` [B, H, T, Dh] at ``positions`` [B, T]."""
+    half = x.shape[-1] // 2
+    freq = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
+    ang = positions[:, None, :, None].float() * freq
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class RotaryAttention(Attention):
+    """The captioner's attention (projections ``q_proj/k_proj/v_proj/o_proj``) as masked self-attention with
+    rotary positions and a KV cache."""
+
+    def forward(self, x, positions, mask, cache=None):
+        q, k, v = (self._split(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = _rotate(q, positions), _rotate(k, positions)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, h, t, dh = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * dh))
+
+
+class ReasonerBlock(nn.Module):
+    """Pre-LN block: rotary self-attention and the captioner's MLP (``fc1/fc2``)."""
+
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), RotaryAttention(d, h)
+        self.ln3, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x, positions, mask, cache=None):
+        x = x + self.attn(self.ln1(x), positions, mask, cache)
+        return x + self.fc2(F.gelu(self.fc1(self.ln3(x))))
 
 
 class TinyLM(nn.Module):
@@ -138,25 +182,39 @@ class TinyLM(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.pos = nn.Embedding(cfg.max_prompt_tokens + cfg.max_new_tokens + 1, d)
-        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cross=False) for _ in range(cfg.n_layers))
+        self.shift = nn.Linear(cfg.shift * d, d, bias=False) if cfg.shift else None
+        self.blocks = nn.ModuleList(ReasonerBlock(d, cfg.n_heads) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.apply(self._init)
+
+    def _inputs(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Token embeddings (padding: zero) plus the token shift over the ``shift`` previous ones."""
+        e = self.embed(tokens) * (tokens != PAD)[..., None]
+        if self.shift is None:
+            return e
+        s, (b, t, d) = self.cfg.shift, e.shape
+        prev = cache.get("prev") if cache is not None else None
+        ext = torch.cat([prev if prev is not None else e.new_zeros(b, s, d), e], 1)
+        if cache is not None:
+            cache["prev"] = ext[:, -s:]
+        window = torch.cat([ext[:, s - k:s - k + t] for k in range(1, s + 1)], -1)
+        return e + self.shift(window)
 
     @staticmethod
     def _init(m):
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache=None):
         """Logits of every position. ``mask``: boolean [B, 1, Tq, Tk] (True: attend); ``cache``: dict for
         incremental decoding (then ``Tk`` counts the cached keys too)."""
-        h = self.embed(tokens) + self.pos(positions)
+        h = self._inputs(tokens, cache)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, self_mask=mask, cache=None if cache is None else cache.setdefault(i, {}))
+            h = blk(h, positions, mask, cache=None if cache is None else cache.setdefault(i, {}))
         return F.linear(self.ln_f(h), self.embed.weight)
 
 
