@@ -326,4 +326,16 @@ def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: World
                     f"{stats['agreement']:.3f} ({time.time() - t0:.0f}s)")
                 reasoner.save(out)
     reasoner.ref_model.load_state_dict(model.state_dict())
+    write_heldout(out, reasoner, world_cfg, cfg.read_budget)
     return reasoner
+
+
+def write_heldout(out: str, reasoner, world_cfg: WorldConfig, read_budget: int = 6, n: int = 1000) -> dict:
+    """``out/heldout.json``: :func:`evaluate_reasoner` of ``reasoner`` and of its teacher on ``n`` test problems."""
+    rec = {"split": "test", "n": n, "parameters": reasoner.num_parameters(),
+           "tiny_reasoner": evaluate_reasoner(reasoner, world_cfg, n, read_budget, split="test"),
+           "world_reasoner (the teacher)": evaluate_reasoner(WorldReasoner(read_budget), world_cfg, n, read_budget,
+                                                             split="test")}
+    with open(os.path.join(out, "heldout.json"), "w") as fh:
+        json.dump(rec, fh, indent=1)
+    return rec

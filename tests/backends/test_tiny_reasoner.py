@@ -92,13 +92,14 @@ def test_shipped_reasoner_learned_the_protocol():
     assert log[0]["parameters"] == r.num_parameters() and log[-1]["oracle_accuracy"] >= 0.9
 
 
-def test_shipped_reasoner_runs_episodes():
-    from acrl.backends.world import OracleClarifier
+def test_shipped_reasoner_runs_episodes_like_the_world_reasoner():
+    from acrl.backends.world import OracleClarifier, WorldReasoner
 
     problems = make_problems("val", 4)
     captions = [[oracle_caption_for(p), oracle_caption_for(p).split(" ; ")[0]] for p in problems]
-    groups = run_episodes(problems, captions, TinyReasoner.load(SHIPPED_REASONER), OracleClarifier(problems),
-                          EpisodeConfig())
-    assert all(g[0].decision == "solved" for g in groups)       # everything stated: it solves
-    assert all(g[1].decision == "ask" for g in groups)          # nothing stated: it asks
-    assert sum(ep.correct for g in groups for ep in g) >= 6
+    ours, theirs = (run_episodes(problems, captions, r, OracleClarifier(problems), EpisodeConfig())
+                    for r in (TinyReasoner.load(SHIPPED_REASONER), WorldReasoner(6)))
+    flat = [(a, b) for ga, gb in zip(ours, theirs) for a, b in zip(ga, gb)]
+    assert [a.decision for a, _ in flat] == [b.decision for _, b in flat] == ["solved", "ask"] * 4
+    assert [a.question for a, _ in flat] == [b.question for _, b in flat]   # the same missing fact asked
+    assert sum(a.correct for a, _ in flat[::2]) >= 3        # everything stated: right (one MC letter may slip)
