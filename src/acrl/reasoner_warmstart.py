@@ -71,8 +71,8 @@ class ReasonerWarmStartConfig:
     final_rate: float = 0.3
     single_rate: float = 0.2
     read_budget: int = 6
-    eval_every: int = 250
-    eval_n: int = 300
+    eval_every: int = 150
+    eval_n: int = 150
     seed: int = 0
 
 
