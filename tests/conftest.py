@@ -27,3 +27,22 @@ def micro_captioner(tmp_path_factory):
     out = tmp_path_factory.mktemp("ws") / "captioner"
     run_cli("warmstart", "--config", MICRO, "--out", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """A tiny random Llama causal LM (with a chat template) built from a config: no downloads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from acrl.backends.hf_tiny import build_tokenizer
+
+    path = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    tok = build_tokenizer("qwen2-vl")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    ids = tok.convert_tokens_to_ids
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                      bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<pad>"))
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from acrl.config import SHIPPED_CAPTIONER, Config
+from acrl.config import SHIPPED_CAPTIONER, SHIPPED_REASONER, Config
 
 
 def captioner_path(cfg: Config) -> str:
@@ -48,9 +48,9 @@ def build_policy(cfg: Config, path: str | None = None, reference: str | None = N
 
 def build_reasoner(cfg: Config):
     rc = cfg.reasoner
-    if rc.few_shot and rc.backend == "world":
-        raise ValueError("reasoner.few_shot is for LLM reasoners (openai, hf); the world reasoner reads no examples "
-                         "(set reasoner.few_shot=0)")
+    if rc.few_shot and rc.backend in ("world", "tiny"):
+        raise ValueError(f"reasoner.few_shot is for LLM reasoners (openai, hf); the {rc.backend} reasoner reads no "
+                         f"examples (set reasoner.few_shot=0)")
     if rc.backend == "world":
         from acrl.backends.world import WorldReasoner
 
@@ -64,12 +64,39 @@ def build_reasoner(cfg: Config):
         return OpenAIReasoner.from_config(rc, few_shot=rc.few_shot).check()      # fails fast, naming the URL
     if rc.backend == "hf":
         from acrl.backends.hf_reasoner import HFReasoner
+        from acrl.backends.hf_trainable import HFTrainableReasoner, is_trainable_checkpoint
 
         if not rc.model:
             raise ValueError("reasoner.backend=hf needs reasoner.model (a model directory or hub id)")
-        return HFReasoner(rc.model, max_new_tokens=rc.max_tokens, temperature=rc.temperature,
-                          batch_size=rc.batch_size, think=rc.think, few_shot=rc.few_shot)
-    raise ValueError(f"unknown reasoner backend {rc.backend!r} (available: world, openai, hf)")
+        kw = {"max_new_tokens": rc.max_tokens, "temperature": rc.temperature, "batch_size": rc.batch_size,
+              "think": rc.think, "few_shot": rc.few_shot}
+        if os.path.isdir(rc.model) and is_trainable_checkpoint(rc.model):   # a co-trained reasoner's adapter
+            return HFTrainableReasoner.load(rc.model, **kw)
+        return HFReasoner(rc.model, **kw)
+    if rc.backend == "tiny":
+        from acrl.backends.tiny_reasoner import TinyReasoner
+
+        return TinyReasoner.load(rc.model or SHIPPED_REASONER, temperature=rc.temperature)
+    raise ValueError(f"unknown reasoner backend {rc.backend!r} (available: world, openai, hf, tiny)")
+
+
+def build_trainable_reasoner(cfg: Config, path: str, reference: str | None = None):
+    """The reasoner co-training trains (``train.cotrain``), loaded from ``path`` (its start, or a checkpoint's
+    ``reasoner/``); ``reference``: its start, the frozen KL anchor (tiny; hf: the adapter-disabled model)."""
+    rc = cfg.reasoner
+    if rc.backend == "tiny":
+        from acrl.backends.tiny_reasoner import TinyReasoner
+
+        return TinyReasoner.load(path, reference=reference, temperature=rc.temperature)
+    if rc.backend == "hf":
+        from acrl.backends.hf_trainable import HFTrainableReasoner, is_trainable_checkpoint
+
+        kw = {"max_new_tokens": rc.max_tokens, "temperature": rc.temperature, "batch_size": rc.batch_size,
+              "think": rc.think}
+        if os.path.isdir(path) and is_trainable_checkpoint(path):
+            return HFTrainableReasoner.load(path, **kw)
+        return HFTrainableReasoner(path, lora=cfg.reasoner_train.lora, **kw)
+    raise ValueError(f"reasoner.backend={rc.backend!r} cannot be trained (co-training needs tiny or hf)")
 
 
 def build_clarifier(cfg: Config, reference, noise: float = 0.0, seed: int = 0):

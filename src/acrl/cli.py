@@ -43,13 +43,20 @@ def cmd_warmstart(args) -> int:
     from acrl.warmstart import warm_start
 
     cfg = _cfg(args)
+    ws = cfg.reasoner_warmstart if args.reasoner else cfg.warmstart
     if args.steps:
-        cfg.warmstart.steps = args.steps
+        ws.steps = args.steps
     if args.seed is not None:
-        cfg.warmstart.seed = args.seed
+        ws.seed = args.seed
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    warm_start(args.out, cfg.warmstart, cfg.world, cfg.model)
+    if args.reasoner:
+        from acrl.reasoner_warmstart import warm_start_reasoner
+
+        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model)
+        print(f"warm-started reasoner written to {args.out}")
+        return 0
+    warm_start(args.out, ws, cfg.world, cfg.model)
     print(f"warm-started captioner written to {args.out}")
     return 0
 
@@ -76,6 +83,8 @@ def cmd_train(args) -> int:
         cfg.train.report_to = args.report_to
     if args.reference:
         cfg.train.reference = args.reference
+    if args.cotrain:
+        cfg.train.cotrain = True
     cfg = validate(cfg)
     base = args.captioner or (stored or {}).get("captioner") or captioner_path(cfg)
     reference = cfg.train.reference or base   # π_ref: answers clarifications, anchors the KL
@@ -116,14 +125,20 @@ def cmd_train(args) -> int:
     start = os.path.join(found.path, "policy") if found else base
     policy = build_policy(cfg, path=start, reference=reference)
     clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
+    colearner = None
+    if cfg.train.cotrain:   # the reasoner trains too: from its start, or from the checkpoint's reasoner/
+        from acrl.cotrain import build_learner
+
+        colearner = build_learner(cfg, found.path if found else None)
     eval_fn = None
     if cfg.train.eval_every and dist.is_main:   # only rank 0 evaluates
-        eval_fn = _periodic_eval(cfg, policy, reference)
+        eval_fn = _periodic_eval(cfg, policy, reference, colearner.reasoner if colearner else None)
     source = data_source(data, report_to=out if dist.is_main else None) if data else world_source(cfg)
     again = f"acrl train --out {out} --resume"
     try:
-        hist = train(cfg, policy, build_reasoner(cfg), clarifier, source, out, resume=found.path if found else False,
-                     evaluate_fn=eval_fn, progress=not args.quiet)
+        hist = train(cfg, policy, colearner.recorder if colearner else build_reasoner(cfg), clarifier, source, out,
+                     resume=found.path if found else False, evaluate_fn=eval_fn, progress=not args.quiet,
+                     colearner=colearner)
     except Interrupted as e:
         where = f"checkpoint of step {e.step} in {e.checkpoint}" if e.checkpoint else \
             f"step {e.step + 1} abandoned during its update; the newest checkpoint is {checkpoint.latest(out).path}"
@@ -153,7 +168,7 @@ def _shares_reference(cfg) -> bool:
     return cfg.captioner.backend == "hf" and cfg.captioner.lora.enabled
 
 
-def _periodic_eval(cfg, policy, reference_path):
+def _periodic_eval(cfg, policy, reference_path, reasoner=None):
     from acrl.build import build_clarifier, build_policy, build_reasoner
     from acrl.evaluate import evaluate
     from acrl.world import make_problems
@@ -161,7 +176,7 @@ def _periodic_eval(cfg, policy, reference_path):
     problems = make_problems("val", cfg.train.eval_n, cfg.world)
     reference = policy if _shares_reference(cfg) else build_policy(cfg, path=reference_path)
     clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, cfg.train.seed + 1)
-    reasoner = build_reasoner(cfg)
+    reasoner = reasoner or build_reasoner(cfg)   # co-training: the reasoner being trained (greedy)
 
     def fn(step: int) -> dict:
         summary, _ = evaluate(policy, reasoner, clarifier, problems, cfg.eval.batch_size,
@@ -277,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--steps", type=int, help="override warmstart.steps")
     p.add_argument("--seed", type=int, help="override warmstart.seed")
+    p.add_argument("--reasoner", action="store_true",
+                   help="warm-start the world's trainable reasoner (reasoner_warmstart, reasoner_model) on "
+                        "transcripts of the world reasoner, instead of the captioner")
     p.set_defaults(fn=cmd_warmstart)
 
     p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
@@ -297,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", metavar="PATH", help="train on a local visual-math set (ViRL39K, Geometry3K, or the "
                                                   "generic question/answer/images schema) instead of the world")
     p.add_argument("--report-to", help="also log to tensorboard / wandb / all (through accelerate's trackers)")
+    p.add_argument("--cotrain", action="store_true",
+                   help="co-train the reasoner on the same episodes (train.cotrain; reasoner.backend tiny or hf; "
+                        "its settings in reasoner_train)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 

@@ -16,13 +16,16 @@ import yaml
 
 from acrl.backends.hf import HFSettings
 from acrl.backends.tiny import LoraSettings, TinyVLMConfig
+from acrl.backends.tiny_reasoner import TinyReasonerConfig
 from acrl.backends.vllm_engine import VLLMSettings
 from acrl.episode import SCHEDULES
+from acrl.reasoner_warmstart import ReasonerWarmStartConfig
 from acrl.warmstart import WarmStartConfig
 from acrl.world import WorldConfig
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SHIPPED_CAPTIONER = os.path.join(ASSETS, "world-captioner")
+SHIPPED_REASONER = os.path.join(ASSETS, "world-reasoner")
 
 
 @dataclass
@@ -60,14 +63,18 @@ class CaptionerConfig(HFSettings):
 
 @dataclass
 class ReasonerConfig:
-    """The frozen text-only reasoner.
+    """The text-only reasoner (frozen, unless ``train.cotrain``).
 
     Attributes:
         backend: ``world`` (deterministic world reasoner), ``openai`` (any OpenAI-compatible endpoint: vLLM,
-            SGLang, ``acrl serve reasoner``) or ``hf`` (a local Hugging Face text LLM, in process).
+            SGLang, ``acrl serve reasoner``), ``hf`` (a local Hugging Face text LLM, in process; with
+            ``train.cotrain`` it trains a LoRA adapter) or ``tiny`` (the world's small transformer reasoner,
+            trainable; warm-started by ``acrl warmstart --reasoner``).
         read_budget: (world) statements of a caption the world reasoner reads before it stops reading.
         base_url: (openai) the server, e.g. ``http://127.0.0.1:8000/v1``.
-        model: (openai) served model name (empty: the server's first); (hf) model directory or hub id.
+        model: (openai) served model name (empty: the server's first); (hf) model directory or hub id, or a
+            co-trained reasoner's checkpoint (``RUN/checkpoint-N/reasoner``); (tiny) checkpoint directory
+            (empty: the shipped warm-started world reasoner).
         api_key_env: (openai) environment variable holding the API key.
         concurrency: (openai) requests in flight at once.
         timeout: (openai) seconds per request. max_retries: (openai) retries on connection errors, 429 and 5xx.
@@ -163,6 +170,8 @@ class TrainConfig:
         log_episodes: groups per step whose transcripts go to ``episodes.jsonl``.
         seed: seed of model sampling and data order.
         threads: torch CPU threads (0: torch's default).
+        cotrain: also train the reasoner on the same episodes (``reasoner_train``; needs ``reasoner.backend``
+            ``tiny`` or ``hf``); default false: the paper's frozen reasoner.
         report_to: also send step metrics to experiment trackers through accelerate (``tensorboard``, ``wandb``,
             ``all``; empty: only ``metrics.jsonl``). The tracker's package must be installed.
         overlap: compute π_ref's log-probs for the KL term while the step's episodes run (in a worker thread),
@@ -202,6 +211,7 @@ class TrainConfig:
     log_episodes: int = 2
     seed: int = 0
     threads: int = 0
+    cotrain: bool = False
     report_to: str = ""
     overlap: bool = True
     step_retries: int = 6
@@ -218,6 +228,50 @@ class TrainConfig:
                                                     or self.alpha_schedule != "constant"):
             raise ValueError("advantage bnpo_decomposed is defined for the paper's reward (one clarification, "
                              "constant alpha)")
+
+
+@dataclass
+class ReasonerLoraSettings(LoraSettings):
+    """LoRA of an hf reasoner in co-training (the fields of :class:`acrl.backends.tiny.LoraSettings`): on by
+    default, on the attention projections of every layer."""
+
+    enabled: bool = True
+    targets: str = r".*\.(q_proj|k_proj|v_proj|o_proj)$"
+
+
+@dataclass
+class ReasonerTrainConfig:
+    """The reasoner's side of co-training (``train.cotrain``): its own reward, advantages, optimiser and KL.
+
+    Reward of an episode for the reasoner: 1 for a correct final answer, 0 otherwise, minus ``question_cost`` for
+    every clarification question it asked. Advantages are taken over the same groups of M episodes as the
+    captioner's; every reply of the reasoner in an episode (the decision, and the answer after the
+    clarification) carries the episode's advantage.
+
+    Attributes:
+        question_cost: reward subtracted per question asked (0: asking is free).
+        temperature: sampling temperature of the reasoner's replies in training episodes (evaluation is greedy).
+        advantage: ``bnpo`` | ``grpo`` | ``rloo`` | ``reinforce``.
+        lr: AdamW learning rate (constant after ``warmup`` steps). warmup, weight_decay, grad_clip: as in ``train``.
+        clip_low / clip_high: PPO ratio clip range. kl_beta: weight of the k3 KL to the reasoner's frozen start.
+        aggregation: token aggregation of the loss (as ``train.aggregation``).
+        micro_batch: reply rows per forward/backward.
+        lora: (hf) the reasoner's LoRA adapter (``enabled`` must be true for hf: the adapter is what trains).
+    """
+
+    question_cost: float = 0.1
+    temperature: float = 1.0
+    advantage: str = "bnpo"
+    lr: float = 1e-4
+    warmup: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_beta: float = 0.02
+    aggregation: str = "seq-mean-token-mean"
+    micro_batch: int = 128
+    lora: ReasonerLoraSettings = field(default_factory=ReasonerLoraSettings)
 
 
 @dataclass
@@ -244,7 +298,8 @@ class EvalConfig:
 @dataclass
 class Config:
     """Everything one run needs. Sections: world, captioner, model (tiny captioner size), reasoner, clarifier,
-    warmstart, train, eval."""
+    warmstart, train, eval; for the trainable world reasoner reasoner_model (its size) and reasoner_warmstart,
+    and for co-training reasoner_train."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
@@ -254,6 +309,9 @@ class Config:
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reasoner_model: TinyReasonerConfig = field(default_factory=TinyReasonerConfig)
+    reasoner_warmstart: ReasonerWarmStartConfig = field(default_factory=ReasonerWarmStartConfig)
+    reasoner_train: ReasonerTrainConfig = field(default_factory=ReasonerTrainConfig)
 
 
 # --- validation: every field is checked against its type (from the dataclass annotations) and, where it has
@@ -303,7 +361,7 @@ RULES: dict[str, tuple] = {
     "model.vocab_size": _ge(0), "model.d_model": _ge(1), "model.n_heads": _ge(1), "model.n_layers": _ge(1),
     "model.enc_layers": _ge(0), "model.cnn_width": _ge(1), "model.max_prompt_tokens": _ge(1),
     "model.max_new_tokens": _ge(1), "model.image_size": _ge(8),
-    "reasoner.backend": _one_of("world", "openai", "hf"), "reasoner.read_budget": _ge(1),
+    "reasoner.backend": _one_of("world", "openai", "hf", "tiny"), "reasoner.read_budget": _ge(1),
     "reasoner.concurrency": _ge(1), "reasoner.timeout": _gt(0), "reasoner.max_retries": _ge(0),
     "reasoner.temperature": _ge(0.0), "reasoner.max_tokens": _ge(1), "reasoner.think": _one_of("strip", "keep"),
     "reasoner.batch_size": _ge(1), "reasoner.noise": _PROB, "reasoner.noise_seed": _ge(0),
@@ -331,6 +389,24 @@ RULES: dict[str, tuple] = {
     "train.seed": _ge(0), "train.threads": _ge(0),
     "train.report_to": _csv_of("tensorboard", "wandb", "all"),
     "train.step_retries": _ge(0), "train.retry_wait": _ge(0),
+    "reasoner_model.vocab_size": _ge(0), "reasoner_model.d_model": _ge(1), "reasoner_model.n_heads": _ge(1),
+    "reasoner_model.n_layers": _ge(1), "reasoner_model.max_prompt_tokens": _ge(8),
+    "reasoner_model.max_new_tokens": _ge(4),
+    "reasoner_warmstart.steps": _ge(1), "reasoner_warmstart.batch_size": _ge(1), "reasoner_warmstart.lr": _gt(0),
+    "reasoner_warmstart.warmup": _ge(0), "reasoner_warmstart.weight_decay": _ge(0),
+    "reasoner_warmstart.grad_clip": _gt(0), "reasoner_warmstart.oracle_rate": _PROB,
+    "reasoner_warmstart.final_rate": _PROB, "reasoner_warmstart.single_rate": _PROB,
+    "reasoner_warmstart.read_budget": _ge(1), "reasoner_warmstart.eval_every": _ge(0),
+    "reasoner_warmstart.eval_n": _ge(1), "reasoner_warmstart.seed": _ge(0),
+    "reasoner_train.question_cost": _ge(0.0), "reasoner_train.temperature": _gt(0.0),
+    "reasoner_train.advantage": _one_of("bnpo", "grpo", "rloo", "reinforce"),
+    "reasoner_train.lr": _gt(0), "reasoner_train.warmup": _ge(0), "reasoner_train.weight_decay": _ge(0),
+    "reasoner_train.grad_clip": _gt(0), "reasoner_train.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "reasoner_train.clip_high": _ge(0), "reasoner_train.kl_beta": _ge(0),
+    "reasoner_train.aggregation": _one_of("seq-mean-token-mean", "seq-mean-token-sum", "token-mean",
+                                          "seq-mean-token-sum-norm"),
+    "reasoner_train.micro_batch": _ge(1), "reasoner_train.lora.r": _ge(1), "reasoner_train.lora.alpha": _gt(0),
+    "reasoner_train.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "eval.split": _one_of("train", "val", "test"), "eval.n": _ge(1), "eval.batch_size": _ge(1),
     "eval.sets": (lambda v: all(isinstance(o, dict) and set(o) <= set(EVAL_SECTIONS) for o in v.values()),
                   "a mapping of set names to overrides of the sections " + ", ".join(EVAL_SECTIONS)),
@@ -430,6 +506,12 @@ def validate(cfg: Config) -> Config:
 def _checked(cfg: Config) -> Config:
     for name in cfg.eval.sets:   # every evaluation set must give a valid config
         eval_view(cfg, name)
+    if cfg.train.cotrain and cfg.reasoner.backend not in ("tiny", "hf"):
+        raise ValueError(f"config train.cotrain=true trains the reasoner: reasoner.backend must be tiny or hf, "
+                         f"got {cfg.reasoner.backend!r}")
+    if cfg.train.cotrain and cfg.reasoner.backend == "hf" and not cfg.reasoner_train.lora.enabled:
+        raise ValueError("config train.cotrain=true with reasoner.backend=hf trains a LoRA adapter: "
+                         "reasoner_train.lora.enabled must be true")
     return cfg
 
 

@@ -31,7 +31,8 @@ import time
 from dataclasses import dataclass
 
 CURVE_KEYS = ("accuracy", "clarification_rate", "accuracy_with_clarification")
-FINAL_KEYS = ("accuracy", "clarification_rate", "accuracy_with_clarification", "acc_deny", "caption_words")
+FINAL_KEYS = ("accuracy", "clarification_rate", "accuracy_with_clarification", "acc_deny", "caption_words",
+              "question_about_missing", "question_answerable", "asks_when_missing")
 TRAIN_KEYS = ("uniform_frac", "kl_mean", "reward", "clarification_rate", "mean_turns")
 BUDGETS = (10, 20, 50, 100, 200)
 THRESHOLDS = (0.5, 0.8)
@@ -165,9 +166,15 @@ def run_job(run_dir: str, progress: bool = False) -> dict:
     policy = build_policy(cfg, path=start, reference=ref_path)
     reference = build_policy(cfg, path=ref_path)
     clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed)
+    colearner = None
+    if cfg.train.cotrain:   # the reasoner trains too; it is evaluated (greedy) wherever the run's reasoner is
+        from acrl.cotrain import build_learner
+
+        colearner = build_learner(cfg, found.path)
     views = _views(cfg)
-    evals = {name: (build_reasoner(v), build_clarifier(v, reference, v.train.clarifier_noise, 777),
-                    v.train.max_clarifications) for name, v in views.items()}
+    evals = {name: (colearner.reasoner if colearner and v.reasoner == cfg.reasoner else build_reasoner(v),
+                    build_clarifier(v, reference, v.train.clarifier_noise, 777), v.train.max_clarifications)
+             for name, v in views.items()}
 
     def curve(step: int) -> dict:
         out = {}
@@ -183,15 +190,17 @@ def run_job(run_dir: str, progress: bool = False) -> dict:
     ref_check = os.path.join(run_dir, "reference.json")
     if not os.path.exists(ref_check):
         _write_json(ref_check, reference_answers(reference, views, cfg))
-    train(cfg, policy, build_reasoner(cfg), clarifier, world_source(cfg), run_dir,
-          resume=found.path or False, overwrite=True, evaluate_fn=curve if cfg.train.eval_every else None,
-          progress=progress)
+    train(cfg, policy, colearner.recorder if colearner else build_reasoner(cfg), clarifier, world_source(cfg),
+          run_dir, resume=found.path or False, overwrite=True, evaluate_fn=curve if cfg.train.eval_every else None,
+          progress=progress, colearner=colearner)
+    from acrl.cotrain import question_quality
+
     final = {}
     for name, (reasoner, clar, k) in evals.items():
-        s, _ = evaluate(policy, reasoner, clar, make_problems(cfg.eval.split, cfg.eval.n, views[name].world),
-                        cfg.eval.batch_size, max_clarifications=k)
-        final[name] = {**s["overall"], "by_turns": s["by_turns"], "by_needed": s["by_needed"],
-                       "by_family": s["by_family"]}
+        problems = make_problems(cfg.eval.split, cfg.eval.n, views[name].world)
+        s, items = evaluate(policy, reasoner, clar, problems, cfg.eval.batch_size, max_clarifications=k)
+        final[name] = {**s["overall"], **question_quality(items, problems), "by_turns": s["by_turns"],
+                       "by_needed": s["by_needed"], "by_family": s["by_family"]}
     result = {"name": job["name"], "arm": job["arm"], "seed": job["seed"], "overrides": job["overrides"],
               "final": final, "seconds": round(time.time() - t0, 1)}
     _write_json(os.path.join(run_dir, RESULT), result)

@@ -129,12 +129,15 @@ def _set_rng_state(s: dict) -> None:
 
 
 def save_checkpoint(out: str, policy: Policy, opt: torch.optim.Optimizer, state: TrainState, cfg: Config,
-                    rng: list[dict] | None = None, keep: int = 2) -> str:
+                    rng: list[dict] | None = None, keep: int = 2, colearner=None) -> str:
     """Write ``out/checkpoint-<step>/`` crash-safely (see :mod:`acrl.checkpoint`); returns its path.
 
-    ``rng``: the random states of every rank, in rank order (default: this process's)."""
+    ``rng``: the random states of every rank, in rank order (default: this process's). ``colearner``: a
+    co-trained reasoner (:class:`acrl.cotrain.ReasonerLearner`) whose weights and optimiser go in too."""
     def write(tmp: str) -> None:
         policy.save(os.path.join(tmp, "policy"))
+        if colearner is not None:
+            colearner.save(tmp)
         torch.save({"optimizer": opt.state_dict(), "rng": rng or [_rng_state()], **asdict(state)},
                    os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as fh:
@@ -275,7 +278,7 @@ def _call_hook(policy: Policy, name: str, *args) -> None:
 
 def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier, problems: ProblemSource,
           out: str, resume: bool | str = False, evaluate_fn: Callable[[int], dict] | None = None,
-          progress: bool = True, overwrite: bool = False) -> list[dict]:
+          progress: bool = True, overwrite: bool = False, colearner=None) -> list[dict]:
     """Run AC-RL; writes ``metrics.jsonl``, ``episodes.jsonl`` and ``checkpoint-<step>/`` under ``out``. Returns
     the metrics of the steps run by this call.
 
@@ -286,9 +289,14 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
     finish the current step, checkpoint and raise :class:`Interrupted` (a second signal abandons the step).
 
     Under ``accelerate launch`` every process runs this function on its own replica of the policy; only rank 0
-    writes files and runs ``evaluate_fn`` (see the module docstring)."""
+    writes files and runs ``evaluate_fn`` (see the module docstring).
+
+    ``colearner``: co-training (``train.cotrain``, :mod:`acrl.cotrain`): ``reasoner`` is its recording reasoner,
+    it updates the reasoner after every captioner update and is checkpointed with the policy (one process)."""
     tc = cfg.train
     d = setup()
+    if colearner is not None and d.world > 1:
+        raise ValueError("train.cotrain runs in one process (accelerate launch with one process, or plain acrl)")
     mine = shard(tc.problems_per_step, d)   # this rank's problems of each step
     main = d.is_main
     _set_seed(tc.seed + d.rank)             # rank 0 samples as a single process would
@@ -307,7 +315,7 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
         rng = rng or d.gather(_rng_state())   # every rank's, so that a resumed rank samples as it would have
         path = None
         if main and saved != state.step:
-            path = save_checkpoint(out, policy, opt, state, cfg, rng, keep=tc.keep_checkpoints)
+            path = save_checkpoint(out, policy, opt, state, cfg, rng, keep=tc.keep_checkpoints, colearner=colearner)
         d.barrier()                           # no rank goes on (or returns) before the checkpoint is written
         saved = state.step
         return path or ckpt.latest(out).path
@@ -320,7 +328,7 @@ def train(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier,
                 try:
                     with stop.armed():
                         rec, failed = _run_step(cfg, policy, opt, reasoner, clarifier, problems, state, mine, d,
-                                                stop)
+                                                stop, colearner)
                 except _Abandon as e:   # a second signal during the step
                     if e.consistent:    # the parameters are still those of state.step: save them
                         raise Interrupted(stop.signum, state.step, checkpoint(d.gather(start_rng))) from None
@@ -417,7 +425,7 @@ class _StopSignals:
 
 
 def _run_step(cfg: Config, policy: Policy, opt, reasoner, clarifier, problems: ProblemSource, state: TrainState,
-              mine: slice, d: Dist, stop: _StopSignals) -> tuple[dict | None, str]:
+              mine: slice, d: Dist, stop: _StopSignals, colearner=None) -> tuple[dict | None, str]:
     """One training step: rollout -> episodes -> advantages -> update. Returns ``(metrics, "")``, or ``(None,
     reason)`` when too many episodes failed (nothing was updated; the caller retries the step)."""
     tc = cfg.train
@@ -456,6 +464,8 @@ def _run_step(cfg: Config, policy: Policy, opt, reasoner, clarifier, problems: P
     _call_hook(policy, "before_update")
     ust = update(policy, opt, rollout, adv[mine].reshape(-1), valid[mine].reshape(-1), cfg, ref, d)
     _call_hook(policy, "after_update")
+    if colearner is not None:   # co-training: the reasoner learns from the same episodes
+        rec.update(colearner.update(groups, batch, state.step))
     stop.in_update = False
     times["update"] = time.perf_counter() - t0
     rec.update({k: v for k, v in ast.items() if isinstance(v, (int, float))})
