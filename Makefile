@@ -60,7 +60,7 @@ research: $(STAMP)
 	    --arm "ref-full:train.reference=$(RESEARCH_OUT)/warmstart-default"
 
 test: $(STAMP) $(LLM_STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests   # two workers: the suite is CPU-bound
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
