@@ -11,8 +11,9 @@ greedy captions and replies):
 - ``warm``: the warm-started tiny reasoner (the frozen arm's reasoner);
 - ``world``: the rule-based world reasoner, which never trained: captions it can no longer read would be a
   private language between the co-trained pair;
-- ``cotrained``: the co-trained reasoner of the same seed (for a frozen-arm captioner: how the co-trained
-  reasoner reads captions it never trained with).
+- ``cotrained``: the run's own co-trained reasoner (``RUN/checkpoint/reasoner``); for a run without one (the
+  frozen arm), the reasoner of the ``cotrain`` arm's run of the same seed: how a co-trained reasoner reads
+  captions it never trained with.
 
 Each cell holds single-pass accuracy, accuracy with clarification, clarification rate and the question quality
 (:func:`acrl.cotrain.question_quality`). Writes ``cross_eval.json`` (every run and cell), ``cross_eval.md`` (mean
@@ -83,8 +84,8 @@ def main(argv=None) -> int:
     if not runs:
         print(f"no finished run in {args.sweep}", file=sys.stderr)
         return 1
-    own = {r["seed"]: TinyReasoner.load(os.path.join(r["dir"], "checkpoint", "reasoner"))
-           for r in runs if r["arm"] == "cotrain"}
+    own = {(r["arm"], r["seed"]): TinyReasoner.load(os.path.join(r["dir"], "checkpoint", "reasoner"))
+           for r in runs if os.path.isdir(os.path.join(r["dir"], "checkpoint", "reasoner"))}
     rows = []
     t0 = time.time()
     captioners = [{"name": "step0", "arm": "step 0 (warm starts)", "seed": None, "path": captioner_path(cfg)}] + [
@@ -92,8 +93,9 @@ def main(argv=None) -> int:
     for c in captioners:
         policy = build_policy(cfg, path=c["path"], reference=captioner_path(cfg))
         readers = {"warm": warm, "world": world}
-        if c["seed"] in own:
-            readers["cotrained"] = own[c["seed"]]
+        mine = own.get((c["arm"], c["seed"]), own.get(("cotrain", c["seed"])))
+        if mine is not None:
+            readers["cotrained"] = mine
         for rname, reasoner in readers.items():
             cell = _cell(policy, reasoner, clarifier, problems, cfg.eval.batch_size)
             rows.append({"captioner": c["name"], "arm": c["arm"], "seed": c["seed"], "reasoner": rname, **cell})
@@ -169,15 +171,16 @@ def _training(runs, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("reward", "captioner reward (AC-RL)"), ("reasoner_reward", "reasoner reward (correct - 0.1/question)"),
+    keys = [("reward", "captioner reward (AC-RL)"), ("reasoner_reward", "reasoner reward (correct - cost x questions)"),
             ("clarification_rate", "clarification rate (training episodes)"), ("reasoner_kl_mean", "reasoner KL")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2))
+    colour = {arm: f"C{i}" for i, arm in enumerate(sorted({r["arm"] for r in runs}))}
     for r in runs:
         hist = [json.loads(x) for x in open(os.path.join(r["dir"], "metrics.jsonl")) if x.strip()]
         for ax, (k, title) in zip(axes, keys):
             if k in hist[0]:
                 ax.plot([h["step"] for h in hist], [h[k] for h in hist], lw=1,
-                        color="C1" if r["arm"] == "cotrain" else "C0",
+                        color=colour[r["arm"]],
                         label=f"{r['arm']} seed {r['seed']}")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
