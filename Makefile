@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-full research test lint install clean
+.PHONY: demo demo-full research research-cotrain test lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,15 @@ research: $(STAMP)
 	    --arm "ref-untrained:train.reference=$(RESEARCH_OUT)/warmstart-default/step-0" \
 	    --arm "ref-step1000:train.reference=$(RESEARCH_OUT)/warmstart-default/step-1000" \
 	    --arm "ref-full:train.reference=$(RESEARCH_OUT)/warmstart-default"
+
+# The co-training study of docs/research/cotraining.md (about an hour on 2 cores, one run at a time).
+research-cotrain: $(STAMP)
+	$(BIN)/acrl sweep --config configs/research/cotrain.yaml --seeds $(RESEARCH_SEEDS) --jobs 1 \
+	    --arm frozen:train.cotrain=false --arm cotrain:train.cotrain=true \
+	    --arm "sampled-frozen:train.cotrain=true reasoner_train.lr=1e-12" \
+	    --arm "cotrain-cost0.3:train.cotrain=true reasoner_train.question_cost=0.3" --out $(RESEARCH_OUT)/cotrain
+	$(BIN)/python benchmarks/cotrain_study.py --sweep $(RESEARCH_OUT)/cotrain --config configs/research/cotrain.yaml \
+	    --out $(RESEARCH_OUT)/cotrain/cross-eval
 
 test: $(STAMP) $(LLM_STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests   # two workers: the suite is CPU-bound

@@ -73,9 +73,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", required=True, help="the acrl sweep directory (with runs/)")
     ap.add_argument("--config", required=True, help="the study's config (eval.split, eval.n, world)")
     ap.add_argument("--out", required=True, help="directory for cross_eval.{json,md,png}")
+    ap.add_argument("--replot", action="store_true", help="only redraw the tables and figures from cross_eval.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(args.config)
+    if args.replot:
+        rows = json.load(open(os.path.join(args.out, "cross_eval.json")))["rows"]
+        _markdown(rows, os.path.join(args.out, "cross_eval.md"), cfg)
+        _plot(rows, os.path.join(args.out, "cross_eval.png"))
+        _training(_runs(args.sweep), os.path.join(args.out, "reasoner_training.png"))
+        return 0
     problems = make_problems(cfg.eval.split, cfg.eval.n, cfg.world)
     reference = build_policy(cfg, path=captioner_path(cfg))
     clarifier = build_clarifier(cfg, reference)
@@ -143,7 +150,7 @@ def _plot(rows, path) -> None:
     groups = _groups(rows)
     arms = sorted({a for a, _ in groups}, key=lambda a: (a != "step 0 (warm starts)", a))
     readers = ["warm", "cotrained", "world"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for ax, key, title in zip(axes, ("accuracy", "accuracy_with_clarification", "question_about_missing"),
                               ("single-pass accuracy", "accuracy with clarification",
                                "questions about a missing fact")):
@@ -155,7 +162,8 @@ def _plot(rows, path) -> None:
                     m, s, _ = _stats([r[key] for r in groups[(arm, rd)]])
                     xs.append(i + (j - 1) * width), ms.append(100 * m), ss.append(100 * s)
             ax.bar(xs, ms, width, yerr=ss, capsize=3, label=f"read by {rd} reasoner")
-        ax.set_xticks(range(len(arms)), [a.replace(" (warm starts)", "") + " captioner" for a in arms], fontsize=8)
+        ax.set_xticks(range(len(arms)), [a.replace(" (warm starts)", "") for a in arms], fontsize=8, rotation=20)
+        ax.set_xlabel("captions written by the captioner of", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
