@@ -313,18 +313,7 @@ class TinyCaptioner:
         of ``path``). LoRA: used as a separate frozen model when its weights differ from the adapter-disabled
         model's.
         """
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"captioner checkpoint directory {path!r} not found")
-        for f in ("config.json", "vocab.json", "model.pt"):
-            if not os.path.exists(os.path.join(path, f)):
-                raise FileNotFoundError(f"captioner checkpoint {path!r} has no {f}")
-        try:
-            with open(os.path.join(path, "config.json")) as fh:
-                cfg = TinyVLMConfig(**json.load(fh))
-            with open(os.path.join(path, "vocab.json")) as fh:
-                tok = WordTokenizer(json.load(fh))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"captioner checkpoint {path!r}: config.json or vocab.json is corrupt ({e})") from None
+        cfg, tok = read_config_and_vocab(path, "captioner", TinyVLMConfig, WordTokenizer)
         model = TinyVLM(cfg)
         try:
             state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
@@ -507,3 +496,21 @@ class TinyCaptioner:
         """Mean token cross-entropy of ``targets`` (warm start)."""
         self.model.train()
         return -self._token_logprobs(self.model, pixels, prompt, targets, 1.0).sum() / (targets != PAD).sum()
+
+
+def read_config_and_vocab(path: str, what: str, config_cls, tokenizer_cls):
+    """``config.json`` and ``vocab.json`` of a tiny checkpoint directory (which must also hold ``model.pt``), with
+    one-line errors naming the checkpoint (``what``: captioner, reasoner)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} checkpoint directory {path!r} not found")
+    for f in ("config.json", "vocab.json", "model.pt"):
+        if not os.path.exists(os.path.join(path, f)):
+            raise FileNotFoundError(f"{what} checkpoint {path!r} has no {f}")
+    try:
+        with open(os.path.join(path, "config.json")) as fh:
+            cfg = config_cls(**json.load(fh))
+        with open(os.path.join(path, "vocab.json")) as fh:
+            tok = tokenizer_cls(json.load(fh))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} checkpoint {path!r}: config.json or vocab.json is corrupt ({e})") from None
+    return cfg, tok

@@ -254,18 +254,9 @@ class TinyReasoner:
 
     @staticmethod
     def _read(path: str) -> tuple[TinyLM, ReasonerTokenizer]:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"reasoner checkpoint directory {path!r} not found")
-        for f in ("config.json", "vocab.json", "model.pt"):
-            if not os.path.exists(os.path.join(path, f)):
-                raise FileNotFoundError(f"reasoner checkpoint {path!r} has no {f}")
-        try:
-            with open(os.path.join(path, "config.json")) as fh:
-                cfg = TinyReasonerConfig(**json.load(fh))
-            with open(os.path.join(path, "vocab.json")) as fh:
-                tok = ReasonerTokenizer(json.load(fh))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"reasoner checkpoint {path!r}: config.json or vocab.json is corrupt ({e})") from None
+        from acrl.backends.tiny import read_config_and_vocab
+
+        cfg, tok = read_config_and_vocab(path, "reasoner", TinyReasonerConfig, ReasonerTokenizer)
         model = TinyLM(cfg)
         try:
             model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True))
