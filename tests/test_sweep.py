@@ -112,6 +112,29 @@ def test_a_numeric_grid_gets_its_own_plot(tmp_path):
     assert not (two / "grid.png").exists()                          # two values are no axis
 
 
+def test_arms_are_compared_with_the_baseline_paired_by_seed(tmp_path):
+    _fake_run(tmp_path, "alpha=0_seed=0", "alpha=0", 0, 0.80, [0.1, 0.5, 0.7])
+    _fake_run(tmp_path, "alpha=0_seed=1", "alpha=0", 1, 0.60, [0.1, 0.3, 0.9])
+    _fake_run(tmp_path, "alpha=0_seed=2", "alpha=0", 2, 0.70, [0.1, 0.4, 0.8])
+    _fake_run(tmp_path, "b_seed=0", "b", 0, 0.90, [0.1, 0.6, 0.6])
+    _fake_run(tmp_path, "b_seed=1", "b", 1, 0.50, [0.1, 0.4, 0.8])   # seed 2 of b is missing: not paired
+    res = sweep.aggregate(str(tmp_path))
+    vs = res["versus"]
+    assert vs["baseline"] == "alpha=0" and set(vs["arms"]) == {"b"}
+    acc = vs["arms"]["b"]["in/final_accuracy"]
+    assert acc["values"] == pytest.approx([0.10, -0.10]) and acc["n"] == 2
+    assert acc["mean"] == pytest.approx(0.0) and acc["std"] == pytest.approx(0.1414214)
+    assert (acc["wins"], acc["losses"]) == (1, 1)
+    at10 = vs["arms"]["b"]["in/curve_at_10"]
+    assert at10["values"] == pytest.approx([0.1, 0.1]) and (at10["wins"], at10["losses"]) == (2, 0)
+    md = (tmp_path / "results.md").read_text()
+    assert "Against alpha=0 (paired by seed" in md
+    assert "| b | 2 | +10.0 ± 0.0 (2–0) |" in md      # val acc @10: the paired difference, seeds ahead–behind
+    res = sweep.aggregate(str(tmp_path), baseline="b")
+    assert res["versus"]["arms"]["alpha=0"]["in/final_accuracy"]["values"] == pytest.approx([-0.10, 0.10])
+    assert "versus" not in sweep.aggregate(str(tmp_path), baseline="none-such")
+
+
 def _sweep_args(out, steps):
     return ["sweep", "--config", MICRO, "--set", f"train.steps={steps}", "--set", "train.eval_every=2",
             "--set", "train.eval_n=4", "--set", "train.checkpoint_every=1",

@@ -375,10 +375,35 @@ def run_metrics(run_dir: str) -> dict | None:
             "seconds": res.get("seconds")}
 
 
-def aggregate(out: str, plot: bool = True) -> dict:
+def versus(table: dict, baseline: str) -> dict | None:
+    """Every arm against ``baseline``, paired by seed: per compared metric the differences (arm − baseline) on
+    the seeds both have, their mean / sample std, and on how many seeds the arm is ahead (wins) or behind."""
+    if baseline not in table:
+        return None
+    base = table[baseline]
+    keys = [k for k in base["metrics"] if k.endswith(("/final_accuracy", "/curve_auc"))
+            or re.search(r"/curve_at_\d+$", k)]
+    arms = {}
+    for arm, a in table.items():
+        if arm == baseline:
+            continue
+        pairs = {}
+        for k in keys:
+            mine = dict(zip(a["seeds"], a["metrics"].get(k, {}).get("values", [])))
+            theirs = dict(zip(base["seeds"], base["metrics"][k]["values"]))
+            diffs = [mine[s] - theirs[s] for s in a["seeds"]
+                     if s in theirs and mine.get(s) is not None and theirs[s] is not None]
+            if diffs:
+                pairs[k] = {**_stats(diffs), "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+        arms[arm] = pairs
+    return {"baseline": baseline, "arms": arms}
+
+
+def aggregate(out: str, plot: bool = True, baseline: str = "alpha=0") -> dict:
     """Read every finished run under ``out/runs`` and write ``results.json``, ``results.csv`` and (``plot``)
     ``curves.png``: per arm, mean / spread (sample std) / values over seeds of every metric, and the mean
-    held-out curves."""
+    held-out curves; with an arm named ``baseline``, every other arm's paired-by-seed differences from it
+    (``versus``)."""
     root = os.path.join(out, "runs")
     runs = [r for d in sorted(os.listdir(root)) if (r := run_metrics(os.path.join(root, d)))] \
         if os.path.isdir(root) else []
@@ -400,6 +425,9 @@ def aggregate(out: str, plot: bool = True) -> dict:
                       "metrics": {k: _stats([r["metrics"].get(k) for r in rs]) for k in keys}, "curves": curves}
     result = {"arms": table, "runs": [{k: r[k] for k in ("name", "arm", "seed", "seconds", "metrics")} for r in runs],
               "unfinished": unfinished}
+    vs = versus(table, baseline)
+    if vs:
+        result["versus"] = vs
     _write_json(os.path.join(out, "results.json"), result)
     keys = sorted({k for a in table.values() for k in a["metrics"]})
     with open(os.path.join(out, "results.csv"), "w", newline="") as fh:
@@ -410,7 +438,7 @@ def aggregate(out: str, plot: bool = True) -> dict:
                 "" if (v := a["metrics"].get(k, {}).get(f)) is None else f"{v:.4g}" for k in keys
                 for f in ("mean", "std")])
     with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(markdown(table))
+        fh.write(markdown(table) + (versus_markdown(vs) if vs else ""))
     if plot and table:
         plot_curves(table, os.path.join(out, "curves.png"))
         if grid_axis(table):
@@ -453,6 +481,30 @@ def markdown(table: dict) -> str:
             lines.append("| " + " | ".join([arm] + [_pm(m(f"{v}/final_accuracy")) for v in views]
                                            + [_pm(m(f"{v}/final_clarification_rate")) for v in views]
                                            + [_pm(m(f"{v}/reference_answer_accuracy")) for v in views]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _delta(m: dict | None) -> str:
+    if not m or m.get("mean") is None:
+        return "–"
+    return f"{100 * m['mean']:+.1f} ± {100 * m['std']:.1f} ({m['wins']}–{m['losses']})"
+
+
+def versus_markdown(vs: dict) -> str:
+    """The paired comparison as a Markdown table: differences from the baseline in points, mean ± std over
+    seeds, and (wins–losses) over those seeds."""
+    keys = sorted({k for a in vs["arms"].values() for k in a})
+    budgets = sorted({int(k.rsplit("_", 1)[1]) for k in keys if k.startswith("in/curve_at_")})
+    views = sorted({k.split("/")[0] for k in keys if k.endswith("/final_accuracy")}, key=lambda v: (v != "in", v))
+    head = (["arm", "paired seeds"] + [f"Δ val acc @{b}" for b in budgets] + ["Δ val AUC"]
+            + [f"Δ {'' if v == 'in' else v + ': '}test acc" for v in views])
+    lines = ["", f"Against {vs['baseline']} (paired by seed: arm − {vs['baseline']} in points, mean ± std over "
+             f"seeds, (seeds ahead–behind)):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, a in sorted(vs["arms"].items()):
+        n = max((m["n"] for m in a.values()), default=0)
+        lines.append("| " + " | ".join([arm, str(n)] + [_delta(a.get(f"in/curve_at_{b}")) for b in budgets]
+                                       + [_delta(a.get("in/curve_auc"))]
+                                       + [_delta(a.get(f"{v}/final_accuracy")) for v in views]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -547,7 +599,7 @@ def cmd_sweep(args) -> int:
         failed = [os.path.basename(d) for d, c in codes.items() if c != 0]
     else:
         failed = []
-    res = aggregate(args.out)
+    res = aggregate(args.out, baseline=args.baseline)
     print(f"sweep: {len(res['runs'])} finished run(s) in {len(res['arms'])} arm(s); results in "
           f"{os.path.join(args.out, 'results.csv')} and results.json"
           + (f"; unfinished: {', '.join(res['unfinished'])}" if res["unfinished"] else ""))
@@ -587,6 +639,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--launcher-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="submitit executor parameter, e.g. slurm_partition=cpu, timeout_min=120 (repeatable)")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table from finished runs")
+    p.add_argument("--baseline", default="alpha=0", metavar="ARM",
+                   help="arm every other arm is compared with, paired by seed (default alpha=0, binary reward; "
+                        "no comparison when no arm has that name)")
     p.set_defaults(fn=cmd_sweep)
     return p
 
