@@ -135,6 +135,19 @@ def test_arms_are_compared_with_the_baseline_paired_by_seed(tmp_path):
     assert "versus" not in sweep.aggregate(str(tmp_path), baseline="none-such")
 
 
+def test_aggregating_no_finished_runs_keeps_an_existing_table(tmp_path):
+    _fake_run(tmp_path, "a_seed=0", "a", 0, 0.6, [0.1, 0.5, 0.7])
+    sweep.aggregate(str(tmp_path))
+    before = (tmp_path / "results.json").read_text()
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "runs").rename(moved)                             # the run files are gone (not copied, deleted)
+    with pytest.raises(ValueError, match="no finished runs under .*runs.*results.json.* left as it is"):
+        sweep.aggregate(str(tmp_path))
+    assert (tmp_path / "results.json").read_text() == before
+    fresh = tmp_path / "fresh"                                   # nothing there before: an empty table is fine
+    assert sweep.aggregate(str(fresh))["arms"] == {}
+
+
 def _sweep_args(out, steps):
     return ["sweep", "--config", MICRO, "--set", f"train.steps={steps}", "--set", "train.eval_every=2",
             "--set", "train.eval_n=4", "--set", "train.checkpoint_every=1",

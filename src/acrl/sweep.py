@@ -408,6 +408,14 @@ def aggregate(out: str, plot: bool = True, baseline: str = "alpha=0") -> dict:
     runs = [r for d in sorted(os.listdir(root)) if (r := run_metrics(os.path.join(root, d)))] \
         if os.path.isdir(root) else []
     unfinished = sorted(set(os.listdir(root)) - {r["name"] for r in runs}) if os.path.isdir(root) else []
+    table_path = os.path.join(out, "results.json")
+    if not runs and os.path.exists(table_path):
+        with open(table_path) as fh:
+            had = json.load(fh).get("runs")
+        if had:   # the run files are missing, not the runs: never replace a table with an empty one
+            raise ValueError(f"no finished runs under {root}, but {table_path} holds {len(had)}: "
+                             f"results.json left as it is (aggregate where the runs' files are)")
+    os.makedirs(out, exist_ok=True)
     arms: dict = {}
     for r in runs:
         arms.setdefault(r["arm"], []).append(r)
@@ -428,7 +436,7 @@ def aggregate(out: str, plot: bool = True, baseline: str = "alpha=0") -> dict:
     vs = versus(table, baseline)
     if vs:
         result["versus"] = vs
-    _write_json(os.path.join(out, "results.json"), result)
+    _write_json(table_path, result)
     keys = sorted({k for a in table.values() for k in a["metrics"]})
     with open(os.path.join(out, "results.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
