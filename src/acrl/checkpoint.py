@@ -72,6 +72,29 @@ def _fsync_tree(root: str) -> None:
         _fsync_dir(d)
 
 
+def publish(save: Callable[[str], None], out: str, last: str = "model.pt") -> None:
+    """Write a model (``save(dir)``) into ``out`` so that ``out/<last>`` appears only once the whole model is there:
+    written to ``out/.publish.tmp/``, fsync'd, the old ``<last>`` removed first, the other files moved in, ``<last>``
+    moved in at the end. A model file in ``out`` is then always complete and its neighbours are its own (how the
+    warm starts write their result: an interrupted one leaves no ``model.pt``)."""
+    tmp = os.path.join(out, ".publish.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        _fsync_tree(tmp)
+    except OSError as e:
+        raise _write_error(e, tmp) from e
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, last))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == last):
+        dst = os.path.join(out, name)
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, name), dst)
+    os.rmdir(tmp)
+    _fsync_dir(out)
+
+
 def _write_error(err: BaseException, path: str) -> CheckpointError:
     text = str(err)
     first = text.splitlines()[0] if text else type(err).__name__

@@ -22,15 +22,18 @@ agreement with the world reasoner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from acrl import checkpoint
 from acrl.backends.tiny_reasoner import ASK, BOX_CLOSE, BOX_OPEN, SOLVED, TinyReasoner, TinyReasonerConfig
 from acrl.backends.world import WorldReasoner
 from acrl.data.answers import grade_problem
@@ -43,6 +46,8 @@ from acrl.episode import (
     single_pass_prompt,
 )
 from acrl.world import WorldConfig, language, make_problems, oracle_caption_for
+
+PROGRESS = "progress"   # OUT/progress/: the model of the latest held-out check while a warm start runs
 
 
 @dataclass
@@ -299,6 +304,8 @@ def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: World
 
     rng = random.Random(cfg.seed)
     os.makedirs(out, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):   # OUT/model.pt: only once this warm start has finished
+        os.remove(os.path.join(out, "model.pt"))
     t0, running = time.time(), None
     with open(os.path.join(out, "warmstart_log.jsonl"), "w") as logf:
         logf.write(json.dumps({"config": asdict(cfg), "world": asdict(world_cfg), "model": asdict(reasoner.cfg),
@@ -324,9 +331,12 @@ def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: World
                     f"{stats['oracle_accuracy']:.3f} asks {stats['missing_ask_rate']:.3f} clarified "
                     f"{stats['clarified_accuracy']:.3f} well-formed {stats['well_formed']:.3f} agreement "
                     f"{stats['agreement']:.3f} ({time.time() - t0:.0f}s)")
-                reasoner.save(out)
+                if not last:   # the check's model, apart: OUT/model.pt means a finished warm start
+                    reasoner.save(os.path.join(out, PROGRESS))
     reasoner.ref_model.load_state_dict(model.state_dict())
     write_heldout(out, reasoner, world_cfg, cfg.read_budget)
+    checkpoint.publish(reasoner.save, out)
+    shutil.rmtree(os.path.join(out, PROGRESS), ignore_errors=True)
     return reasoner
 
 

@@ -14,17 +14,22 @@ them, like a captioner trained on human captions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 
+from acrl import checkpoint
 from acrl.backends.tiny import ANSWER, CAPTION, TinyCaptioner, TinyVLMConfig, images_to_tensor
 from acrl.world import WorldConfig, clarification_pairs, human_caption_for, language, make_problems
+
+PROGRESS = "progress"   # OUT/progress/: the model of the latest held-out check while a warm start runs
 
 
 @dataclass
@@ -113,7 +118,8 @@ def evaluate_reading(cap: TinyCaptioner, world: WorldConfig, n: int = 200, polic
 
 def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: TinyVLMConfig | None = None,
                log=print) -> TinyCaptioner:
-    """Train the world captioner from scratch and save it to ``out``. Returns it."""
+    """Train the world captioner from scratch and save it to ``out`` (``out/model.pt`` appears only when it has
+    finished; the latest held-out check is kept in ``out/progress/`` meanwhile). Returns it."""
     torch.manual_seed(cfg.seed)
     cap = TinyCaptioner.create(model_cfg, seed=cfg.seed)
     model = cap.model
@@ -127,6 +133,8 @@ def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: Ti
 
     rng = random.Random(cfg.seed)
     os.makedirs(out, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):   # OUT/model.pt: only once this warm start has finished
+        os.remove(os.path.join(out, "model.pt"))
     log_path = os.path.join(out, "warmstart_log.jsonl")
     t0, running = time.time(), None
     if cfg.save_every:
@@ -154,6 +162,9 @@ def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: Ti
                 log(f"warmstart step {step + 1}/{cfg.steps} loss {running:.3f} answer acc "
                     f"{stats['answer_accuracy']:.3f} {stats['answer_accuracy_by_family']} "
                     f"needed-in-caption {stats['caption_needed_facts_mentioned']:.2f} ({time.time() - t0:.0f}s)")
-                cap.save(out)
+                if not last:   # the check's model, apart: OUT/model.pt means a finished warm start
+                    cap.save(os.path.join(out, PROGRESS))
     cap.ref_model.load_state_dict(model.state_dict())
+    checkpoint.publish(cap.save, out)
+    shutil.rmtree(os.path.join(out, PROGRESS), ignore_errors=True)
     return cap
