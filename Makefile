@@ -50,6 +50,8 @@ research: $(STAMP)
 	  $(SWEEP) --config configs/research/$$r.yaml --grid $(ALPHAS) --out $(RESEARCH_OUT)/$$r || exit 1; \
 	  $(SWEEP) --config configs/research/$$r.yaml $(ANNEAL) $(TURNS) --out $(RESEARCH_OUT)/$$r || exit 1; \
 	done
+	$(SWEEP) --config configs/research/default.yaml --set train.steps=200 --grid train.alpha=0,0.7 \
+	    --out $(RESEARCH_OUT)/default-200
 	for r in noisy-clarifier short-budget heldout-tri heldout-4fact; do \
 	  $(SWEEP) --config configs/research/$$r.yaml --grid train.alpha=0,0.7 --out $(RESEARCH_OUT)/$$r || exit 1; \
 	  $(SWEEP) --config configs/research/$$r.yaml $(ANNEAL) --out $(RESEARCH_OUT)/$$r || exit 1; \
@@ -58,6 +60,7 @@ research: $(STAMP)
 	    --arm "ref-untrained:train.reference=$(RESEARCH_OUT)/warmstart-default/step-0" \
 	    --arm "ref-step1000:train.reference=$(RESEARCH_OUT)/warmstart-default/step-1000" \
 	    --arm "ref-full:train.reference=$(RESEARCH_OUT)/warmstart-default"
+	$(BIN)/python benchmarks/alpha_summary.py --results $(RESEARCH_OUT) --out $(RESEARCH_OUT)/summary.md
 
 # The co-training study of docs/research/cotraining.md (about an hour on 2 cores, one run at a time).
 research-cotrain: $(STAMP)
