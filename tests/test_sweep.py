@@ -189,11 +189,24 @@ def test_sweep_survives_being_killed(tmp_path):
     assert steps == list(range(1, 7))                            # every step once
 
 
-def test_submitit_launcher_without_submitit_is_a_clear_error(tmp_path):
-    try:
-        import submitit  # noqa: F401
-        pytest.skip("submitit is installed: the missing-package message cannot be shown")
-    except ImportError:
-        pass
+def test_submitit_launcher_without_submitit_is_a_clear_error(tmp_path, monkeypatch):
+    hidden = tmp_path / "hide" / "submitit"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('no submitit here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")]))
     p = run_cli(*_sweep_args(tmp_path / "sw", 1), "--launcher", "submitit", check=False)
     assert p.returncode == 2 and "pip install submitit" in p.stderr
+
+
+def test_submitit_launcher_runs_the_same_jobs(tmp_path):
+    """submitit's local executor stands in for Slurm: the same run directories, results and skipping."""
+    pytest.importorskip("submitit", reason="submitit is in the [dev] extra; without it this launcher is untested")
+    out = tmp_path / "sw"
+    args = [*_sweep_args(out, 2), "--launcher", "submitit", "--launcher-arg", "cluster=local",
+            "--launcher-arg", "timeout_min=10"]
+    p = run_cli(*args)
+    assert "submitted 2 job(s)" in p.stdout and "2 finished run(s) in 2 arm(s)" in p.stdout
+    for arm in ("alpha=0", "alpha=0.7"):
+        res = json.loads((out / "runs" / f"{arm}_seed=0" / sweep.RESULT).read_text())
+        assert res["arm"] == arm and {"in", "tri"} <= set(res["final"])
+    assert "0 to run" in run_cli(*args).stdout                    # finished runs are skipped here too
