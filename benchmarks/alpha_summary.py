@@ -18,17 +18,9 @@ import json
 import os
 import re
 
+from acrl.sweep import _delta, _pm
+
 BUDGETS = (10, 20, 50, 100)
-
-
-def _pm(m: dict | None) -> str:
-    return "–" if not m or m.get("mean") is None else f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}"
-
-
-def _delta(m: dict | None) -> str:
-    if not m or m.get("mean") is None:
-        return "–"
-    return f"{100 * m['mean']:+.1f} ± {100 * m['std']:.1f} ({m['wins']}–{m['losses']})"
 
 
 def _always_ahead(m: dict | None) -> bool:
