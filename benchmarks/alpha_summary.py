@@ -18,7 +18,7 @@ import json
 import os
 import re
 
-from acrl.sweep import _delta, _pm
+from acrl.app.sweep import _delta, _pm
 
 BUDGETS = (10, 20, 50, 100)
 

@@ -42,7 +42,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _cmd(out: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "acrl.cli", "train", "--out", out, *BASE, *extra]
+    return [sys.executable, "-m", "acrl", "train", "--out", out, *BASE, *extra]
 
 
 def _metrics(out: str) -> list[dict]:
@@ -84,7 +84,7 @@ class Service:
     def start(self) -> None:
         import httpx
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "acrl.cli", "serve", self.kind, "--port",
+        self.proc = subprocess.Popen([sys.executable, "-m", "acrl", "serve", self.kind, "--port",
                                       str(self.port), *self.args], env=ENV, cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.time() + 120
@@ -139,7 +139,7 @@ def _resume_until_done(out: str, extra: list[str], rec: dict, limit: int = 3, ti
 
 
 def _latest_step(out: str) -> int:
-    from acrl.checkpoint import latest
+    from acrl.train.checkpoint import latest
 
     return latest(out).step
 

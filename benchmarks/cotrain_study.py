@@ -16,7 +16,7 @@ greedy captions and replies):
   captions it never trained with.
 
 Each cell holds single-pass accuracy, accuracy with clarification, clarification rate and the question quality
-(:func:`acrl.cotrain.question_quality`). Writes ``cross_eval.json`` (every run and cell), ``cross_eval.md`` (mean
+(:func:`acrl.train.learner.question_quality`). Writes ``cross_eval.json`` (every run and cell), ``cross_eval.md`` (mean
 ± sample std over seeds), ``cross_eval.png`` and ``reasoner_training.png`` (the co-trained reasoner's reward,
 questions and KL per step, from ``metrics.jsonl``).
 """
@@ -32,13 +32,13 @@ import time
 
 import torch
 
+from acrl.app.assemble import build_clarifier, build_policy, captioner_path
 from acrl.backends.tiny_reasoner import TinyReasoner
-from acrl.backends.world import WorldReasoner
-from acrl.build import build_clarifier, build_policy, captioner_path
 from acrl.config import SHIPPED_REASONER, load_config
-from acrl.cotrain import question_quality
-from acrl.evaluate import evaluate
+from acrl.eval.evaluate import evaluate
+from acrl.train.learner import question_quality
 from acrl.world import make_problems
+from acrl.world.reasoner import WorldReasoner
 
 KEYS = ("accuracy", "accuracy_with_clarification", "clarification_rate", "question_about_missing",
         "question_answerable", "asks_when_missing")

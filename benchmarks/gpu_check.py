@@ -141,7 +141,8 @@ def check_family(name: str, steps: int, problems: int, max_new: int) -> dict:
 
     from acrl.backends.hf import HFCaptioner, HFSettings
     from acrl.config import load_config
-    from acrl.trainer import reference_logprobs, update
+    from acrl.core.update import update
+    from acrl.train.collect import reference_logprobs
 
     cfg = load_config(os.path.join(ROOT, "configs", PAPER[name]),
                       [f"train.problems_per_step={problems}", f"captioner.max_new_tokens={max_new}"])
@@ -180,7 +181,7 @@ def check_vllm(cap, cfg, images, questions, max_new) -> dict:
     except ImportError:
         return {"skipped": "vLLM is not installed (pip install -e '.[gpu]')"}
     from acrl.backends.vllm_engine import VLLMRolloutEngine, VLLMSettings
-    from acrl.episode import captioner_prompt
+    from acrl.rollout.prompts import captioner_prompt
 
     n = cfg.train.samples_per_problem
     engine = VLLMRolloutEngine(cap, VLLMSettings(gpu_memory_utilization=0.35, max_model_len=4096))

@@ -52,10 +52,10 @@ def cell(rows: int, tokens: int, chunk: int, baseline: bool) -> dict:
     from PIL import Image
 
     from acrl.backends import hf_tiny
-    from acrl.backends.base import Rollout
     from acrl.backends.hf import HFCaptioner, HFContext, HFSettings, _ban
     from acrl.backends.tiny import LoraSettings
-    from acrl.episode import captioner_prompt
+    from acrl.rollout.prompts import captioner_prompt
+    from acrl.rollout.protocols import Rollout
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = hf_tiny.make_tiny("qwen2-vl", os.path.join(tempfile.mkdtemp(), "m"), seed=0, vocab_size=VOCAB)

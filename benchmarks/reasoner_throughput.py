@@ -24,9 +24,9 @@ import time
 import httpx
 
 from acrl.backends.openai_api import OpenAIReasoner
-from acrl.backends.world import WorldReasoner
-from acrl.episode import decision_prompt
+from acrl.rollout.prompts import decision_prompt
 from acrl.world import human_caption_for, make_problems
+from acrl.world.reasoner import WorldReasoner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +39,7 @@ def _prompts(n: int) -> list[str]:
 
 def _start_subprocess() -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "acrl.serve", "reasoner", "--backend", "world", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "acrl.app.serve", "reasoner", "--backend", "world", "--port", "0"],
                             stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if " at http" not in line:
@@ -96,7 +96,7 @@ def main() -> None:
 
     proc = server = None
     if args.in_process:
-        from acrl.serve import WorldBackend, start_server
+        from acrl.app.serve import WorldBackend, start_server
 
         server, _, url = start_server(WorldBackend())
     else:

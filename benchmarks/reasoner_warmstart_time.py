@@ -2,7 +2,7 @@
 
     python benchmarks/reasoner_warmstart_time.py [--steps 30]
 
-Runs ``--steps`` optimisation steps of :func:`acrl.reasoner_warmstart.warm_start_reasoner`'s loop (fresh batches
+Runs ``--steps`` optimisation steps of :func:`acrl.train.reasoner_warmstart.warm_start_reasoner`'s loop (fresh batches
 of 64 prompts, the default model) and one held-out check, timing each with ``time.process_time`` (this
 process's CPU seconds, so other load on a shared machine does not count) and wall time. Extrapolates to the
 default 2000 steps with a check every 150. Writes ``benchmarks/results/reasoner_warmstart_time.json``.
@@ -20,9 +20,9 @@ import time
 import torch
 
 from acrl.backends.tiny_reasoner import TinyReasoner
-from acrl.backends.world import WorldReasoner
-from acrl.reasoner_warmstart import ReasonerWarmStartConfig, evaluate_reasoner, training_batch
+from acrl.train.reasoner_warmstart import ReasonerWarmStartConfig, evaluate_reasoner, training_batch
 from acrl.world import WorldConfig
+from acrl.world.reasoner import WorldReasoner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from acrl.build import build_clarifier, build_policy, build_reasoner, captioner_path, world_source
+from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path, world_source
 from acrl.config import load_config
-from acrl.trainer import train
+from acrl.train.loop import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -199,9 +199,9 @@ def profile_top(prof: cProfile.Profile, n: int = 25) -> list[str]:
 # --- acrl ---------------------------------------------------------------------------------------------------------
 
 def run_acrl(args, model_dir: str, work: str) -> dict:
-    from acrl.build import build_policy, world_source
+    from acrl.app.assemble import build_policy, world_source
     from acrl.config import load_config
-    from acrl.trainer import train
+    from acrl.train.loop import train
 
     steps = args.warmup + args.steps
     cfg = load_config(os.path.join(ROOT, "configs", "qwen2-vl-tiny.yaml"), [
@@ -285,7 +285,7 @@ def run_acrl(args, model_dir: str, work: str) -> dict:
 
 
 def policy_reasoner():
-    from acrl.backends.world import WorldReasoner
+    from acrl.world.reasoner import WorldReasoner
 
     return WorldReasoner(read_budget=6)
 
@@ -404,7 +404,7 @@ def prompt_tokens(model_dir: str, problems) -> float:
     """Mean prompt length (image tokens + chat template + captioner prompt) of ``problems`` under the checkpoint's
     processor, as both sides encode it."""
     from acrl.backends.hf import load_processor
-    from acrl.episode import captioner_prompt
+    from acrl.rollout.prompts import captioner_prompt
 
     proc = load_processor(model_dir)
     lens = []
@@ -428,7 +428,7 @@ def run_cell(args) -> dict:
     if sorted(order) != ["acrl", "trl"]:
         raise SystemExit(f"--order {args.order!r}: acrl,trl or trl,acrl")
     result: dict = {
-        "what": "acrl.trainer.train (hf backend) vs trl.GRPOTrainer on the same AC-RL job (random Qwen2-VL, "
+        "what": "acrl.train.loop.train (hf backend) vs trl.GRPOTrainer on the same AC-RL job (random Qwen2-VL, "
                 "world reasoner, π_ref = adapter-disabled policy), steady-state",
         "settings": {"size": args.size, "image_size": args.image_size, "problems_per_step": args.problems,
                      "samples_per_problem": args.samples, "episodes_per_step": args.problems * args.samples,

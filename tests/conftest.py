@@ -13,7 +13,7 @@ MICRO = os.path.join(ROOT, "configs", "micro.yaml")
 def run_cli(*args, check=True):
     """Run the real `acrl` CLI in a subprocess (as a user would) and return the completed process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "acrl.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "acrl", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"acrl {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n"

@@ -1,3 +1,3 @@
-from acrl.cli import main
+from acrl.app.cli import main
 
 raise SystemExit(main())

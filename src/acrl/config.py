@@ -14,14 +14,268 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from acrl.backends.hf import HFSettings
-from acrl.backends.tiny import LoraSettings, TinyVLMConfig
-from acrl.backends.tiny_reasoner import TinyReasonerConfig
-from acrl.backends.vllm_engine import VLLMSettings
-from acrl.episode import SCHEDULES
-from acrl.reasoner_warmstart import ReasonerWarmStartConfig
-from acrl.warmstart import WarmStartConfig
-from acrl.world import WorldConfig
+SCHEDULES = ("constant", "linear", "cosine", "step")   # train.alpha_schedule
+WORLD_FAMILIES = ("bars", "shapes", "rect", "tri")      # world.families
+
+
+@dataclass
+class HFSettings:
+    """Runtime settings of an :class:`HFCaptioner` (the ``captioner:`` config fields of the ``hf`` backend).
+
+    Attributes:
+        dtype: ``auto`` (bf16 on a GPU that supports it, else fp32), ``bf16``, ``fp16`` or ``fp32``.
+        device: ``auto`` (``cuda`` when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        gradient_checkpointing: recompute activations in the backward pass (saves memory on long prompts).
+        max_pixels: downscale images with more pixels than this before the processor (0: processor default).
+        freeze_vision: keep the vision tower and projector frozen (LoRA targets only the language model; a
+            full fine-tune trains only the language model).
+        top_p: nucleus sampling for training captions (log-probs stay full-vocabulary, temperature-scaled).
+        generation_batch_size: caption rows per ``generate`` call (0: all rows at once).
+        logprob_batch_size: rows per teacher-forced forward (0: the trainer's ``train.micro_batch`` when the
+            captioner is given it, else 8). Chunks are aligned to multiples of this from row 0, so a micro-batch
+            that is a multiple of it runs exactly the chunks of the recompute.
+        recompute_logprobs: replace the log-probs recorded during sampling by the teacher-forced pass the update
+            uses (same function, row chunks and mode: the on-policy ratio is exactly 1; one more forward). Not
+            done for greedy generation (evaluation), where nothing uses them.
+        answer_max_new_tokens: length cap of π_ref's clarification answers.
+        share_prompt_cache: run each problem's prompt (image included) once and share its KV cache among the
+            problem's samples, in generation and in the teacher-forced log-prob passes (same numbers up to
+            float rounding; 2-3x faster with n=8). ``false``: the per-row path (each row recomputes prompt and
+            image). Under ``gradient_checkpointing`` the teacher-forced passes all take the per-row path (sampling
+            still shares the prompt).
+        processor_kwargs: extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL
+            tiles) or ``{max_pixels: 401408}`` (Qwen-VL's own resize bound).
+        trust_remote_code: passed to ``from_pretrained`` (not needed for the supported families).
+    """
+
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    max_pixels: int = 0
+    freeze_vision: bool = True
+    top_p: float = 1.0
+    generation_batch_size: int = 0
+    logprob_batch_size: int = 0
+    recompute_logprobs: bool = False
+    answer_max_new_tokens: int = 64
+    share_prompt_cache: bool = True
+    processor_kwargs: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> HFSettings:
+        """The fields of this class that ``cfg`` (e.g. ``Config.captioner``) has; the rest keep defaults."""
+        out = cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
+        out.processor_kwargs = dict(out.processor_kwargs or {})
+        return out
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the decoder (and optionally encoder) linear layers through PEFT.
+
+    Attributes:
+        enabled: train a LoRA adapter instead of all weights; the reference is the adapter-disabled model.
+        r: rank. alpha: scaling numerator.
+        dropout: LoRA dropout, in [0, 1). Only supervised warm-start passes apply it: the RL log-prob passes run
+            with dropout off (old and new log-probs must be the same function), and the ``hf`` backend refuses a
+            new adapter with dropout > 0 for that reason.
+        targets: regex of module names to adapt.
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: str = r".*decoder.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
+
+
+@dataclass
+class TinyVLMConfig:
+    """Size of the tiny captioner.
+
+    Attributes:
+        vocab_size: filled from the tokenizer.
+        d_model: width of encoder and decoder.
+        n_heads: attention heads.
+        n_layers: decoder layers.
+        enc_layers: transformer layers over the image tokens.
+        cnn_width: channels of the first conv layer (stride 8 overall: 64x64 -> 8x8 tokens).
+        max_prompt_tokens: prompt (mode token + question) length cap.
+        max_new_tokens: longest text the model writes.
+        image_size: input side length in pixels.
+    """
+
+    vocab_size: int = 0
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2
+    enc_layers: int = 1
+    cnn_width: int = 32
+    max_prompt_tokens: int = 40
+    max_new_tokens: int = 48
+    image_size: int = 64
+
+
+@dataclass
+class TinyReasonerConfig:
+    """Size of the tiny reasoner.
+
+    Attributes:
+        vocab_size: filled from the tokenizer.
+        d_model: width. n_heads: attention heads. n_layers: transformer layers.
+        max_prompt_tokens: prompt length cap (the description is cut first).
+        max_new_tokens: longest reply.
+        shift: previous tokens whose embeddings are mixed into each position's input (a causal token shift:
+            "the red bar is 7" puts "red bar is" next to the 7, so one attention step finds a fact by its name);
+            0: none.
+    """
+
+    vocab_size: int = 0
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    max_prompt_tokens: int = 112
+    max_new_tokens: int = 48
+    shift: int = 3
+
+
+@dataclass
+class VLLMSettings:
+    """The ``captioner.vllm`` config section (used when ``captioner.rollout_engine: vllm``).
+
+    Attributes:
+        mode: ``colocate`` (an engine inside each training process) or ``server`` (a running ``vllm serve``).
+        gpu_memory_utilization: (colocate) share of the GPU's memory vLLM may take (weights + KV cache); the
+            training model, its activations and optimizer state need the rest.
+        max_model_len: (colocate) context length of the engine (0: the model's own).
+        max_lora_rank: largest adapter rank the engine accepts (0: the captioner's rank, rounded up to a size vLLM
+            supports). The server must be started with ``--max-lora-rank`` at least this.
+        sleep_level: 1: offload the weights to host memory and drop the KV cache during each update (colocate:
+            ``llm.sleep``; server: ``POST /sleep``, which needs ``VLLM_SERVER_DEV_MODE=1``); 0: stay awake (a
+            server on its own GPUs).
+        enforce_eager: (colocate) no CUDA graphs (less memory, slower decoding).
+        seed: (colocate) sampling seed of the engine (plus the rank under ``accelerate launch``).
+        base_url: (server) e.g. ``http://127.0.0.1:8000/v1``.
+        model: (server) served name of the base model (``--served-model-name``; empty: the server's first model).
+        api_key_env: (server) environment variable holding the API key (unset: none is sent).
+        adapter_dir: where adapters are written (empty: a temporary directory; server: a path it can read).
+        concurrency: (server) chat requests in flight.
+        timeout: (server) seconds per request.
+        engine_kwargs: (colocate) more ``vllm.LLM(...)`` arguments, e.g. ``{max_num_seqs: 256}``.
+    """
+
+    mode: str = "colocate"
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int = 0
+    max_lora_rank: int = 0
+    sleep_level: int = 1
+    enforce_eager: bool = False
+    seed: int = 0
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    adapter_dir: str = ""
+    concurrency: int = 32
+    timeout: float = 600.0
+    engine_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start.
+
+    Attributes:
+        steps: optimisation steps. batch_size: examples per step (fresh problems each step).
+        lr: peak AdamW learning rate (linear warm-up for ``warmup`` steps, then cosine to 10%).
+        weight_decay: AdamW weight decay. grad_clip: max gradient norm.
+        qa_phase: fraction of steps in the answer-heavy first phase. qa_rate_early / qa_rate_late: share of
+            clarification-answer examples in each phase (the rest are human-style captions).
+        fact_rate: probability that a human caption states each quantity.
+        eval_every: steps between held-out checks (0: only at the end). eval_n: held-out problems per check.
+        seed: seed for model init and data order.
+        save_every: also save the captioner every this many steps to ``OUT/step-<n>/`` (intermediate warm
+            starts, e.g. a partly trained π_ref for the reference-sensitivity study); 0: only the final one.
+    """
+
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    qa_phase: float = 0.3
+    qa_rate_early: float = 0.85
+    qa_rate_late: float = 0.5
+    fact_rate: float = 0.3
+    eval_every: int = 500
+    eval_n: int = 200
+    seed: int = 0
+    save_every: int = 0
+
+
+@dataclass
+class ReasonerWarmStartConfig:
+    """Supervised warm start of the tiny reasoner.
+
+    Attributes:
+        steps: optimisation steps. batch_size: examples per step (fresh problems each step).
+        lr: peak AdamW learning rate (linear warm-up for ``warmup`` steps, then cosine to 10%).
+        weight_decay: AdamW weight decay. grad_clip: max gradient norm.
+        oracle_rate: share of descriptions that state every fact (the rest are human-style captions).
+        final_rate / single_rate: share of final (after one clarification) and single-pass / denied prompts;
+            the rest are decision prompts.
+        read_budget: statements of a description the world reasoner (the teacher) reads.
+        eval_every: steps between held-out checks (0: only at the end). eval_n: held-out problems per check.
+        seed: seed of model init and data.
+    """
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    oracle_rate: float = 0.35
+    final_rate: float = 0.3
+    single_rate: float = 0.2
+    read_budget: int = 6
+    eval_every: int = 150
+    eval_n: int = 150
+    seed: int = 0
+
+
+@dataclass
+class WorldConfig:
+    """How problems are drawn.
+
+    Attributes:
+        families: which figure families to draw from (``bars``, ``shapes``, ``rect``, ``tri``), uniformly.
+        n_bars: bars per bar chart (3 or 4).
+        needed_facts: relative weights of questions needing 1, 2, 3, 4 facts. A family without a question of the
+            drawn size uses its nearest size (only bar charts have 3- and 4-fact questions).
+        mc_rate: probability that a question is multiple choice (4 numeric options, gold is a letter).
+        fact_rate: probability that a human-style caption mentions each quantity of the scene.
+        seed: world seed; the same (seed, split, index) always gives the same problem.
+    """
+
+    families: list[str] = field(default_factory=lambda: list(WORLD_FAMILIES))
+    n_bars: int = 3
+    needed_facts: dict[int, float] = field(default_factory=lambda: {1: 0.15, 2: 0.6, 3: 0.25})
+    mc_rate: float = 0.15
+    fact_rate: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.families if f not in WORLD_FAMILIES]
+        if bad or not self.families:
+            raise ValueError(f"world families {bad or self.families} not in {WORLD_FAMILIES}")
+        if self.n_bars not in (2, 3, 4):
+            raise ValueError(f"n_bars must be 2, 3 or 4, got {self.n_bars}")
+        self.needed_facts = {int(k): float(v) for k, v in self.needed_facts.items()}
+
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SHIPPED_CAPTIONER = os.path.join(ASSETS, "world-captioner")

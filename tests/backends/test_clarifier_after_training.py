@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
+from acrl.app.assemble import world_source
 from acrl.backends.tiny import LoraSettings, TinyCaptioner
-from acrl.build import world_source
 from acrl.config import SHIPPED_CAPTIONER, load_config
-from acrl.trainer import train
+from acrl.train.loop import train
 from acrl.world import make_problems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

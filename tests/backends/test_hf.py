@@ -179,7 +179,7 @@ def test_full_finetune_keeps_frozen_reference_and_vision(tiny_dirs, tmp_path):
 
 def test_trainer_update_on_hf_policy_with_image_tiles(tiny_dirs):
     from acrl.config import Config
-    from acrl.trainer import update
+    from acrl.core.update import update
 
     torch.manual_seed(4)   # InternVL with tiling: images of different shapes give different numbers of tiles
     settings = HFSettings(device="cpu", processor_kwargs={"crop_to_patches": True, "max_patches": 3})

@@ -60,7 +60,7 @@ def _check_on_policy_ratio(family, tiny_dirs, tmp_path):
     """The paper config's captioner settings (LoRA rank/alpha/dropout, gradient checkpointing, shared prompt
     cache, recompute_logprobs, micro-batch 8 of 16 rows) in fp32: every token's ratio at the first update is 1 to
     1e-6. The adapter is a trained one saved with LoRA dropout 0.05 in its config (as the paper configs had)."""
-    from acrl.trainer import update
+    from acrl.core.update import update
 
     cfg = _paper_config(family)
     c = cfg.captioner

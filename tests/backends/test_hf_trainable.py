@@ -4,9 +4,10 @@ built from a config (no downloads)."""
 import pytest
 import torch
 
-from acrl.backends.replies import concat
 from acrl.backends.tiny import LoraSettings
-from acrl.episode import EpisodeConfig, decision_prompt, run_episodes
+from acrl.rollout.episode import EpisodeConfig, run_episodes
+from acrl.rollout.prompts import decision_prompt
+from acrl.rollout.protocols import concat
 from acrl.world import make_problems, oracle_caption_for
 
 LORA = LoraSettings(enabled=True, r=4, alpha=8, targets=r".*\.(q_proj|k_proj|v_proj|o_proj)$")
@@ -42,10 +43,10 @@ def test_only_the_adapter_trains_and_logprobs_are_one_path(tiny_llm):
 
 
 def test_save_load_continue_and_serve_as_a_reasoner(tiny_llm, tmp_path):
+    from acrl.app.assemble import build_reasoner
     from acrl.backends.hf_trainable import HFTrainableReasoner, is_trainable_checkpoint
-    from acrl.backends.world import OracleClarifier
-    from acrl.build import build_reasoner
     from acrl.config import load_config
+    from acrl.world.reasoner import OracleClarifier
 
     r = HFTrainableReasoner(tiny_llm, lora=LORA, max_new_tokens=6)
     with torch.no_grad():

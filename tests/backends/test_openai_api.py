@@ -1,4 +1,4 @@
-"""The OpenAI-compatible client against real local HTTP servers (``acrl.serve``) on 127.0.0.1."""
+"""The OpenAI-compatible client against real local HTTP servers (``acrl.app.serve``) on 127.0.0.1."""
 
 import asyncio
 import socket
@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from acrl.app.serve import ClarifierBackend, Completion, WorldBackend, last_user_text, start_server
 from acrl.backends.openai_api import OpenAIClarifier, OpenAIReasoner, ServiceError, normalize_base_url
-from acrl.backends.world import WorldReasoner
-from acrl.episode import decision_prompt
-from acrl.serve import ClarifierBackend, Completion, WorldBackend, last_user_text, start_server
+from acrl.rollout.prompts import decision_prompt
 from acrl.world import make_problems, oracle_caption_for
+from acrl.world.reasoner import WorldReasoner
 
 
 def _stop(server):

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import run_cli
 
-from acrl.episode import decision_prompt, parse_reply
+from acrl.rollout.prompts import decision_prompt
+from acrl.rollout.replies import parse_reply
 from acrl.world import make_problems, oracle_caption_for
 
 pytestmark = pytest.mark.slow   # real weights: a 517 MB conversion and a 135M-parameter model on the CPU

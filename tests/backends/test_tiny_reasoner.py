@@ -10,8 +10,10 @@ import torch
 from acrl.backends.tiny import world_tokenizer
 from acrl.backends.tiny_reasoner import TinyReasoner, TinyReasonerConfig, world_reasoner_tokenizer
 from acrl.config import SHIPPED_REASONER
-from acrl.episode import EpisodeConfig, decision_prompt, final_prompt, parse_reply, run_episodes
-from acrl.reasoner_warmstart import evaluate_reasoner
+from acrl.rollout.episode import EpisodeConfig, run_episodes
+from acrl.rollout.prompts import decision_prompt, final_prompt
+from acrl.rollout.replies import parse_reply
+from acrl.train.reasoner_warmstart import evaluate_reasoner
 from acrl.world import WorldConfig, make_problems, oracle_caption_for
 
 SMALL = TinyReasonerConfig(d_model=32, n_heads=2, n_layers=1, max_prompt_tokens=64, max_new_tokens=16)
@@ -93,7 +95,7 @@ def test_shipped_reasoner_learned_the_protocol():
 
 
 def test_shipped_reasoner_runs_episodes_like_the_world_reasoner():
-    from acrl.backends.world import OracleClarifier, WorldReasoner
+    from acrl.world.reasoner import OracleClarifier, WorldReasoner
 
     problems = make_problems("val", 4)
     captions = [[oracle_caption_for(p), oracle_caption_for(p).split(" ; ")[0]] for p in problems]

@@ -287,10 +287,10 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
     """The trainer's hooks: sample with the current adapter, sleep during the update, hand over the new adapter."""
     if not hasattr(HFCaptioner, "rollout_engine"):
         pytest.skip("HFCaptioner does not delegate to a rollout engine yet (integration pending)")
-    from acrl.backends.world import WorldReasoner
-    from acrl.build import world_source
+    from acrl.app.assemble import world_source
     from acrl.config import load_config
-    from acrl.trainer import train
+    from acrl.train.loop import train
+    from acrl.world.reasoner import WorldReasoner
 
     class SamplingLLM(FakeLLM):   # random caption tokens; answers are one word
         def generate(self, prompts, params, lora_request=None, use_tqdm=True):

@@ -1,5 +1,5 @@
 """Answer grading in the answer styles of the benchmarks, through :func:`acrl.data.grade_problem` (which is
-:func:`acrl.grading.grade` plus the letter-set rule for multi-letter golds)."""
+:func:`acrl.rollout.grading.grade` plus the letter-set rule for multi-letter golds)."""
 
 from __future__ import annotations
 
@@ -156,8 +156,8 @@ def test_prediction_letters():
 
 
 def test_letter_set_without_wrapper_falls_back_to_free_form():
-    """Plain acrl.grading.grade (no letter-set rule) still accepts the canonical spelling."""
-    from acrl.grading import grade
+    """Plain acrl.rollout.grading.grade (no letter-set rule) still accepts the canonical spelling."""
+    from acrl.rollout.grading import grade
 
     p = make_problem("A, C", LETTER_SET, ABCD, None)
     assert grade("A, C", p) and grade("C, A", p) and not grade("A", p)

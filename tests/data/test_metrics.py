@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from acrl.data import aggregate_dynamath, breakdown_table, load_benchmark, parse_dynamath_id, summarize_by
-from acrl.evaluate import evaluate
+from acrl.eval.evaluate import evaluate
 
 from .fixtures import dynamath_rows, logicvista_json, mathverse_rows, write_json, write_parquet
 

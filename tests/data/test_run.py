@@ -100,7 +100,7 @@ def test_every_episode_failing_is_not_success(tmp_path):
 
 
 def test_eval_cli_takes_the_new_options(capsys):
-    from acrl.cli import main
+    from acrl.app.cli import main
 
     with pytest.raises(SystemExit):
         main(["eval", "--help"])

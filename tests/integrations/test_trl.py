@@ -8,15 +8,16 @@ import torch
 
 pytest.importorskip("datasets")
 
-from acrl.backends.world import OracleClarifier, WorldReasoner
-from acrl.episode import EpisodeConfig, episode_metrics, run_episodes
 from acrl.integrations.trl import (
     completion_text,
     make_acrl_reward,
     problem_from_columns,
     world_dataset,
 )
+from acrl.rollout.episode import EpisodeConfig, run_episodes
+from acrl.rollout.metrics import episode_metrics
 from acrl.world import WorldConfig, human_caption_for, language, make_problems, oracle_caption_for
+from acrl.world.reasoner import OracleClarifier, WorldReasoner
 
 try:
     import trl  # noqa: F401

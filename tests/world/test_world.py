@@ -2,8 +2,7 @@ import random
 
 import pytest
 
-from acrl.backends.world import OracleClarifier, WorldReasoner
-from acrl.episode import EpisodeConfig, run_episodes
+from acrl.rollout.episode import EpisodeConfig, run_episodes
 from acrl.world import (
     FAMILIES,
     WorldConfig,
@@ -14,6 +13,7 @@ from acrl.world import (
     make_problems,
     oracle_caption_for,
 )
+from acrl.world.reasoner import OracleClarifier, WorldReasoner
 
 
 def test_deterministic_by_seed():

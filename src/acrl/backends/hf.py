@@ -48,15 +48,16 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from acrl.backends.base import Rollout
-from acrl.episode import captioner_prompt, clarify_prompt
+from acrl.config import HFSettings
+from acrl.rollout.prompts import captioner_prompt, clarify_prompt
+from acrl.rollout.protocols import Rollout
 
 META_FILE = "acrl_captioner.json"
 REFERENCE_DIR = "reference"          # inside a saved checkpoint: the adapters merged into π_ref, in order
@@ -66,58 +67,6 @@ DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
-@dataclass
-class HFSettings:
-    """Runtime settings of an :class:`HFCaptioner` (the ``captioner:`` config fields of the ``hf`` backend).
-
-    Attributes:
-        dtype: ``auto`` (bf16 on a GPU that supports it, else fp32), ``bf16``, ``fp16`` or ``fp32``.
-        device: ``auto`` (``cuda`` when available), ``cpu``, ``cuda``, ``cuda:1``, ...
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
-        gradient_checkpointing: recompute activations in the backward pass (saves memory on long prompts).
-        max_pixels: downscale images with more pixels than this before the processor (0: processor default).
-        freeze_vision: keep the vision tower and projector frozen (LoRA targets only the language model; a
-            full fine-tune trains only the language model).
-        top_p: nucleus sampling for training captions (log-probs stay full-vocabulary, temperature-scaled).
-        generation_batch_size: caption rows per ``generate`` call (0: all rows at once).
-        logprob_batch_size: rows per teacher-forced forward (0: the trainer's ``train.micro_batch`` when the
-            captioner is given it, else 8). Chunks are aligned to multiples of this from row 0, so a micro-batch
-            that is a multiple of it runs exactly the chunks of the recompute.
-        recompute_logprobs: replace the log-probs recorded during sampling by the teacher-forced pass the update
-            uses (same function, row chunks and mode: the on-policy ratio is exactly 1; one more forward). Not
-            done for greedy generation (evaluation), where nothing uses them.
-        answer_max_new_tokens: length cap of π_ref's clarification answers.
-        share_prompt_cache: run each problem's prompt (image included) once and share its KV cache among the
-            problem's samples, in generation and in the teacher-forced log-prob passes (same numbers up to
-            float rounding; 2-3x faster with n=8). ``false``: the per-row path (each row recomputes prompt and
-            image). Under ``gradient_checkpointing`` the teacher-forced passes all take the per-row path (sampling
-            still shares the prompt).
-        processor_kwargs: extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL
-            tiles) or ``{max_pixels: 401408}`` (Qwen-VL's own resize bound).
-        trust_remote_code: passed to ``from_pretrained`` (not needed for the supported families).
-    """
-
-    dtype: str = "auto"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
-    max_pixels: int = 0
-    freeze_vision: bool = True
-    top_p: float = 1.0
-    generation_batch_size: int = 0
-    logprob_batch_size: int = 0
-    recompute_logprobs: bool = False
-    answer_max_new_tokens: int = 64
-    share_prompt_cache: bool = True
-    processor_kwargs: dict = field(default_factory=dict)
-    trust_remote_code: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> HFSettings:
-        """The fields of this class that ``cfg`` (e.g. ``Config.captioner``) has; the rest keep defaults."""
-        out = cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
-        out.processor_kwargs = dict(out.processor_kwargs or {})
-        return out
 
 
 @dataclass

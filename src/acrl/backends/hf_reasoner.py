@@ -1,4 +1,4 @@
-"""A local Hugging Face text LLM as the reasoner (``acrl.episode.Reasoner``), without a server.
+"""A local Hugging Face text LLM as the reasoner (``acrl.rollout.episode.Reasoner``), without a server.
 
 ``AutoTokenizer`` + ``AutoModelForCausalLM``; each prompt is one user message rendered through the tokenizer's chat
 template when it has one (otherwise the raw text); prompts are sorted by length and generated in left-padded
@@ -96,7 +96,7 @@ class HFReasoner:
     def complete(self, prompts: list[str]) -> list[str]:
         if not prompts:
             return []
-        from acrl.episode import few_shot_messages
+        from acrl.rollout.prompts import few_shot_messages
 
         return [t for t, _, _ in self.chat([few_shot_messages(p, self.few_shot) + [{"role": "user", "content": p}]
                                             for p in prompts])]

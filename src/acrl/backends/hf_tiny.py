@@ -42,7 +42,7 @@ _LLAVA_TEMPLATE = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_
 
 def _corpus() -> list[str]:
     """Prompts, questions, captions and clarifications of the embedded world (a few hundred lines)."""
-    from acrl.episode import captioner_prompt, clarify_prompt
+    from acrl.rollout.prompts import captioner_prompt, clarify_prompt
 
     lines = [captioner_prompt("x"), clarify_prompt("x")]
     try:   # the world's wording helps but is not essential to a tokenizer

@@ -2,7 +2,7 @@
 
 It is :class:`acrl.backends.hf_reasoner.HFReasoner` (the in-process path of ``reasoner.backend=hf``: the same chat
 template, the same ``think`` handling) with a PEFT LoRA adapter on the attention projections, and the learning
-interface of :mod:`acrl.backends.replies`:
+interface of :mod:`acrl.rollout.protocols`:
 
 - ``sample``: ``generate`` with every sampling option neutral except the temperature (no top-k / top-p, the
   checkpoint's ``generation_config.json`` hidden), cut at the first end token; the "old" log-probs are then
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from acrl.backends.hf import _plain_generation_config, token_logprobs
 from acrl.backends.hf_reasoner import HFReasoner
-from acrl.backends.replies import ReplyBatch
 from acrl.backends.tiny import LoraSettings
+from acrl.rollout.protocols import ReplyBatch
 
 META = "trainable_reasoner.json"
 

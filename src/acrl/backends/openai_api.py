@@ -1,9 +1,9 @@
 """Reasoner and clarifier behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, ``acrl serve``, ...).
 
-- :class:`OpenAIReasoner` implements ``acrl.episode.Reasoner``: one chat completion per prompt (the prompt is the
+- :class:`OpenAIReasoner` implements ``acrl.rollout.episode.Reasoner``: one chat completion per prompt (the prompt is the
   single user message), all requests of a call issued concurrently, at most ``concurrency`` in flight.
-- :class:`OpenAIClarifier` implements ``acrl.episode.Clarifier``: the image travels as a base64 PNG ``image_url``
-  data URL next to the text of ``acrl.episode.clarify_prompt(question)`` (the format vLLM's VLM servers accept).
+- :class:`OpenAIClarifier` implements ``acrl.rollout.episode.Clarifier``: the image travels as a base64 PNG ``image_url``
+  data URL next to the text of ``acrl.rollout.episode.clarify_prompt(question)`` (the format vLLM's VLM servers accept).
 
 Failure handling: connection errors, timeouts, HTTP 429, HTTP 5xx and malformed bodies are retried with exponential
 backoff and jitter; other 4xx are not. A request that still fails becomes a :class:`ServiceError` instance in its
@@ -36,14 +36,14 @@ from typing import Any
 
 import httpx
 
-from acrl.episode import clarify_prompt
-from acrl.grading import strip_think
+from acrl.rollout.grading import strip_think
+from acrl.rollout.prompts import clarify_prompt
 
 THINK_MODES = ("strip", "keep")
 
 
 def strip_thinking(text: str) -> str:
-    """Remove R1-style reasoning (see :func:`acrl.grading.strip_think`) and surrounding whitespace."""
+    """Remove R1-style reasoning (see :func:`acrl.rollout.grading.strip_think`) and surrounding whitespace."""
     return strip_think(text).strip()
 
 
@@ -388,12 +388,12 @@ class _ChatClient:
 
 
 class OpenAIReasoner(_ChatClient):
-    """``acrl.episode.Reasoner`` over ``/v1/chat/completions``.
+    """``acrl.rollout.episode.Reasoner`` over ``/v1/chat/completions``.
 
     ``think``: ``strip`` removes ``<think>...</think>`` (and a reasoning parser's separate reasoning field) from the
     returned text; ``keep`` returns it (the episode parser ignores thinking either way). ``system``: an optional
     system message sent before each prompt. ``few_shot``: that many worked demonstrations of the protocol
-    (:func:`acrl.episode.few_shot_messages`) as earlier turns.
+    (:func:`acrl.rollout.episode.few_shot_messages`) as earlier turns.
     """
 
     what = "reasoner service"
@@ -406,7 +406,7 @@ class OpenAIReasoner(_ChatClient):
         self.think, self.system, self.few_shot = think, system, few_shot
 
     def _messages(self, prompt: str) -> list[dict]:
-        from acrl.episode import few_shot_messages
+        from acrl.rollout.prompts import few_shot_messages
 
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + few_shot_messages(prompt, self.few_shot) + [{"role": "user", "content": prompt}]
@@ -434,7 +434,7 @@ def image_data_url(image) -> str:
 
 
 class OpenAIClarifier(_ChatClient):
-    """``acrl.episode.Clarifier`` over a VLM's ``/v1/chat/completions``: image part + ``clarify_prompt`` text."""
+    """``acrl.rollout.episode.Clarifier`` over a VLM's ``/v1/chat/completions``: image part + ``clarify_prompt`` text."""
 
     what = "clarifier service"
 

@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from acrl.backends.base import Rollout
+from acrl.config import LoraSettings, TinyVLMConfig
+from acrl.rollout.protocols import Rollout
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<caption>", "<answer>"]
 PAD, BOS, EOS, UNK, CAPTION, ANSWER = range(6)
@@ -86,31 +87,6 @@ def world_tokenizer() -> WordTokenizer:
     return WordTokenizer.build(texts)
 
 
-@dataclass
-class TinyVLMConfig:
-    """Size of the tiny captioner.
-
-    Attributes:
-        vocab_size: filled from the tokenizer.
-        d_model: width of encoder and decoder.
-        n_heads: attention heads.
-        n_layers: decoder layers.
-        enc_layers: transformer layers over the image tokens.
-        cnn_width: channels of the first conv layer (stride 8 overall: 64x64 -> 8x8 tokens).
-        max_prompt_tokens: prompt (mode token + question) length cap.
-        max_new_tokens: longest text the model writes.
-        image_size: input side length in pixels.
-    """
-
-    vocab_size: int = 0
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 2
-    enc_layers: int = 1
-    cnn_width: int = 32
-    max_prompt_tokens: int = 40
-    max_new_tokens: int = 48
-    image_size: int = 64
 
 
 class Attention(nn.Module):
@@ -228,24 +204,6 @@ def images_to_tensor(images: list[Image.Image], size: int = 64) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div_(127.5).sub_(1.0).contiguous()
 
 
-@dataclass
-class LoraSettings:
-    """LoRA on the decoder (and optionally encoder) linear layers through PEFT.
-
-    Attributes:
-        enabled: train a LoRA adapter instead of all weights; the reference is the adapter-disabled model.
-        r: rank. alpha: scaling numerator.
-        dropout: LoRA dropout, in [0, 1). Only supervised warm-start passes apply it: the RL log-prob passes run
-            with dropout off (old and new log-probs must be the same function), and the ``hf`` backend refuses a
-            new adapter with dropout > 0 for that reason.
-        targets: regex of module names to adapt.
-    """
-
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    targets: str = r".*decoder.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
 
 
 def _same_weights(a: dict, b: dict) -> bool:

@@ -1,7 +1,7 @@
 """The embedded world's trainable reasoner: a small text-only transformer that writes the reply protocol.
 
-It reads the same prompts as every reasoner (``acrl.episode``): the prompt's sections (question, description, the
-clarifications asked and answered) are recovered with :func:`acrl.episode.parse_prompt` and encoded with the world
+It reads the same prompts as every reasoner (``acrl.rollout.episode``): the prompt's sections (question, description, the
+clarifications asked and answered) are recovered with :func:`acrl.rollout.episode.parse_prompt` and encoded with the world
 captioner's word vocabulary, extended by section markers, two mode tokens (``<decide>``: it may ask, ``<solve>``:
 it must answer) and the reply's own tokens (``SOLVED``, ``NEED MORE INFO``, ``\\boxed{``, ``}``, ``+ * / =``, the
 option letters and the half numbers ``0.5`` .. ``99.5``). It writes, token by token,
@@ -9,7 +9,7 @@ option letters and the half numbers ``0.5`` .. ``99.5``). It writes, token by to
     SOLVED red bar = 7 ; blue bar = 3 ; 7 + 3 = 10 \\boxed{10}      or    NEED MORE INFO
                                                                        what is the height of the red bar ?
 
-which :func:`acrl.episode.parse_reply` reads like any LLM's reply. The working before the box is what the model
+which :func:`acrl.rollout.episode.parse_reply` reads like any LLM's reply. The working before the box is what the model
 has to do itself: restate each needed fact with the value it found in the description or the clarification,
 then the arithmetic, one operation per step (partial sums, ``w + h`` then ``* 2``, ``b * h`` then ``/ 2``).
 
@@ -20,7 +20,7 @@ one attention step), the output head tied to the word embedding. Prompts are lef
 in the same column; a KV cache serves sampling. Attention projections are named ``q_proj/k_proj/v_proj/o_proj``
 and the MLP ``fc1/fc2`` as in the captioner, so PEFT LoRA can wrap them.
 
-Warm start: :mod:`acrl.reasoner_warmstart` (supervision on the world reasoner's transcripts).
+Warm start: :mod:`acrl.train.reasoner_warmstart` (supervision on the world reasoner's transcripts).
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ import copy
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from acrl.backends.replies import ReplyBatch
 from acrl.backends.tiny import BOS, EOS, PAD, SPECIALS, Attention, WordTokenizer, world_tokenizer
-from acrl.episode import parse_prompt
+from acrl.config import TinyReasonerConfig
+from acrl.rollout.prompts import parse_prompt
+from acrl.rollout.protocols import ReplyBatch
 
 MARKERS = ["<question>", "<description>", "<asked>", "<clarification>", "<decide>", "<solve>", "<reply>"]
 SOLVED, ASK, BOX_OPEN, BOX_CLOSE = "SOLVED", "NEED MORE INFO", "\\boxed{", "}"
@@ -112,27 +113,6 @@ def world_reasoner_tokenizer() -> ReasonerTokenizer:
     return ReasonerTokenizer(reasoner_vocab(world_tokenizer().vocab))
 
 
-@dataclass
-class TinyReasonerConfig:
-    """Size of the tiny reasoner.
-
-    Attributes:
-        vocab_size: filled from the tokenizer.
-        d_model: width. n_heads: attention heads. n_layers: transformer layers.
-        max_prompt_tokens: prompt length cap (the description is cut first).
-        max_new_tokens: longest reply.
-        shift: previous tokens whose embeddings are mixed into each position's input (a causal token shift:
-            "the red bar is 7" puts "red bar is" next to the 7, so one attention step finds a fact by its name);
-            0: none.
-    """
-
-    vocab_size: int = 0
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 4
-    max_prompt_tokens: int = 112
-    max_new_tokens: int = 48
-    shift: int = 3
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -234,7 +214,7 @@ def _full_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 class TinyReasoner:
-    """``Reasoner`` + :class:`acrl.backends.replies.TrainableReasoner` over :class:`TinyLM` (all weights train;
+    """``Reasoner`` + :class:`acrl.rollout.protocols.TrainableReasoner` over :class:`TinyLM` (all weights train;
     π_ref of the reasoner is a frozen copy of its starting weights)."""
 
     def __init__(self, model: TinyLM, tokenizer: ReasonerTokenizer, temperature: float = 0.0,

@@ -16,7 +16,7 @@ resumed adapter's own config, never from defaults (:meth:`VLLMRolloutEngine.engi
 
 Each sample comes back as token ids plus the log-prob of every sampled token (``SamplingParams(logprobs=0)``;
 the engine runs with ``logprobs_mode="processed_logprobs"``, i.e. after temperature, as the PPO ratio needs).
-:func:`rollout_from_samples` turns them into the same :class:`~acrl.backends.base.Rollout` that
+:func:`rollout_from_samples` turns them into the same :class:`~acrl.rollout.protocols.Rollout` that
 ``HFCaptioner.generate`` returns (right-padded ids with the end token, mask, log-probs, per-problem encodings), so
 ``HFCaptioner.logprobs`` recomputes them teacher-forced for the update. vLLM's kernels (and bf16) do not give
 exactly the training model's numbers; with ``captioner.recompute_logprobs: true`` the old log-probs are taken
@@ -47,58 +47,20 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from acrl.backends.base import Rollout
-from acrl.episode import captioner_prompt, clarify_prompt
+from acrl.config import VLLMSettings
+from acrl.rollout.prompts import captioner_prompt, clarify_prompt
+from acrl.rollout.protocols import Rollout
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the max_lora_rank values vLLM accepts
 BAN_BIAS = -100.0   # logit bias of the tokens a caption never contains (vLLM clamps biases to [-100, 100])
 
 
-@dataclass
-class VLLMSettings:
-    """The ``captioner.vllm`` config section (used when ``captioner.rollout_engine: vllm``).
-
-    Attributes:
-        mode: ``colocate`` (an engine inside each training process) or ``server`` (a running ``vllm serve``).
-        gpu_memory_utilization: (colocate) share of the GPU's memory vLLM may take (weights + KV cache); the
-            training model, its activations and optimizer state need the rest.
-        max_model_len: (colocate) context length of the engine (0: the model's own).
-        max_lora_rank: largest adapter rank the engine accepts (0: the captioner's rank, rounded up to a size vLLM
-            supports). The server must be started with ``--max-lora-rank`` at least this.
-        sleep_level: 1: offload the weights to host memory and drop the KV cache during each update (colocate:
-            ``llm.sleep``; server: ``POST /sleep``, which needs ``VLLM_SERVER_DEV_MODE=1``); 0: stay awake (a
-            server on its own GPUs).
-        enforce_eager: (colocate) no CUDA graphs (less memory, slower decoding).
-        seed: (colocate) sampling seed of the engine (plus the rank under ``accelerate launch``).
-        base_url: (server) e.g. ``http://127.0.0.1:8000/v1``.
-        model: (server) served name of the base model (``--served-model-name``; empty: the server's first model).
-        api_key_env: (server) environment variable holding the API key (unset: none is sent).
-        adapter_dir: where adapters are written (empty: a temporary directory; server: a path it can read).
-        concurrency: (server) chat requests in flight.
-        timeout: (server) seconds per request.
-        engine_kwargs: (colocate) more ``vllm.LLM(...)`` arguments, e.g. ``{max_num_seqs: 256}``.
-    """
-
-    mode: str = "colocate"
-    gpu_memory_utilization: float = 0.3
-    max_model_len: int = 0
-    max_lora_rank: int = 0
-    sleep_level: int = 1
-    enforce_eager: bool = False
-    seed: int = 0
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = ""
-    api_key_env: str = "OPENAI_API_KEY"
-    adapter_dir: str = ""
-    concurrency: int = 32
-    timeout: float = 600.0
-    engine_kwargs: dict = field(default_factory=dict)
 
 
 # --- vLLM outputs -> Rollout (pure; no vLLM needed) -----------------------------------------------------------

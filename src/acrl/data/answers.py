@@ -1,6 +1,6 @@
-"""Grading rules the generic :func:`acrl.grading.grade_answer` cannot express for benchmark answers.
+"""Grading rules the generic :func:`acrl.rollout.grading.grade_answer` cannot express for benchmark answers.
 
-:func:`grade_problem` is a drop-in replacement for :func:`acrl.grading.grade` (same signature) that adds:
+:func:`grade_problem` is a drop-in replacement for :func:`acrl.rollout.grading.grade` (same signature) that adds:
 
 ``letter_set`` (``problem.meta['grading'] == 'letter_set'``)
     Multi-letter golds, as in LogicVista (``"A, C"``) or the odd multi-answer MMMU question. The prediction is
@@ -10,7 +10,7 @@
 ``accepted_answers`` (``problem.meta['accepted_answers']``)
     Several acceptable golds (MMMU open questions store a list); any of them counts.
 
-Everything else is delegated unchanged to :func:`acrl.grading.grade`.
+Everything else is delegated unchanged to :func:`acrl.rollout.grading.grade`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import re
 from typing import Any
 
 from acrl.data.parsing import letter_index, letter_set
-from acrl.grading import extract_answer, grade, grade_answer, strip_think
 from acrl.problem import Problem
+from acrl.rollout.grading import extract_answer, grade, grade_answer, strip_think
 
 __all__ = ["grade_letter_set", "grade_problem", "prediction_letters"]
 
@@ -59,7 +59,7 @@ def grade_letter_set(prediction: Any, gold: list[str] | str) -> bool:
 
 
 def grade_problem(prediction: Any, problem: Problem) -> bool:
-    """Grade ``prediction`` against ``problem`` (drop-in for :func:`acrl.grading.grade`, benchmark-aware)."""
+    """Grade ``prediction`` against ``problem`` (drop-in for :func:`acrl.rollout.grading.grade`, benchmark-aware)."""
     meta = problem.meta or {}
     if meta.get("grading") == "letter_set":
         return grade_letter_set(prediction, meta.get("answer_letters") or problem.answer)

@@ -169,7 +169,7 @@ def _letter_choice_problem(*, question: str, answer: str, options: list[str] | N
     A multi-letter gold (``"A, C"``) keeps the same presentation (so the reasoner is not told that several
     options are correct); its answer is the canonical ``"A, C"`` and ``meta['grading'] = 'letter_set'`` makes
     :func:`acrl.data.answers.grade_problem` require exactly that set of letters. (Plain
-    :func:`acrl.grading.grade` falls back to free-form equality for such a gold: ``A, C`` / ``C, A`` / ``A,C``
+    :func:`acrl.rollout.grading.grade` falls back to free-form equality for such a gold: ``A, C`` / ``C, A`` / ``A,C``
     pass, ``AC`` does not.)"""
     meta = kw.pop("meta", {})
     letters = letter_set(answer)

@@ -1,4 +1,4 @@
-"""Benchmark-level aggregation of :func:`acrl.evaluate.evaluate` items.
+"""Benchmark-level aggregation of :func:`acrl.eval.evaluate.evaluate` items.
 
 Items are the dicts evaluate() returns (keys ``id``, ``family``, ``category``, ``needed``, ``correct``,
 ``asked``, ``clarified_correct``, ``deny_correct``, ``failed``, ...).
@@ -122,7 +122,7 @@ def wemath_metrics(items: Iterable[Mapping[str, Any]], key: str = "correct") -> 
     Rates: IK, IG, CM = count / groups; RM = RM / (CM + RM) (the share of solved composites not backed by the
     steps). ``score`` = (groups - 0.5 IG - RM - IK) / groups (counts; We-Math's "average score", 525 groups on
     testmini). Also ``S1`` (accuracy over all one-step rows), ``S2`` / ``S3`` (accuracy of the 2- / 3-step
-    composites). Items are those of :func:`acrl.evaluate.evaluate` with ``meta.wemath_id`` / ``meta.key`` (the
+    composites). Items are those of :func:`acrl.eval.evaluate.evaluate` with ``meta.wemath_id`` / ``meta.key`` (the
     loader's ``ID`` / ``key``); a group with a missing row or a failed episode is not scored and is counted
     in ``incomplete_groups``. ``key`` picks the correctness field (``correct`` or ``clarified_correct``).
     """
@@ -200,7 +200,7 @@ def summarize_by(items: list[Mapping[str, Any]], key: str | Callable[[Mapping[st
     ``problem_version``, ``subject`` ...). Returns ``{str(group): metrics}``, sorted by group; the result can
     be stored as ``summary[f"by_{key}"]``.
     """
-    from acrl.evaluate import group_metrics
+    from acrl.eval.evaluate import group_metrics
 
     lookup: Mapping[str, Problem] | None = None
     if problems is not None:

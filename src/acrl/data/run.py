@@ -28,7 +28,7 @@ def _load(name: str, path, split, limit, max_bad_fraction) -> tuple[LoadResult |
 
 def benchmark_summary(name: str, res: LoadResult, items: list[dict], summary: dict,
                       dynamath_bad_as_wrong: bool = False) -> dict:
-    """Add the benchmark's own metrics and counts to an :func:`acrl.evaluate.evaluate` summary."""
+    """Add the benchmark's own metrics and counts to an :func:`acrl.eval.evaluate.evaluate` summary."""
     summary["by_category"] = summarize_by(items, "category")
     if name == "dynamath":
         bad = [b.id for b in res.bad]
@@ -66,7 +66,7 @@ def eval_benchmarks(cfg, policy, clarifier, captioner: str, *, benchmark: str, d
                     reasoner=None) -> int:
     """Evaluate ``policy`` on one benchmark (``OUT/``) or on ``all`` (``OUT/<name>/`` each, plus an index
     ``OUT/summary.json`` and ``OUT/table.md``). Returns the exit status (see the module docstring)."""
-    from acrl.evaluate import evaluate, markdown_table, write_results
+    from acrl.eval.evaluate import evaluate, markdown_table, write_results
 
     if not data:
         raise ValueError("--benchmark needs --data PATH (see docs/benchmarks.md)")
@@ -98,7 +98,7 @@ def eval_benchmarks(cfg, policy, clarifier, captioner: str, *, benchmark: str, d
         loaded[name] = load_benchmark(name, data, split=split, limit=limit, max_bad_fraction=max_bad_fraction)
         rows.append({"benchmark": name, "status": "loaded", "path": str(data)})
     if reasoner is None:
-        from acrl.build import build_reasoner
+        from acrl.app.assemble import build_reasoner
 
         reasoner = build_reasoner(cfg)
     judge = None

@@ -2,11 +2,11 @@
 
 TRL owns the policy, the sampling and the update; AC-RL supplies the environment: each completion is a caption
 ``c0`` that the frozen reasoner reads, may ask one clarification question about (answered from the image by the
-reference π_ref), and answers. The reward is the tiered reward of :mod:`acrl.episode` (1 correct without
+reference π_ref), and answers. The reward is the tiered reward of :mod:`acrl.rollout.episode` (1 correct without
 clarification, ``alpha`` correct after one, 0 wrong)::
 
     from trl import GRPOConfig, GRPOTrainer
-    from acrl.backends.world import WorldReasoner
+    from acrl.world.reasoner import WorldReasoner
     from acrl.integrations.trl import adapter_disabled_clarifier, make_acrl_reward, world_dataset
 
     reward = make_acrl_reward(WorldReasoner(), clarifier=None, alpha=0.7)
@@ -18,7 +18,7 @@ clarification, ``alpha`` correct after one, 0 wrong)::
 The reward function has TRL's signature ``(prompts, completions, **columns) -> list[float | None]``. It rebuilds a
 :class:`~acrl.problem.Problem` per prompt from the dataset columns (``image``, ``question``, ``answer``,
 ``answer_type``, ``choices``, ``tolerance``, ``problem_id``), runs all completions of the call as one batch of
-episodes (:func:`acrl.episode.run_episodes`, clarification on) and returns the tiered rewards. A failed episode
+episodes (:func:`acrl.rollout.episode.run_episodes`, clarification on) and returns the tiered rewards. A failed episode
 (the reasoner or clarifier service gave up) returns ``None``: TRL 1.16 turns it into NaN, leaves it out of its
 group's baseline and gives it a zero advantage, as AC-RL's own trainer does. Episode rates go to TRL's logs via
 ``log_metric`` (``acrl/clarification_rate``, ``acrl/direct_correct``, ...) and the tier of each completion via
@@ -42,16 +42,11 @@ from typing import Any
 
 from PIL import Image
 
-from acrl.episode import (
-    Clarifier,
-    Episode,
-    EpisodeConfig,
-    Reasoner,
-    captioner_prompt,
-    episode_metrics,
-    run_episodes,
-)
 from acrl.problem import Problem
+from acrl.rollout.episode import Episode, EpisodeConfig, run_episodes
+from acrl.rollout.metrics import episode_metrics
+from acrl.rollout.prompts import captioner_prompt
+from acrl.rollout.protocols import Clarifier, Reasoner
 
 __all__ = [
     "ACRLReward", "make_acrl_reward", "completion_text", "problem_from_columns", "world_dataset",

@@ -9,8 +9,9 @@ Usage::
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
+from acrl.config import WORLD_FAMILIES as FAMILIES
+from acrl.config import WorldConfig
 from acrl.problem import Problem
 from acrl.world import language
 from acrl.world.language import (
@@ -27,39 +28,10 @@ __all__ = [
     "SPLIT_BASE", "FAMILIES", "fact_sentence", "clarification_question", "clarification_answer", "language",
 ]
 
-FAMILIES = ("bars", "shapes", "rect", "tri")
 SPLIT_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
 SPLIT_SIZE = 1_000_000_000
 
 
-@dataclass
-class WorldConfig:
-    """How problems are drawn.
-
-    Attributes:
-        families: which figure families to draw from (``bars``, ``shapes``, ``rect``, ``tri``), uniformly.
-        n_bars: bars per bar chart (3 or 4).
-        needed_facts: relative weights of questions needing 1, 2, 3, 4 facts. A family without a question of the
-            drawn size uses its nearest size (only bar charts have 3- and 4-fact questions).
-        mc_rate: probability that a question is multiple choice (4 numeric options, gold is a letter).
-        fact_rate: probability that a human-style caption mentions each quantity of the scene.
-        seed: world seed; the same (seed, split, index) always gives the same problem.
-    """
-
-    families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    n_bars: int = 3
-    needed_facts: dict[int, float] = field(default_factory=lambda: {1: 0.15, 2: 0.6, 3: 0.25})
-    mc_rate: float = 0.15
-    fact_rate: float = 0.3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        bad = [f for f in self.families if f not in FAMILIES]
-        if bad or not self.families:
-            raise ValueError(f"world families {bad or self.families} not in {FAMILIES}")
-        if self.n_bars not in (2, 3, 4):
-            raise ValueError(f"n_bars must be 2, 3 or 4, got {self.n_bars}")
-        self.needed_facts = {int(k): float(v) for k, v in self.needed_facts.items()}
 
 
 def _rng(split: str, index: int, cfg: WorldConfig, salt: int = 0) -> random.Random:

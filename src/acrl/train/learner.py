@@ -1,0 +1,227 @@
+"""Bidirectional co-training: the reasoner learns from the same episodes as the captioner (``train.cotrain``).
+
+The paper freezes the reasoner so that the captioner adapts alone. Here both update at every step, from one set
+of episodes::
+
+    captions c0 (B x M) ──► episodes: the trainable reasoner π_φ replies (sampled at reasoner_train.temperature,
+                            every reply kept with its tokens and log-probs); π_ref of the captioner answers the
+                            clarifications, as in the paper
+       captioner:  tiered AC-RL reward, its BNPO groups, clipped surrogate + KL to π_ref   (trainer.update)
+       reasoner:   reward  correct − question_cost × questions asked,  its own advantages over the same groups of
+                   M episodes, clipped surrogate + KL to its frozen start, over the rows of its replies (the
+                   decision and the answer after the clarification each carry the episode's advantage)
+                                                                                          (trainer.update again)
+
+Evaluation stays the paper's: the greedy caption, single pass, and with clarification answered by π_ref; the
+co-trained reasoner replies greedily. The frozen-reasoner run (``train.cotrain: false``) is the default.
+
+:class:`ReasonerLearner` is what :func:`acrl.train.loop.train` calls (``colearner``): ``update`` after the
+captioner's update, ``save`` / ``load`` inside the run's checkpoints (``reasoner/`` and ``reasoner_state.pt``:
+the reasoner's weights and its optimiser), so a resumed run continues both models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import torch
+
+from acrl.core.advantages import compute_advantages
+from acrl.core.reward import reasoner_rewards
+from acrl.problem import Problem
+from acrl.rollout.episode import Episode
+from acrl.rollout.prompts import decision_prompt, followup_prompt
+from acrl.rollout.protocols import ReplyBatch, TrainableReasoner, concat
+
+REASONER_DIR, STATE_FILE = "reasoner", "reasoner_state.pt"
+
+
+class RecordingReasoner:
+    """The trainable reasoner as the episodes' ``Reasoner``: replies sampled at ``temperature``, every sampled
+    batch kept (with tokens and log-probs) until :meth:`take`."""
+
+    def __init__(self, inner: TrainableReasoner, temperature: float):
+        self.inner, self.temperature = inner, temperature
+        self.batches: list[ReplyBatch] = []
+
+    def complete(self, prompts: list[str]) -> list[str]:
+        batch = self.inner.sample(prompts, temperature=self.temperature)
+        self.batches.append(batch)
+        return batch.texts
+
+    def take(self) -> list[ReplyBatch]:
+        out, self.batches = self.batches, []
+        return out
+
+
+
+
+def episode_prompts(ep: Episode, question: str, max_clarifications: int) -> list[str]:
+    """The prompts of the reasoner's replies in ``ep``, in order (as :func:`acrl.rollout.episode.run_episodes` built
+    them): the decision, then one follow-up per clarification answered."""
+    prompts = [decision_prompt(question, ep.caption)]
+    turns = list(zip(ep.questions, ep.clarifications))
+    for t in range(1, len(ep.replies)):
+        prompts.append(followup_prompt(question, ep.caption, turns[:t], may_ask=t < max_clarifications))
+    return prompts
+
+
+def reply_rows(groups: Sequence[Sequence[Episode]], problems: Sequence[Problem], sampled: list[ReplyBatch],
+               max_clarifications: int) -> tuple[ReplyBatch | None, list[tuple[int, int]]]:
+    """The reasoner's replies of every valid episode as one batch, and the ``(group, sample)`` of each row.
+
+    A reply is found among the sampled batches by its prompt and text (equal prompts and texts have equal
+    tokens and log-probs: the policy did not change while the episodes ran)."""
+    where = {(p, t): (b, i) for b in sampled for i, (p, t) in enumerate(zip(b.prompts, b.texts))}
+    picked: list[ReplyBatch] = []
+    owners: list[tuple[int, int]] = []
+    for g, grp in enumerate(groups):
+        question = problems[g].question_with_choices()
+        for ep in grp:
+            if ep.tier == "failed":
+                continue
+            for prompt, text in zip(episode_prompts(ep, question, max_clarifications), ep.replies):
+                if (prompt, text) not in where:
+                    raise RuntimeError(f"co-training: episode {ep.problem_id}/{ep.sample} has a reasoner reply "
+                                       f"that was not sampled in this step")
+                b, i = where[(prompt, text)]
+                picked.append(b.select([i]))
+                owners.append((g, ep.sample))
+    return (concat(picked) if picked else None), owners
+
+
+class ReasonerLearner:
+    """The reasoner's optimiser and update in a co-training run (see the module docstring).
+
+    ``reasoner``: the trainable reasoner (its frozen start is its KL anchor); ``cfg``: the run's full config
+    (``reasoner_train``, ``train.max_clarifications``)."""
+
+    def __init__(self, reasoner: TrainableReasoner, cfg):
+        self.reasoner, self.cfg, self.rt = reasoner, cfg, cfg.reasoner_train
+        self.recorder = RecordingReasoner(reasoner, self.rt.temperature)
+        self.opt = torch.optim.AdamW(reasoner.trainable_parameters(), lr=self.rt.lr, weight_decay=self.rt.weight_decay)
+        self.update_cfg = self._update_view(cfg, reasoner.max_new_tokens)
+
+    @staticmethod
+    def _update_view(cfg, width: int):
+        """The config :func:`acrl.train.loop.update` reads, with the reasoner's settings in ``train`` and the
+        reasoner's reply cap ``width`` as the loss's length normaliser."""
+        rt = cfg.reasoner_train
+        train = dataclasses.replace(cfg.train, epochs=1, micro_batch=rt.micro_batch, clip_low=rt.clip_low,
+                                    clip_high=rt.clip_high, kl_beta=rt.kl_beta, aggregation=rt.aggregation,
+                                    grad_clip=rt.grad_clip)
+        return dataclasses.replace(cfg, train=train, captioner=dataclasses.replace(cfg.captioner,
+                                                                                   max_new_tokens=width))
+
+    def _set_lr(self, step: int) -> float:
+        lr = self.rt.lr * min(1.0, (step + 1) / self.rt.warmup) if self.rt.warmup else self.rt.lr
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def advantages(self, rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        kw = {}
+        if self.rt.advantage == "bnpo":   # rewards lie in [-cost * K, 1]
+            kw = {"min_value": -self.rt.question_cost * self.cfg.train.max_clarifications, "max_value": 1.0}
+        return compute_advantages(rewards, self.rt.advantage, mask=valid, **kw)
+
+    def update(self, groups: Sequence[Sequence[Episode]], problems: Sequence[Problem], step: int) -> dict:
+        """One update of the reasoner from the step's episodes; returns its metrics (``reasoner_*``)."""
+        from acrl.core.update import update
+
+        sampled = self.recorder.take()
+        rewards, valid = reasoner_rewards(groups, self.rt.question_cost)
+        adv, ast = self.advantages(rewards, valid)
+        batch, owners = reply_rows(groups, problems, sampled, self.cfg.train.max_clarifications)
+        rec = {"reasoner_reward": float(rewards[valid].mean()) if bool(valid.any()) else 0.0,
+               "reasoner_lr": self._set_lr(step), "reasoner_rows": len(owners),
+               "reasoner_adv_abs_mean": float(ast.get("adv_abs_mean", 0.0)),
+               "reasoner_uniform_frac": float(ast.get("uniform_frac", 0.0))}
+        if batch is None:
+            return rec
+        row_adv = torch.stack([adv[g, i] for g, i in owners]).float()
+        stats = update(self.reasoner, self.opt, batch, row_adv, torch.ones(len(owners), dtype=torch.bool),
+                       self.update_cfg)
+        rec.update({f"reasoner_{k}": v for k, v in stats.items()})
+        return rec
+
+    # --- checkpoints: written inside the run's checkpoint directory -------------------------------------------
+    def save(self, checkpoint_dir: str) -> None:
+        self.reasoner.save(os.path.join(checkpoint_dir, REASONER_DIR))
+        torch.save({"optimizer": self.opt.state_dict()}, os.path.join(checkpoint_dir, STATE_FILE))
+
+    def load(self, checkpoint_dir: str) -> None:
+        """Restore the optimiser of a checkpoint (the reasoner's weights were loaded from its ``reasoner/``)."""
+        path = os.path.join(checkpoint_dir, STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {checkpoint_dir} has no {STATE_FILE}: it is not a co-training "
+                                    f"checkpoint (resume it without train.cotrain)")
+        try:
+            self.opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["optimizer"])
+        except Exception as e:   # noqa: BLE001 - torch raises many kinds; all mean the same to the user
+            raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__})") from None
+
+
+def reasoner_start(cfg) -> str:
+    """The reasoner a co-training run starts from (and anchors its KL to)."""
+    from acrl.config import SHIPPED_REASONER
+
+    if cfg.reasoner.backend == "hf":
+        if not cfg.reasoner.model:
+            raise ValueError("reasoner.backend=hf needs reasoner.model (a model directory or hub id)")
+        return cfg.reasoner.model
+    return cfg.reasoner.model or SHIPPED_REASONER
+
+
+def build_learner(cfg, checkpoint_dir: str | None = None) -> ReasonerLearner:
+    """The co-training learner of ``cfg``: the reasoner from ``checkpoint_dir``'s ``reasoner/`` (resume, with its
+    optimiser) or from its start (:func:`reasoner_start`)."""
+    from acrl.app.assemble import build_trainable_reasoner
+
+    start = reasoner_start(cfg)
+    path = os.path.join(checkpoint_dir, REASONER_DIR) if checkpoint_dir else start
+    if checkpoint_dir and not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {checkpoint_dir} has no {REASONER_DIR}/: it is not a co-training "
+                                f"checkpoint (resume it without train.cotrain)")
+    learner = ReasonerLearner(build_trainable_reasoner(cfg, path, reference=start), cfg)
+    if checkpoint_dir:
+        learner.load(checkpoint_dir)
+    return learner
+
+
+def question_quality(items: Sequence[dict], problems: Sequence[Problem]) -> dict:
+    """How good the reasoner's clarification questions are, from evaluation items (``acrl.eval.evaluate``) of world
+    problems (others have no facts and are skipped):
+
+    - ``question_about_missing``: share of the questions asked that are about a needed fact the caption does not
+      state correctly (missing or wrong): the question that helps;
+    - ``question_answerable``: share of the questions about a fact of the scene (π_ref can answer them; a question
+      the world's language cannot name, or about a bar that is not there, cannot be answered);
+    - ``asks_when_missing``: among the captions that miss a needed fact, the share where the reasoner asked about
+      one of the missing facts.
+    """
+    from acrl.world import language
+
+    by_id = {p.id: p for p in problems}
+    asked = missing_q = answerable = lacking = helped = 0
+    for it in items:
+        p = by_id.get(it["id"])
+        if p is None or not p.facts:
+            continue
+        stated = dict(language.parse_facts(it.get("caption") or ""))
+        missing = {k for k in p.needed if stated.get(k) != p.facts[k]}
+        key = language.parse_clarification_question(it.get("clarification_question") or "") if it.get("asked") \
+            else None
+        if it.get("asked"):
+            asked += 1
+            missing_q += key in missing
+            answerable += key in p.facts
+        if missing:
+            lacking += 1
+            helped += key in missing
+    nan = float("nan")
+    return {"question_about_missing": missing_q / asked if asked else nan,
+            "question_answerable": answerable / asked if asked else nan,
+            "asks_when_missing": helped / lacking if lacking else nan}
