@@ -95,7 +95,7 @@ def test_evaluate_and_training_in_process_and_served_are_identical(world, served
     from acrl.app.assemble import world_source
     from acrl.config import load_config
     from acrl.eval.evaluate import evaluate
-    from acrl.train.loop import train
+    from acrl.train.loop import Run, train
 
     problems = world[0][:8]
     policy = TinyCaptioner.create(SMALL, seed=0)
@@ -107,7 +107,7 @@ def test_evaluate_and_training_in_process_and_served_are_identical(world, served
 
     def run(reasoner, out):
         pol = TinyCaptioner.create(SMALL, seed=0)
-        hist = train(cfg, pol, reasoner, pol, world_source(cfg), str(tmp_path / out), progress=False)
+        hist = train(Run(cfg, str(tmp_path / out), pol, reasoner, pol, world_source(cfg)), progress=False)
         return [{k: v for k, v in h.items() if not k.startswith("time_")} for h in hist]
 
     local, remote = run(WorldReasoner(), "local"), run(OpenAIReasoner(served, "world"), "remote")

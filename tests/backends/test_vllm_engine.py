@@ -289,7 +289,7 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
         pytest.skip("HFCaptioner does not delegate to a rollout engine yet (integration pending)")
     from acrl.app.assemble import world_source
     from acrl.config import load_config
-    from acrl.train.loop import train
+    from acrl.train.loop import Run, train
     from acrl.world.reasoner import WorldReasoner
 
     class SamplingLLM(FakeLLM):   # random caption tokens; answers are one word
@@ -313,8 +313,7 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
     llm = SamplingLLM()
     captioner.rollout_engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)), llm=llm)
     try:
-        hist = train(cfg, captioner, WorldReasoner(), captioner, world_source(cfg), str(tmp_path / "run"),
-                     progress=False)
+        hist = train(Run(cfg, str(tmp_path / "run"), captioner, WorldReasoner(), captioner, world_source(cfg)), progress=False)
     finally:
         captioner.rollout_engine.close()
         captioner.rollout_engine = None

@@ -11,6 +11,14 @@ import sys
 import threading
 import time
 
+from acrl.app.assemble import EVAL_SEED, make_run, shares_reference
+from acrl.config import load_config
+from acrl.train import checkpoint
+from acrl.train import run as runinfo
+from acrl.train.distributed import setup
+from acrl.train.guard import Interrupted, ServiceDown
+from acrl.train.loop import train
+
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (sections: world, captioner, model, reasoner, warmstart, "
@@ -62,92 +70,18 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from acrl.app.assemble import (
-        build_clarifier,
-        build_policy,
-        build_reasoner,
-        captioner_path,
-        data_source,
-        world_source,
-    )
-    from acrl.config import load_config, to_dict, validate
-    from acrl.train import checkpoint
-    from acrl.train import run as runinfo
-    from acrl.train.distributed import setup
-    from acrl.train.guard import Interrupted, ServiceDown
-    from acrl.train.loop import train
-
     out = args.out
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
     stored = runinfo.read(out) if args.resume else None
+    flags = {"train.steps": args.steps, "train.alpha": args.alpha, "train.report_to": args.report_to,
+             "train.reference": args.reference, "train.cotrain": True if args.cotrain else None}
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     # On resume the stored run is the base; a --config file given again is compared with it field by field.
-    cfg = load_config(args.config, args.overrides, base=stored["config"] if stored and not args.config else None)
-    dist = setup()   # under `accelerate launch`: join the process group and pick this rank's GPU before loading
-    if args.steps is not None:
-        cfg.train.steps = args.steps
-    if args.alpha is not None:
-        cfg.train.alpha = args.alpha
-    if args.report_to:
-        cfg.train.report_to = args.report_to
-    if args.reference:
-        cfg.train.reference = args.reference
-    if args.cotrain:
-        cfg.train.cotrain = True
-    cfg = validate(cfg)
-    base = args.captioner or (stored or {}).get("captioner") or captioner_path(cfg)
-    reference = cfg.train.reference or base   # π_ref: answers clarifications, anchors the KL
-    data = args.data or (stored or {}).get("data")
-    found = None
-    if args.resume:
-        found = checkpoint.latest(out)
-        if dist.is_main:
-            for why in found.skipped or []:
-                print(f"resume: skipping {why}", file=sys.stderr)
-        if found.path is None and stored is not None:
-            # stopped before its first checkpoint: run.json defines the start, so the run starts again from step 0
-            if dist.is_main:
-                print(f"resume: {out} has no complete checkpoint yet; starting the run again from step 0 with its "
-                      f"stored config", file=sys.stderr)
-            found = None
-        elif found.path is None:
-            raise FileNotFoundError(checkpoint.describe_missing(out, found))
-        elif stored is None:
-            print(f"resume: {out} has no {runinfo.FILE} (a run from an older acrl): its config, π_ref and data "
-                  f"are taken from this command line", file=sys.stderr)
-        if stored is not None:
-            diffs = runinfo.differences(stored, to_dict(cfg), base, data)
-            if diffs and not args.allow_change:
-                raise ValueError(f"--resume would change the experiment ({runinfo.describe(diffs)}); resume "
-                                 f"without these values, or pass --allow-change to change them (it is recorded "
-                                 f"in {runinfo.FILE})")
-            stored["changes"] += [{"at_step": found.step if found else 0, "key": k, "old": a, "new": b}
-                                  for k, a, b in diffs]
-    if not found and dist.is_main:   # from step 0 (a --resume without a checkpoint starts its run again)
-        from acrl.train.run import open_fresh
-
-        open_fresh(out, overwrite=args.overwrite or args.resume)
-    if dist.is_main:
-        info = stored or runinfo.record(to_dict(cfg), base, data)
-        info["config"] = to_dict(cfg)
-        runinfo.write(out, info)
-    start = os.path.join(found.path, "policy") if found else base
-    policy = build_policy(cfg, path=start, reference=reference)
-    clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
-    colearner = None
-    if cfg.train.cotrain:   # the reasoner trains too: from its start, or from the checkpoint's reasoner/
-        from acrl.train.learner import build_learner
-
-        colearner = build_learner(cfg, found.path if found else None)
-    eval_fn = None
-    if cfg.train.eval_every and dist.is_main:   # only rank 0 evaluates
-        eval_fn = _periodic_eval(cfg, policy, reference, colearner.reasoner if colearner else None)
-    source = data_source(data, report_to=out if dist.is_main else None) if data else world_source(cfg)
+    cfg = load_config(args.config, overrides, base=stored["config"] if stored and not args.config else None)
+    run = make_run(cfg, out, captioner=args.captioner, data=args.data, resume=args.resume, overwrite=args.overwrite,
+                   allow_change=args.allow_change, stored=stored)
     again = f"acrl train --out {out} --resume"
     try:
-        hist = train(cfg, policy, colearner.recorder if colearner else build_reasoner(cfg), clarifier, source, out,
-                     resume=found.path if found else False, evaluate_fn=eval_fn, progress=not args.quiet,
-                     colearner=colearner)
+        hist = train(run, progress=not args.quiet)
     except Interrupted as e:
         where = f"checkpoint of step {e.step} in {e.checkpoint}" if e.checkpoint else \
             f"step {e.step + 1} abandoned during its update; the newest checkpoint is {checkpoint.latest(out).path}"
@@ -159,7 +93,7 @@ def cmd_train(args) -> int:
               f"checkpoint of step {e.step} is {e.checkpoint}; when the service is back, resume with: {again}",
               file=sys.stderr)
         return 75
-    if dist.is_main:
+    if setup().is_main:
         last = hist[-1] if hist else {}
         if last:
             print(f"done: step {last['step']} reward {last['reward']:.3f} direct-correct "
@@ -167,31 +101,9 @@ def cmd_train(args) -> int:
                   f"{last['retried_steps_total']} step(s) retried after failed episodes, "
                   f"{last['failed_episodes_total']} failed episode(s) masked; outputs in {out}")
         else:
-            print(f"done: nothing to run, the run is already at step {found.step if found else 0} of "
+            print(f"done: nothing to run, the run is already at step {checkpoint.latest(out).step} of "
                   f"{cfg.train.steps}; outputs in {out}")
     return 0
-
-
-def _shares_reference(cfg) -> bool:
-    """With an hf LoRA captioner, the policy's own ``answer()`` is π_ref (adapter disabled): no second copy."""
-    return cfg.captioner.backend == "hf" and cfg.captioner.lora.enabled
-
-
-def _periodic_eval(cfg, policy, reference_path, reasoner=None):
-    from acrl.app.assemble import build_clarifier, build_policy, build_reasoner
-    from acrl.eval.evaluate import evaluate
-    from acrl.world import make_problems
-
-    problems = make_problems("val", cfg.train.eval_n, cfg.world)
-    reference = policy if _shares_reference(cfg) else build_policy(cfg, path=reference_path)
-    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, cfg.train.seed + 1)
-    reasoner = reasoner or build_reasoner(cfg)   # co-training: the reasoner being trained (greedy)
-
-    def fn(step: int) -> dict:
-        summary, _ = evaluate(policy, reasoner, clarifier, problems, cfg.eval.batch_size,
-                              max_clarifications=cfg.train.max_clarifications)
-        return {k: summary["overall"][k] for k in ("accuracy", "clarification_rate", "accuracy_with_clarification")}
-    return fn
 
 
 def cmd_eval(args) -> int:
@@ -205,9 +117,9 @@ def cmd_eval(args) -> int:
     ref_path = args.reference or cfg.eval.reference or captioner_path(cfg)
     path = args.captioner or captioner_path(cfg)
     policy = build_policy(cfg, path=path, reference=ref_path)
-    same = os.path.abspath(path) == os.path.abspath(ref_path) or _shares_reference(cfg)
+    same = os.path.abspath(path) == os.path.abspath(ref_path) or shares_reference(cfg)
     reference = policy if same else build_policy(cfg, path=ref_path)
-    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, 12345)
+    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, EVAL_SEED)
     if args.benchmark:
         from acrl.data.run import eval_benchmarks
 
@@ -218,7 +130,7 @@ def cmd_eval(args) -> int:
     views = _eval_views(cfg, args.eval_set)
     for name, view in views.items():
         out = args.out if len(views) == 1 and name == "in" else os.path.join(args.out, name)
-        clar = clarifier if view is cfg else build_clarifier(view, reference, view.train.clarifier_noise, 12345)
+        clar = clarifier if view is cfg else build_clarifier(view, reference, view.train.clarifier_noise, EVAL_SEED)
         problems = make_problems(view.eval.split, view.eval.n, view.world)
         t = time.time()
         summary, items = evaluate(policy, build_reasoner(view), clar, problems, view.eval.batch_size, progress=True,

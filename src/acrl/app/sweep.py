@@ -30,7 +30,17 @@ import sys
 import time
 from dataclasses import dataclass
 
-CURVE_KEYS = ("accuracy", "clarification_rate", "accuracy_with_clarification")
+import torch
+
+from acrl.app.assemble import CURVE_KEYS, evaluators, make_run, views
+from acrl.config import load_config, to_dict
+from acrl.eval.evaluate import evaluate
+from acrl.train.guard import Interrupted
+from acrl.train.learner import question_quality
+from acrl.train.loop import train
+from acrl.train.warmstart import evaluate_reading
+from acrl.world import make_problems
+
 FINAL_KEYS = ("accuracy", "clarification_rate", "accuracy_with_clarification", "acc_deny", "caption_words",
               "question_about_missing", "question_answerable", "asks_when_missing")
 TRAIN_KEYS = ("uniform_frac", "kl_mean", "reward", "clarification_rate", "mean_turns")
@@ -86,8 +96,6 @@ def _slug(text: str) -> str:
 
 def plan(config: str | None, overrides: list[str], grids: list[str], arms: list[str], seeds: list[int]) -> list[Job]:
     """Every (arm × grid point) × seed as a :class:`Job`; each config is built and checked now."""
-    from acrl.config import load_config, to_dict
-
     named = [parse_arm(a) for a in arms] or [("", [])]
     if len({n for n, _ in named}) != len(named):
         raise ValueError("--arm names must be distinct")
@@ -137,68 +145,26 @@ def prepare(jobs: list[Job], out: str) -> list[str]:
 
 # --- one run (in its own process) ----------------------------------------------------------------------------------
 
-def _views(cfg):
-    from acrl.config import eval_view
-
-    return {"in": cfg, **{name: eval_view(cfg, name) for name in cfg.eval.sets}}
-
-
 def run_job(run_dir: str, progress: bool = False) -> dict:
-    """Train and evaluate the run in ``run_dir`` (from its job.json); resumes from its newest checkpoint."""
-    import torch
-
-    from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path, world_source
-    from acrl.config import load_config
-    from acrl.eval.evaluate import evaluate
-    from acrl.train import checkpoint
-    from acrl.train.loop import train
-    from acrl.world import make_problems
-
+    """Train and evaluate the run in ``run_dir`` (from its job.json); resumes from its newest checkpoint. The run is
+    assembled exactly as ``acrl train`` assembles it (:func:`acrl.app.assemble.make_run`)."""
     t0 = time.time()
     with open(os.path.join(run_dir, JOB)) as fh:
         job = json.load(fh)
     cfg = load_config(base=job["config"])
     torch.set_num_threads(max(cfg.train.threads, 1))
-    base = captioner_path(cfg)
-    ref_path = cfg.train.reference or base
-    found = checkpoint.latest(run_dir)
-    start = os.path.join(found.path, "policy") if found.path else base
-    policy = build_policy(cfg, path=start, reference=ref_path)
-    reference = build_policy(cfg, path=ref_path)
-    clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed)
-    colearner = None
-    if cfg.train.cotrain:   # the reasoner trains too; it is evaluated (greedy) wherever the run's reasoner is
-        from acrl.train.learner import build_learner
-
-        colearner = build_learner(cfg, found.path)
-    views = _views(cfg)
-    evals = {name: (colearner.reasoner if colearner and v.reasoner == cfg.reasoner else build_reasoner(v),
-                    build_clarifier(v, reference, v.train.clarifier_noise, 777), v.train.max_clarifications)
-             for name, v in views.items()}
-
-    def curve(step: int) -> dict:
-        out = {}
-        for name, (reasoner, clar, k) in evals.items():
-            s, _ = evaluate(policy, reasoner, clar, make_problems("val", cfg.train.eval_n, views[name].world),
-                            cfg.eval.batch_size, max_clarifications=k)
-            out.update({(k2 if name == "in" else f"{name}.{k2}"): s["overall"][k2] for k2 in CURVE_KEYS})
-        return out
-
+    run = make_run(cfg, run_dir, resume="auto")
     step0 = os.path.join(run_dir, "step0.json")
-    if not os.path.exists(step0) and cfg.train.eval_every:
-        _write_json(step0, {"step": 0, "eval": curve(0)})
+    if not os.path.exists(step0) and run.evaluate:
+        _write_json(step0, {"step": 0, "eval": run.evaluate(0)})
     ref_check = os.path.join(run_dir, "reference.json")
     if not os.path.exists(ref_check):
-        _write_json(ref_check, reference_answers(reference, views, cfg))
-    train(cfg, policy, colearner.recorder if colearner else build_reasoner(cfg), clarifier, world_source(cfg),
-          run_dir, resume=found.path or False, overwrite=True, evaluate_fn=curve if cfg.train.eval_every else None,
-          progress=progress, colearner=colearner)
-    from acrl.train.learner import question_quality
-
+        _write_json(ref_check, reference_answers(run.reference, views(cfg), cfg))
+    train(run, progress=progress)
     final = {}
-    for name, (reasoner, clar, k) in evals.items():
-        problems = make_problems(cfg.eval.split, cfg.eval.n, views[name].world)
-        s, items = evaluate(policy, reasoner, clar, problems, cfg.eval.batch_size, max_clarifications=k)
+    for name, (reasoner, clar, k) in evaluators(cfg, run.policy, run.reference, run.colearner).items():
+        problems = make_problems(cfg.eval.split, cfg.eval.n, views(cfg)[name].world)
+        s, items = evaluate(run.policy, reasoner, clar, problems, cfg.eval.batch_size, max_clarifications=k)
         final[name] = {**s["overall"], **question_quality(items, problems), "by_turns": s["by_turns"],
                        "by_needed": s["by_needed"], "by_family": s["by_family"]}
     result = {"name": job["name"], "arm": job["arm"], "seed": job["seed"], "overrides": job["overrides"],
@@ -210,8 +176,6 @@ def run_job(run_dir: str, progress: bool = False) -> dict:
 def reference_answers(reference, views: dict, cfg) -> dict:
     """How well π_ref answers clarification questions in each evaluated world (a 4-bar world needs a π_ref that
     has seen four bars): answer accuracy per view, None for a captioner without the world's reading check."""
-    from acrl.train.warmstart import evaluate_reading
-
     out = {}
     for name, v in views.items():
         try:
@@ -661,8 +625,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m acrl.app.sweep RUN_DIR (a directory with job.json, written by acrl sweep)",
               file=sys.stderr)
         return 2
-    from acrl.train.guard import Interrupted
-
     try:
         run_job(argv[0])
     except Interrupted as e:

@@ -52,6 +52,28 @@ class Policy(Protocol):
 
     def save(self, path: str) -> None: ...
 
+    def before_update(self) -> None:
+        """Called before each optimisation step (a vLLM rollout engine sleeps to free memory)."""
+
+    def after_update(self) -> None:
+        """Called after each optimisation step (a vLLM rollout engine receives the new adapter)."""
+
+    def set_sampling_seed(self, seed: int) -> None:
+        """Seed the next ``generate`` (engines with their own random streams: vLLM)."""
+
+
+class PolicyHooks:
+    """No-op defaults of :class:`Policy`'s hooks, for policies that need none (inherit it)."""
+
+    def before_update(self) -> None:
+        return None
+
+    def after_update(self) -> None:
+        return None
+
+    def set_sampling_seed(self, seed: int) -> None:
+        return None
+
 
 
 class Reasoner(Protocol):
