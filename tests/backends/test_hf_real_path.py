@@ -58,13 +58,13 @@ def _paper_config(family):
 
 def _check_on_policy_ratio(family, tiny_dirs, tmp_path):
     """The paper config's captioner settings (LoRA rank/alpha/dropout, gradient checkpointing, shared prompt
-    cache, recompute_logprobs, micro-batch 8 of 16 rows) in fp32: every token's ratio at the first update is 1 to
+    cache, micro-batch 8 of 16 rows) in fp32: every token's ratio at the first update is 1 to
     1e-6. The adapter is a trained one saved with LoRA dropout 0.05 in its config (as the paper configs had)."""
     from acrl.core.update import update
 
     cfg = _paper_config(family)
     c = cfg.captioner
-    assert c.gradient_checkpointing and c.share_prompt_cache and c.recompute_logprobs and cfg.train.micro_batch == 8
+    assert c.gradient_checkpointing and c.share_prompt_cache and cfg.train.micro_batch == 8
     settings = HFSettings.from_config(c)
     torch.manual_seed(0)
     start = HFCaptioner.load(tiny_dirs(family), lora=c.lora, settings=settings)
@@ -144,7 +144,7 @@ def _count_head_rows(cap):
 def test_logprob_passes_run_in_micro_batch_chunks_and_greedy_skips_the_recompute(tiny_dirs):
     """With logprob_batch_size 0 the old log-probs of the rollout are taken train.micro_batch rows per forward (not
     all rows at once), and greedy generation (evaluation) runs no recompute at all."""
-    settings = HFSettings(device="cpu", recompute_logprobs=True)
+    settings = HFSettings(device="cpu", self_test=False)
     torch.manual_seed(0)
     cap = HFCaptioner.load(tiny_dirs("qwen2-vl"), lora=LORA, settings=settings, micro_batch=3)
     assert cap.logprob_rows() == 3
