@@ -27,7 +27,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from acrl.backends.hf import _plain_generation_config, token_logprobs
+from acrl.backends.hf import _on_device, _plain_generation_config, token_logprobs
 from acrl.backends.hf_reasoner import HFReasoner
 from acrl.backends.tiny import LoraSettings
 from acrl.rollout.protocols import ReplyBatch
@@ -108,6 +108,7 @@ class HFTrainableReasoner(HFReasoner):
         keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0
         return torch.where(keep, gen, torch.full_like(gen, self.pad_id)), keep.float()
 
+    @_on_device
     @torch.no_grad()
     def sample(self, prompts: list[str], temperature: float = 1.0, greedy: bool = False) -> ReplyBatch:
         from transformers import GenerationConfig
@@ -161,6 +162,7 @@ class HFTrainableReasoner(HFReasoner):
         with self.model.disable_adapter():
             yield self.model
 
+    @_on_device
     def logprobs(self, batch: ReplyBatch, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
         """Per-token log-probs of ``batch.tokens[rows]``: with the adapter (gradient) or without it (the frozen
         start, no gradient)."""
