@@ -510,6 +510,8 @@ class ReasonerTrainConfig:
         aggregation: token aggregation of the loss (as ``train.aggregation``).
         micro_batch: reply rows per forward/backward.
         lora: (hf) the reasoner's LoRA adapter (``enabled`` must be true for hf: the adapter is what trains).
+        gradient_checkpointing: (hf) recompute the reasoner's activations in its gradient pass (prompts of
+            thousands of tokens x ``micro_batch`` rows).
     """
 
     question_cost: float = 0.1
@@ -525,6 +527,7 @@ class ReasonerTrainConfig:
     aggregation: str = "seq-mean-token-mean"
     micro_batch: int = 128
     lora: ReasonerLoraSettings = field(default_factory=ReasonerLoraSettings)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
