@@ -30,6 +30,8 @@ def tiny_dirs(tmp_path_factory):
     cache = {}
 
     def get(family):
+        if hf_tiny.unavailable(family):
+            pytest.skip(hf_tiny.unavailable(family))
         if family not in cache:
             cache[family] = hf_tiny.make_tiny(family, str(root / family), seed=0)
         return cache[family]

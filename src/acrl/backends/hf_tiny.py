@@ -118,6 +118,20 @@ def build_tokenizer(family: str, seed: int = 0):
     return fast
 
 
+def unavailable(family: str) -> str:
+    """Why ``family`` cannot be built with the installed transformers ('' when it can): e.g. transformers 5.17's
+    Idefics3 image processor needs torchvision even in its PIL variant."""
+    if family == "idefics3":
+        import transformers
+
+        try:
+            transformers.Idefics3ImageProcessorPil()
+        except ImportError as e:
+            return f"idefics3's image processor cannot be built with transformers {transformers.__version__}: " \
+                   f"{str(e).strip().splitlines()[0]}"
+    return ""
+
+
 def _text_config(tok, hidden=64, layers=2, heads=4, kv_heads=2, vocab_size=0, intermediate_size=0, **kw) -> dict:
     ids = tok.convert_tokens_to_ids
     return {"vocab_size": max(vocab_size, len(tok)), "hidden_size": hidden,
