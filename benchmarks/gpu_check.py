@@ -15,8 +15,8 @@ checkpointing and micro-batch 8 (the paper configs):
   plus the old log-probs from the teacher-forced pass;
 * ``reference``: π_ref's log-probs (the adapter disabled);
 * ``update``: one PPO update over all rows;
-* ``adapter``: the adapter randomised to a visible scale must change the greedy captions (an adapter that is
-  ignored leaves them equal).
+* ``adapter``: the adapter randomised to a visible scale must change the greedy captions of the start (an adapter
+  that is ignored leaves them equal), and with the adapter disabled they must be the start's again (π_ref).
 
 Per phase: seconds, peak allocated and peak reserved GiB with the process capped to ``--memory-cap-gib`` of the card
 (``torch.cuda.set_per_process_memory_fraction``: an 80 GB card's out-of-memory shows on a 141 GB one). Per step:
@@ -207,6 +207,8 @@ def check_family(name: str, args, res: dict, save) -> None:
     questions = [f"What is the height of bar {i}?" for i in range(args.problems)]
     image_id = getattr(cap.base_model().config, "image_token_id", None)
     res["visual_tokens"] = int((cap.encode(images[0], questions[0])["input_ids"] == image_id).sum())
+    k = min(4, args.problems)
+    start = cap.generate(images[:k], questions[:k], greedy=True, max_new_tokens=16).texts   # adapter B = 0
     torch.manual_seed(0)
     roll, res["phases"]["generation"] = meter(lambda: cap.generate(
         images, questions, n=args.samples, temperature=c.temperature or 1.0, max_new_tokens=args.max_new_tokens))
@@ -228,14 +230,12 @@ def check_family(name: str, args, res: dict, save) -> None:
                                                           cfg, ref))
     res["update"] = {k: stats.get(k) for k in ("ratio_mean", "clip_frac", "grad_norm", "loss")}
     save()
-    k = min(4, args.problems)
-    before = cap.generate(images[:k], questions[:k], greedy=True, max_new_tokens=16).texts
     randomise_adapter(cap, std=0.02 if not args.dry_run else 0.3)
     after = cap.generate(images[:k], questions[:k], greedy=True, max_new_tokens=16).texts
     with cap.model.disable_adapter():
         off = cap.generate(images[:k], questions[:k], greedy=True, max_new_tokens=16).texts
-    res["adapter"] = {"captions_changed": sum(a != b for a, b in zip(before, after)), "of": k,
-                      "adapter_off_equals_start": off == before}
+    res["adapter"] = {"captions_changed": sum(a != b for a, b in zip(start, after)), "of": k,
+                      "adapter_off_equals_start": off == start}
     save()
 
 
