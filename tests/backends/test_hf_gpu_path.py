@@ -188,3 +188,47 @@ def test_self_test_passes_on_a_good_checkpoint_and_names_what_is_broken(tiny_dir
     monkeypatch.setattr(HFCaptioner, "self_test", lambda self: {"ok": False, "problem": "x disagree"})
     with pytest.raises(RuntimeError, match="failed its start-up self-test: x disagree"):
         HFCaptioner.load(tiny_dirs("qwen2.5-vl"), lora=LORA, settings=HFSettings(device="cpu"))
+
+
+# --- item 3: image features once per problem ---------------------------------------------------------------------
+@pytest.mark.parametrize("family", hf_tiny.FAMILIES)
+def test_per_row_passes_encode_each_problems_image_once(family, tiny_dirs):
+    """Under gradient checkpointing every log-prob row runs prompt + caption; the frozen vision tower still runs
+    once per problem of a chunk (not once per row), with the numbers and LoRA gradients of running it per row."""
+    torch.manual_seed(0)
+    cap = HFCaptioner.load(tiny_dirs(family), lora=LORA, settings=HFSettings(
+        device="cpu", gradient_checkpointing=True, logprob_batch_size=6, self_test=False))
+    with torch.no_grad():
+        for p in cap.trainable_parameters():
+            p.normal_(0.0, 0.2)
+    roll = cap.generate(_images(((64, 64), (40, 110), (90, 50))), ["q one", "question two?", "q3"], n=3,
+                        max_new_tokens=4)
+    inner = cap.base_model().model
+    calls = []
+    original = inner.get_image_features
+
+    def spy(*a, **k):                              # pixels encoded per call
+        calls.append((a[0] if a else k["pixel_values"]).numel())
+        return original(*a, **k)
+
+    def run(once: bool):
+        calls.clear()
+        inner.get_image_features = spy
+        try:
+            if not once:
+                cap._image_features_once = lambda *a: __import__("contextlib").nullcontext()
+            cap.model.zero_grad()
+            lp = cap.logprobs(roll)
+            (lp * roll.mask).sum().backward()
+            return lp.detach(), [p.grad.clone() for p in cap.trainable_parameters()], list(calls)
+        finally:
+            del inner.get_image_features
+            cap.__dict__.pop("_image_features_once", None)
+
+    fast, slow = run(True), run(False)
+    # chunks [0, 6) (problems 0, 1) and [6, 9) (problem 2): one call per problem and a third of the pixels (or
+    # less: the per-row batches also carry the padding of per-image tensors)
+    assert len(fast[2]) == 3 and len(slow[2]) == 2 and 3 * sum(fast[2]) <= sum(slow[2])
+    assert torch.allclose(fast[0], slow[0], atol=1e-5)
+    for a, b in zip(fast[1], slow[1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), float((a - b).abs().max())

@@ -24,7 +24,8 @@
   prompt keys/values; else every row runs prompt + caption. The choice is fixed per captioner, so old and new
   log-probs always come from the same numerics;
 * gradient checkpointing hooks only the language model's token embedding (the frozen vision tower is never
-  back-propagated through);
+  back-propagated through); in a per-row pass the frozen vision tower runs once per problem, not once per row
+  (:meth:`HFCaptioner._image_features_once`);
 * :meth:`HFCaptioner.self_test` (run by :meth:`HFCaptioner.load`): incremental decode vs teacher-forced
   log-probs on two left-padded rows with images of different sizes, and a non-zero LoRA target count;
 * PEFT LoRA on every linear layer of the language model (vision tower and projector frozen by default); the
@@ -386,6 +387,27 @@ def _top_p(logp: torch.Tensor, top_p: float, keep: torch.Tensor | None = None) -
     if keep is not None:
         drop &= idx != keep
     return logp.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+
+
+def _cat_features(outs: list):
+    """The outputs of a vision encoder run on single images, combined as one run on all of them returns them:
+    tensors concatenated along the first dim, sequences of per-image tensors chained, sequences of sequences (per
+    layer) combined element-wise, output records field by field."""
+    first = outs[0]
+    if first is None:
+        return None
+    if torch.is_tensor(first):
+        return torch.cat(outs, 0)
+    if isinstance(first, (list, tuple)):
+        if all(torch.is_tensor(x) for x in first):
+            return type(first)(x for o in outs for x in o)
+        return type(first)(_cat_features([o[i] for o in outs]) for i in range(len(first)))
+    if isinstance(first, dict):     # transformers' ModelOutput records are dicts
+        out = copy.copy(first)
+        for k in first.keys():
+            out[k] = _cat_features([o[k] for o in outs])
+        return out
+    raise TypeError(f"cannot combine vision outputs of type {type(first).__name__}")
 
 
 def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -906,8 +928,50 @@ class HFCaptioner:
         if self._mrope:
             model.model.rope_deltas = None
         att = batch["attention_mask"]
-        return model(**batch, **self._positions(att, att.shape[1]), use_cache=False,
-                     logits_to_keep=t + 1).logits[:, :-1]
+        with self._image_features_once(model, encs, groups):
+            return model(**batch, **self._positions(att, att.shape[1]), use_cache=False,
+                         logits_to_keep=t + 1).logits[:, :-1]
+
+    @contextlib.contextmanager
+    def _image_features_once(self, model, encs: list[dict], groups: list[int]):
+        """During one per-row forward: the vision tower runs once per problem (without gradient) instead of once
+        per row. The model's ``get_image_features`` is replaced by one that encodes each distinct problem's image
+        alone and hands every row its problem's features, concatenated as a batch's would be
+        (:func:`_cat_features`). Only while no vision weight trains (the features take no gradient)."""
+        inner = getattr(model, "model", None)
+        original = getattr(inner, "get_image_features", None)
+        vision_trains = any(p.requires_grad for n, p in model.named_parameters()
+                            if not n.startswith(_language_model_prefix(model) + ".") and "lm_head" not in n)
+        if original is None or len(set(groups)) == len(groups) or vision_trains:
+            yield
+            return
+        sig = inspect.signature(type(inner).get_image_features)   # of the function: (self, pixel_values, ...)
+        var_kw = next((n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+        def once(*args, **kwargs):
+            bound = sig.bind(None, *args, **kwargs).arguments
+            bound.pop(next(iter(sig.parameters)))
+            memo = {}
+            with torch.no_grad():
+                for g in sorted(set(groups)):
+                    call = dict(bound)
+                    extra = dict(call.pop(var_kw, {}) or {})
+                    for k, v in list(call.items()) + list(extra.items()):
+                        if torch.is_tensor(v) and k in encs[g]:
+                            own = encs[g][k].to(v.device)
+                            (call if k in call else extra)[k] = own.to(v.dtype) if v.is_floating_point() else own
+                    memo[g] = original(**call, **extra)
+            return _cat_features([memo[g] for g in groups])
+
+        own = inner.__dict__.get("get_image_features")
+        inner.get_image_features = once
+        try:
+            yield
+        finally:
+            if own is None:
+                del inner.get_image_features
+            else:
+                inner.get_image_features = own
 
     def _logprobs(self, model, rollout: Rollout, start: int, stop: int, shared: bool | None = None) -> torch.Tensor:
         """Log-probs of rows ``[start, stop)``, one forward per chunk of :func:`row_chunks`, each chunk's logits
