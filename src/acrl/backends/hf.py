@@ -389,23 +389,27 @@ def _top_p(logp: torch.Tensor, top_p: float, keep: torch.Tensor | None = None) -
     return logp.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
 
 
-def _cat_features(outs: list):
+_PER_LAYER = ("deepstack_features", "hidden_states", "attentions")   # vision-output fields holding one entry per layer
+
+
+def _cat_features(outs: list, per_layer: bool = False):
     """The outputs of a vision encoder run on single images, combined as one run on all of them returns them:
-    tensors concatenated along the first dim, sequences of per-image tensors chained, sequences of sequences (per
-    layer) combined element-wise, output records field by field."""
+    tensors concatenated along the first dim, sequences of per-image tensors chained, per-layer sequences
+    (``per_layer``, the :data:`_PER_LAYER` fields, e.g. Qwen3-VL's deep-stack features) and sequences of
+    sequences combined element-wise, output records field by field."""
     first = outs[0]
     if first is None:
         return None
     if torch.is_tensor(first):
         return torch.cat(outs, 0)
     if isinstance(first, (list, tuple)):
-        if all(torch.is_tensor(x) for x in first):
+        if not per_layer and all(torch.is_tensor(x) for x in first):
             return type(first)(x for o in outs for x in o)
         return type(first)(_cat_features([o[i] for o in outs]) for i in range(len(first)))
     if isinstance(first, dict):     # transformers' ModelOutput records are dicts
         out = copy.copy(first)
         for k in first.keys():
-            out[k] = _cat_features([o[k] for o in outs])
+            out[k] = _cat_features([o[k] for o in outs], per_layer=k in _PER_LAYER)
         return out
     raise TypeError(f"cannot combine vision outputs of type {type(first).__name__}")
 
@@ -777,7 +781,8 @@ class HFCaptioner:
     def _extend(self, model, cache, att: torch.Tensor, deltas, tokens: torch.Tensor, **kw):
         """Forward of ``tokens`` (rows, t) after what ``cache`` holds; returns (logits, extended mask)."""
         att = torch.cat([att, torch.ones_like(tokens)], 1)
-        out = model(input_ids=tokens, attention_mask=att, use_cache=True, **self._positions(att, tokens.shape[1], deltas),
+        pos = self._positions(att, tokens.shape[1], deltas)
+        out = model(input_ids=tokens, attention_mask=att, use_cache=True, **pos,
                     **{self._cache_kw: cache}, **kw)
         return out.logits, att
 
@@ -1021,8 +1026,9 @@ class HFCaptioner:
     def self_test(self, tokens: int = 4) -> dict:
         """Check the loaded checkpoint the way training uses it: greedy incremental decode of two prompts of
         different lengths with images of different sizes (left-padded together) against the teacher-forced
-        log-probs of the same tokens (prompt + caption in one forward, positions computed afresh), with the adapter randomised for the test (so its layers take part; restored
-        after); and a non-zero count of LoRA layers on the language model. Draws no random numbers.
+        log-probs of the same tokens (prompt + caption in one forward, positions computed afresh), with the
+        adapter randomised for the test (so its layers take part; restored after); and a non-zero count of LoRA
+        layers on the language model. Draws no random numbers.
         ``{"ok", "problem", "lora_targets", "max_abs", "mean_abs", "tokens"}``; fp32 must agree to 1e-5 per token
         (positions off by a constant give ~1e-4 on the tiny builds), bf16/fp16 to 0.1 on average (a bound not yet
         measured on a GPU)."""
