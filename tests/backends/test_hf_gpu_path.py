@@ -187,7 +187,7 @@ def test_self_test_passes_on_a_good_checkpoint_and_names_what_is_broken(tiny_dir
     assert all(torch.equal(p, b) for p, b in zip(cap.trainable_parameters(), before))   # adapter restored
     monkeypatch.undo()
     monkeypatch.setattr(HFCaptioner, "self_test", lambda self: {"ok": False, "problem": "x disagree"})
-    with pytest.raises(RuntimeError, match="failed its start-up self-test: x disagree"):
+    with pytest.raises(ValueError, match="failed its start-up self-test: x disagree"):
         HFCaptioner.load(tiny_dirs("qwen2.5-vl"), lora=LORA, settings=HFSettings(device="cpu"))
 
 

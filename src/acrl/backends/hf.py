@@ -616,7 +616,8 @@ class HFCaptioner:
         if settings.self_test:
             report = cap.self_test()
             if not report["ok"]:
-                raise RuntimeError(f"captioner {path!r} failed its start-up self-test: {report['problem']}")
+                raise ValueError(f"captioner {path!r} failed its start-up self-test: {report['problem']} "
+                                   f"(captioner.self_test: false skips it)")
         return cap
 
     def base_model(self):
