@@ -109,6 +109,11 @@ def test_on_policy_ratio_llava(tiny_dirs, tmp_path):
     _check_on_policy_ratio("llava", tiny_dirs, tmp_path)
 
 
+@pytest.mark.parametrize("family", ["qwen3-vl", "gemma3", "idefics3", "llava-onevision"])
+def test_on_policy_ratio_newer_families(family, tiny_dirs, tmp_path):
+    _check_on_policy_ratio(family, tiny_dirs, tmp_path)
+
+
 def test_paper_configs_use_no_lora_dropout_and_a_new_adapter_refuses_it(tiny_dirs):
     for name in ("qwen2.5-vl-3b.yaml", "internvl-2b.yaml"):
         assert _paper_config("internvl" if "internvl" in name else "qwen").captioner.lora.dropout == 0
