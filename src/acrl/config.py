@@ -39,8 +39,9 @@ class HFSettings:
         answer_max_new_tokens: length cap of π_ref's clarification answers.
         share_prompt_cache: the teacher-forced log-prob passes (old, new, π_ref: always one function) run each
             problem's prompt (image included) once per row chunk and share its KV cache among the chunk's rows
-            (same numbers up to float rounding; 2-3x faster with n=8). ``false``, or under
-            ``gradient_checkpointing``: every row runs prompt + caption. Sampling always shares the prompt.
+            (same numbers up to float rounding; 1.6-2.4x faster with n=8 on CPU,
+            ``benchmarks/results/hf_phases_qwen2-vl.json``). ``false``, or under ``gradient_checkpointing``:
+            every row runs prompt + caption. Sampling always shares the prompt.
         processor_kwargs: extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL
             tiles) or ``{max_pixels: 401408}`` (Qwen-VL's own resize bound).
         trust_remote_code: passed to ``from_pretrained`` (not needed for the supported families).
