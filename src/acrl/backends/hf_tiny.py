@@ -2,7 +2,7 @@
 
 ``make_tiny(family, out_dir, seed)`` trains a 400-token byte-level BPE tokenizer on a small synthetic corpus
 (the project's prompts plus embedded-world questions and captions), builds the family's processor and a
-randomly initialised model of 0.16-0.20M parameters, and writes both with ``save_pretrained``. The directory
+randomly initialised model of 0.14-0.22M parameters, and writes both with ``save_pretrained``. The directory
 loads like a hub checkpoint: ``HFCaptioner.load(out_dir)`` (see :mod:`acrl.backends.hf`).
 
 Families (``FAMILIES``): ``qwen2-vl``, ``qwen2.5-vl``, ``qwen3-vl`` (M-RoPE, deep-stack features), ``internvl``
