@@ -213,6 +213,7 @@ def check_family(name: str, args, res: dict, save) -> None:
     roll, res["phases"]["generation"] = meter(lambda: cap.generate(
         images, questions, n=args.samples, temperature=c.temperature or 1.0, max_new_tokens=args.max_new_tokens))
     res["caption_tokens"] = int(roll.mask.sum())
+    res["caption_tokens_per_s"] = round(res["caption_tokens"] / max(res["phases"]["generation"]["seconds"], 1e-9), 1)
     res["mismatch"] = cap.logprob_mismatch(roll)
     save()
     from acrl.train.collect import reference_logprobs
