@@ -943,7 +943,9 @@ class HFCaptioner:
         """During one per-row forward: the vision tower runs once per problem (without gradient) instead of once
         per row. The model's ``get_image_features`` is replaced by one that encodes each distinct problem's image
         alone and hands every row its problem's features, concatenated as a batch's would be
-        (:func:`_cat_features`). Only while no vision weight trains (the features take no gradient)."""
+        (:func:`_cat_features`). Only while no vision weight trains (the features take no gradient). The swap is
+        on the model object: another thread must not run the same model meanwhile (the trainer's clarifier and its
+        log-prob passes take turns through a lock)."""
         inner = getattr(model, "model", None)
         original = getattr(inner, "get_image_features", None)
         vision_trains = any(p.requires_grad for n, p in model.named_parameters()
