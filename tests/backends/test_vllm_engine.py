@@ -307,9 +307,7 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
             return outs
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "qwen2-vl-tiny.yaml"),
-                      ["train.steps=2", "train.problems_per_step=2", "train.samples_per_problem=2", "train.threads=1",
-                       "captioner.recompute_logprobs=true"])
-    captioner.settings.recompute_logprobs = True
+                      ["train.steps=2", "train.problems_per_step=2", "train.samples_per_problem=2", "train.threads=1"])
     llm = SamplingLLM()
     captioner.rollout_engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)), llm=llm)
     try:
@@ -317,7 +315,6 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
     finally:
         captioner.rollout_engine.close()
         captioner.rollout_engine = None
-        captioner.settings.recompute_logprobs = False
     assert [h["step"] for h in hist] == [1, 2] and all(abs(h["ratio_mean"] - 1) < 1e-4 for h in hist)
     steps = " ".join(llm.events).split("sleep1")
     assert steps[0].split()[0] == "captions@1" and steps[1].split()[:2] == ["wake", "captions@2"]

@@ -101,7 +101,7 @@ def build_trainable_reasoner(cfg: Config, path: str, reference: str | None = Non
         return TinyReasoner.load(path, reference=reference, temperature=rc.temperature)
     if rc.backend == "hf":
         kw = {"max_new_tokens": rc.max_tokens, "temperature": rc.temperature, "batch_size": rc.batch_size,
-              "think": rc.think}
+              "think": rc.think, "gradient_checkpointing": cfg.reasoner_train.gradient_checkpointing}
         if os.path.isdir(path) and is_trainable_checkpoint(path):
             return HFTrainableReasoner.load(path, **kw)
         return HFTrainableReasoner(path, lora=cfg.reasoner_train.lora, **kw)

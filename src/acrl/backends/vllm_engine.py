@@ -19,8 +19,8 @@ the engine runs with ``logprobs_mode="processed_logprobs"``, i.e. after temperat
 :func:`rollout_from_samples` turns them into the same :class:`~acrl.rollout.protocols.Rollout` that
 ``HFCaptioner.generate`` returns (right-padded ids with the end token, mask, log-probs, per-problem encodings), so
 ``HFCaptioner.logprobs`` recomputes them teacher-forced for the update. vLLM's kernels (and bf16) do not give
-exactly the training model's numbers; with ``captioner.recompute_logprobs: true`` the old log-probs are taken
-from the training model's first forward instead (recommended), and vLLM's are only used to sample.
+exactly the training model's numbers: ``HFCaptioner.generate`` takes the old log-probs from the training model's
+teacher-forced pass, and vLLM's only measure the sampler/trainer mismatch (``HFCaptioner.logprob_mismatch``).
 
 Two modes (``VLLMSettings.mode``):
 
@@ -267,7 +267,7 @@ class VLLMRolloutEngine(_Engine):
     def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
                  greedy: bool = False) -> Rollout:
         """``n`` captions per (image, question) with the current adapter: the Rollout ``HFCaptioner.generate``
-        would return (its ``recompute_logprobs`` then applies as usual)."""
+        would return before its teacher-forced old log-probs)."""
         self.wake_up()
         params = [self._params(n, temperature, max_new_tokens, greedy, self.cap.settings.top_p, seed)
                   for seed in self.seeds(len(prompts))]
