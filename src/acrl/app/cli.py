@@ -194,16 +194,47 @@ def _periodic_eval(cfg, policy, reference_path, reasoner=None):
     return fn
 
 
+def _positive(args, *flags: str) -> None:
+    """One-line errors for CLI counts that must be at least 1 (``--n 0``, ``--jobs -3``)."""
+    for flag in flags:
+        v = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v} must be at least 1")
+
+
+def _fraction(flag: str, v: float) -> None:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{flag} {v} must be between 0 and 1")
+
+
 def cmd_eval(args) -> int:
+    from acrl import outdir
     from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path
-    from acrl.eval.evaluate import evaluate, markdown_table, write_results
+    from acrl.config import to_dict
+    from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
     from acrl.world import make_problems
 
+    _positive(args, "--n", "--limit")
+    _fraction("--max-bad-fraction", args.max_bad_fraction)
+    _fraction("--max-failed-fraction", args.max_failed_fraction)
+    if not args.benchmark:
+        given = [f for f, v in (("--data", args.data), ("--split", args.split), ("--limit", args.limit),
+                                ("--judge-url", args.judge_url)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --benchmark NAME (the embedded world's "
+                             f"evaluation is set by eval.split and eval.n)")
     cfg = _cfg(args)
     if args.n:
         cfg.eval.n = args.n
     ref_path = args.reference or cfg.eval.reference or captioner_path(cfg)
     path = args.captioner or captioner_path(cfg)
+    views = _eval_views(cfg, args.eval_set)
+    spec = {"command": "eval", "captioner": os.path.abspath(path) if os.path.exists(path) else path,
+            "reference": os.path.abspath(ref_path) if os.path.exists(ref_path) else ref_path,
+            "config": to_dict(cfg), "eval_set": list(views), "benchmark": args.benchmark,
+            "data": os.path.abspath(args.data) if args.data else None, "split": args.split, "limit": args.limit}
+    # one owner; an existing output is continued (--resume, the same evaluation) or replaced (--overwrite)
+    outdir.prepare(args.out, resume=args.resume, overwrite=args.overwrite, spec=spec, command="acrl eval")
     policy = build_policy(cfg, path=path, reference=ref_path)
     same = os.path.abspath(path) == os.path.abspath(ref_path) or _shares_reference(cfg)
     reference = policy if same else build_policy(cfg, path=ref_path)
@@ -214,8 +245,9 @@ def cmd_eval(args) -> int:
         return eval_benchmarks(cfg, policy, clarifier, path, benchmark=args.benchmark, data=args.data, out=args.out,
                                split=args.split, limit=args.limit, max_bad_fraction=args.max_bad_fraction,
                                judge_url=args.judge_url, judge_model=args.judge_model,
-                               dynamath_bad_as_wrong=args.dynamath_bad_as_wrong)
-    views = _eval_views(cfg, args.eval_set)
+                               dynamath_bad_as_wrong=args.dynamath_bad_as_wrong,
+                               max_failed=args.max_failed_fraction)
+    failed = []
     for name, view in views.items():
         out = args.out if len(views) == 1 and name == "in" else os.path.join(args.out, name)
         clar = clarifier if view is cfg else build_clarifier(view, reference, view.train.clarifier_noise, 12345)
@@ -230,6 +262,11 @@ def cmd_eval(args) -> int:
         print(f"## {name}\n" if len(views) > 1 else "", end="")
         print(markdown_table(summary))
         print(f"results in {out}")
+        if why := failure(summary, args.max_failed_fraction):
+            failed.append(f"{out}: {why}")
+    if failed:   # written for reading, but not a result: never exit 0
+        print(f"acrl eval: error: the evaluation did not happen: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -353,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-url", help="optional LLM judge (OpenAI-compatible base URL) for free-form answers the "
                                        "rules reject; reported separately as accuracy_judged")
     p.add_argument("--judge-model", default="", help="served model name of the judge (default: the first)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.05, metavar="F",
+                   help="exit non-zero when more than this fraction of the episodes failed (service errors; the "
+                        "results are still written, default 0.05)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation in OUT (the same captioner, config and problems)")
+    p.add_argument("--overwrite", action="store_true", help="replace the evaluation that already exists in OUT")
     p.add_argument("--eval-set", action="append", metavar="NAME",
                    help="evaluate in a set of eval.sets (another world or reasoner), 'in' for this config's own, or "
                         "'all' for both; repeatable; each set's results go to OUT/NAME")

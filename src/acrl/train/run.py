@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from acrl import outdir
 from acrl.config import Config, to_dict
 from acrl.train import checkpoint as ckpt
 from acrl.train.checkpoint import TrainState, load_checkpoint
@@ -58,7 +59,7 @@ def record(config: dict, captioner: str, data: str | None) -> dict:
 
 
 def write(out: str, info: dict) -> None:
-    os.makedirs(out, exist_ok=True)
+    outdir.own(out, "acrl train")   # one writer per run directory (see acrl.outdir)
     tmp = os.path.join(out, FILE + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(info, fh, indent=1)
@@ -164,7 +165,8 @@ def clear_run(out: str) -> None:
 
 def open_fresh(out: str, overwrite: bool) -> None:
     """Make ``out`` ready for a run from step 0: refuse a directory that holds a run unless ``overwrite``, in which
-    case that run's records and checkpoints are removed first."""
+    case that run's records and checkpoints are removed first. This process becomes the run's one owner."""
+    outdir.own(out, "acrl train")
     existing = run_exists(out)
     if existing and not overwrite:
         raise RunExists(f"{out!r} already holds a run ({existing}); continue it with --resume or replace it "
@@ -189,6 +191,8 @@ def _open_run(out: str, opt, d: Dist, resume: bool | str, overwrite: bool, log) 
         if found.path is None:
             raise FileNotFoundError(ckpt.describe_missing(out, found))
         path = found.path
+    if d.is_main:
+        outdir.own(out, "acrl train")
     state = load_checkpoint(path, opt, d.rank)
     if d.is_main:   # keep only the records of steps that the checkpoint covers; say what was dropped
         for name in ("metrics.jsonl", "episodes.jsonl"):
