@@ -114,7 +114,7 @@ def write_text(path: str, text: str | bytes) -> None:
 
 
 def write_json(path: str, obj: Any, indent: int | None = 1) -> None:
-    write_text(path, dumps(obj, indent=indent))
+    write_text(path, dumps(obj, indent=indent, default=str))
 
 
 # --- one owner ----------------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def wait_free(directory: str, poll: float = 1.0, timeout: float | None = None) -
 
 # --- the output rule -----------------------------------------------------------------------------------------------
 
-def _contents(out: str) -> list[str]:
+def contents(out: str) -> list[str]:
     if not os.path.isdir(out):
         return []
     return sorted(n for n in os.listdir(out) if n != LOCK)
@@ -218,7 +218,7 @@ def _contents(out: str) -> list[str]:
 
 def clear(out: str) -> None:
     """Remove everything in ``out`` but its lock file."""
-    for name in _contents(out):
+    for name in contents(out):
         p = os.path.join(out, name)
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p)
@@ -237,21 +237,13 @@ def prepare(out: str, *, resume: bool = False, overwrite: bool = False, spec: di
         raise ValueError(f"{flag} {out} is a file, not a directory")
     if lock:
         own(out, command)
-    have = _contents(out)
+    have = contents(out)
     continuing = False
     if have and overwrite:
         clear(out)
     elif have and resume:
-        stored_path = os.path.join(out, SPEC)
-        stored = read_json(stored_path, "it records what the output holds") if os.path.exists(stored_path) \
-            else None
-        if spec is not None and stored is not None and strict(stored) != strict(spec):
-            diff = sorted(k for k in set(stored) | set(spec) if strict(stored.get(k)) != strict(spec.get(k)))
-            raise ValueError(f"--resume: {out} holds the output of another job (differs in: {', '.join(diff)}); "
-                             f"use another {flag} or pass --overwrite to replace it")
-        if stored is None and spec is not None:
-            raise ValueError(f"--resume: {out} was not written by this command (no {SPEC}); use another {flag} "
-                             f"or pass --overwrite to replace it")
+        if spec is not None:
+            same_job(out, spec, flag)
         continuing = True
     elif have:
         raise OutputExists(f"{flag} {out} already holds {', '.join(have[:3])}{' ...' if len(have) > 3 else ''}; "
@@ -261,11 +253,26 @@ def prepare(out: str, *, resume: bool = False, overwrite: bool = False, spec: di
     return continuing
 
 
+def same_job(out: str, spec: dict, flag: str = "--out") -> None:
+    """Refuse to continue ``out`` unless it records the same ``spec`` (what defines the job)."""
+    stored_path = os.path.join(out, SPEC)
+    if not os.path.exists(stored_path):
+        raise ValueError(f"--resume: {out} was not written by this command (no {SPEC}); use another {flag} or pass "
+                         f"--overwrite to replace it")
+    stored = read_json(stored_path, "it records what the output holds")
+    spec = json.loads(dumps(spec, default=str))   # as it would be stored (string keys, lists, null)
+    if not isinstance(stored, dict) or stored != spec:
+        stored = stored if isinstance(stored, dict) else {}
+        diff = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
+        raise ValueError(f"--resume: {out} holds the output of another job (differs in: {', '.join(diff)}); use "
+                         f"another {flag} or pass --overwrite to replace it")
+
+
 def check_new(out: str, overwrite: bool, flag: str = "--out") -> None:
     """For a command that publishes its output whole: refuse an existing non-empty ``out`` unless ``overwrite``."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"{flag} {out} is a file, not a directory")
-    have = _contents(out)
+    have = contents(out)
     if have and not overwrite:
         raise OutputExists(f"{flag} {out} already holds {', '.join(have[:3])}{' ...' if len(have) > 3 else ''}; "
                            f"pass --overwrite to replace it")

@@ -42,6 +42,7 @@ def cmd_warmstart(args) -> int:
 
     from acrl.train.warmstart import warm_start
 
+    _positive(args, "--steps")
     cfg = _cfg(args)
     ws = cfg.reasoner_warmstart if args.reasoner else cfg.warmstart
     if args.steps:
@@ -53,10 +54,11 @@ def cmd_warmstart(args) -> int:
     if args.reasoner:
         from acrl.train.reasoner_warmstart import warm_start_reasoner
 
-        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model)
+        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model, resume=args.resume,
+                            overwrite=args.overwrite)
         print(f"warm-started reasoner written to {args.out}")
         return 0
-    warm_start(args.out, ws, cfg.world, cfg.model)
+    warm_start(args.out, ws, cfg.world, cfg.model, resume=args.resume, overwrite=args.overwrite)
     print(f"warm-started captioner written to {args.out}")
     return 0
 
@@ -341,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reasoner", action="store_true",
                    help="warm-start the world's trainable reasoner (reasoner_warmstart, reasoner_model) on "
                         "transcripts of the world reasoner, instead of the captioner")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted warm start in OUT from its newest checkpoint (warmstart."
+                        "checkpoint_every); a finished one is left as it is")
+    p.add_argument("--overwrite", action="store_true", help="replace the warm start that OUT already holds")
     p.set_defaults(fn=cmd_warmstart)
 
     p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
