@@ -221,8 +221,8 @@ def test_an_evaluation_whose_episodes_failed_never_exits_0(tmp_path, capsys, fai
 
     server, _, url = start_server(WorldBackend(), fail_rate=fail_rate)
     try:
-        got, io = _eval(capsys, tmp_path / "ev", "--set", "reasoner.backend=openai", "--set", f"reasoner.base_url={url}",
-                        "--set", "reasoner.max_retries=0")
+        got, io = _eval(capsys, tmp_path / "ev", "--set", "reasoner.backend=openai",
+                        "--set", f"reasoner.base_url={url}", "--set", "reasoner.max_retries=0")
     finally:
         server.shutdown()
         server.server_close()
