@@ -53,6 +53,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from acrl.backends.hf import HFContext
+from acrl.backends.openai_api import image_data_url
 from acrl.config import VLLMSettings
 from acrl.rollout.prompts import captioner_prompt, clarify_prompt
 from acrl.rollout.protocols import Rollout
@@ -181,8 +183,6 @@ class _Engine:
 
     def context(self, images, prompts: list[str], n: int):
         """The per-problem encodings ``HFCaptioner.logprobs`` recomputes the captions with."""
-        from acrl.backends.hf import HFContext
-
         return HFContext([self.cap.encode(im, captioner_prompt(q)) for im, q in zip(images, prompts)], n)
 
     # adapters
@@ -338,8 +338,6 @@ class VLLMServerEngine(_Engine):
 
     def _body(self, model: str, image, text: str, n: int, temperature: float, max_tokens: int, greedy: bool,
               top_p: float = 1.0, seed: int | None = None) -> dict:
-        from acrl.backends.openai_api import image_data_url
-
         body = {"model": model, "n": 1 if greedy else n, "temperature": 0.0 if greedy else temperature,
                 "top_p": 1.0 if greedy else top_p, "max_tokens": max_tokens, "logprobs": True, "top_logprobs": 0,
                 "return_tokens_as_token_ids": True, "return_token_ids": True, "skip_special_tokens": True,
