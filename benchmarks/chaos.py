@@ -16,12 +16,19 @@ equal, bit for bit), steps redone (logged before the fault but after the checkpo
 (steps missing or duplicated in ``metrics.jsonl``), stuck runs (no end within the time limit or too many
 resumes), silent successes (exit 0 without reaching the last step, or exit 0 while its service was down).
 
-    python benchmarks/chaos.py [--kills 20] [--seed 0] [--out /tmp/acrl-chaos]
+``acrl sweep``, ``acrl eval`` and ``acrl warmstart`` (:func:`trial_command`) get SIGKILL at random moments (for the
+sweep every other kill hits only the sweep process, leaving its run orphaned and alive), SIGTERM, a second writer
+started while the first runs, a rerun into a finished output and another job into it; each must end with every
+output file equal to an uninterrupted run's (timings aside) or be refused with a one-line error and a non-zero exit,
+with never two trainers on one run and never a mix of old and new files. Their counts go under ``commands``.
+
+    python benchmarks/chaos.py [--commands train,sweep,eval,warmstart] [--kills 20] [--trials 3] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -31,6 +38,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from acrl import outdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = os.path.join(ROOT, "configs", "micro.yaml")
@@ -249,17 +258,312 @@ def trial_disk_full(work: str, reference: list[dict]) -> dict:
         subprocess.run(["umount", "-l", mnt])
 
 
+# --- the other commands: sweep, eval, warmstart ---------------------------------------------------------------------
+# Each is run uninterrupted once (the reference), then faulted; a faulted run must end with outputs equal to the
+# reference (every file but timings, byte for byte) or be refused with a one-line error and a non-zero exit.
+
+def _acrl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "acrl", *args]
+
+
+COMMANDS = {   # command -> (argv for OUT, flags that continue an interrupted OUT)
+    "warmstart": (lambda out: _acrl("warmstart", "--config", MICRO, "--out", out, "--set", "warmstart.steps=6",
+                                    "--set", "warmstart.checkpoint_every=2"), ["--resume"]),
+    "eval": (lambda out: _acrl("eval", "--config", MICRO, "--out", out, "--n", "4"), ["--resume"]),
+    # a sweep continues by being run again; its run trains 3 steps with a checkpoint after step 2
+    "sweep": (lambda out: _acrl("sweep", "--config", MICRO, "--set", "train.steps=3", "--seeds", "0", "--out", out),
+              []),
+}
+OTHER_JOB = {   # another job into a finished OUT: replaced whole (--overwrite) or refused
+    "warmstart": ["--overwrite", "--set", "warmstart.steps=4"],
+    "eval": ["--overwrite", "--n", "2"],
+    "sweep": ["--set", "train.steps=2"],
+}
+UNSTABLE = ("log.txt",)   # a launcher's log of what happened, not a result
+
+
+def _normal(obj):
+    """``obj`` without timings (``seconds``, ``time_*``) and the run's own fault counters."""
+    if isinstance(obj, dict):
+        return {k: _normal(v) for k, v in obj.items()
+                if k != "seconds" and not k.startswith("time_")
+                and k not in ("retried_steps_total", "failed_episodes_total")}
+    if isinstance(obj, list):
+        return [_normal(v) for v in obj]
+    return obj
+
+
+def fingerprint(out: str) -> dict[str, str]:
+    """Every file of an output (its path inside it -> a digest of its content less timings); the directory's own
+    path is replaced by ``OUT`` so that two outputs in different places compare equal."""
+    import hashlib
+
+    prints = {}
+    for d, _, files in os.walk(out):
+        for f in files:
+            rel = os.path.relpath(os.path.join(d, f), out)
+            if f == ".lock" or f in UNSTABLE or f.endswith(".png"):
+                continue
+            data = open(os.path.join(d, f), "rb").read()
+            if f.endswith((".json", ".jsonl", ".md", ".csv")):
+                text = data.decode("utf-8", "replace").replace(os.path.abspath(out), "OUT")
+                try:
+                    if f.endswith(".json"):
+                        text = json.dumps(_normal(json.loads(text)), sort_keys=True)
+                    elif f.endswith(".jsonl"):
+                        text = "\n".join(json.dumps(_normal(json.loads(x)), sort_keys=True)
+                                         for x in text.splitlines() if x.strip())
+                except ValueError:
+                    pass   # a torn file: its raw text, which differs from the reference's
+                if f.endswith(".md"):   # tables may print durations
+                    text = "\n".join(x for x in text.splitlines() if "second" not in x)
+                data = text.encode()
+            prints[rel] = hashlib.sha256(data).hexdigest()[:16]
+    return prints
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _one_line_error(rc: int, err: str) -> bool:
+    """A non-zero exit whose stderr ends with one ``acrl ...`` line and holds no traceback."""
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    return rc != 0 and "Traceback" not in err and bool(lines) and lines[-1].startswith("acrl")
+
+
+class Writers:
+    """Counts, by polling /proc, how many trainers of one sweep run live at once (the most seen)."""
+
+    def __init__(self, run_dir: str):
+        import threading
+
+        self.key, self.most, self.stop = os.path.abspath(run_dir).encode(), 0, False
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop:
+            n = 0
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+                    except OSError:
+                        continue
+                    n += b"acrl.app.sweep" in cmd and self.key in cmd
+            self.most = max(self.most, n)
+            time.sleep(0.02)
+
+    def close(self) -> int:
+        self.stop = True
+        self.thread.join()
+        return self.most
+
+
+def _continue(command: str, out: str, rec: dict, limit: int = 3) -> None:
+    argv, resume = COMMANDS[command]
+    for _ in range(limit):
+        try:
+            p = subprocess.run(argv(out) + resume, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            rec["stuck"] = True
+            return
+        rec["exits"].append(p.returncode)
+        if p.returncode == 0:
+            return
+        rec["errors"].append(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "")
+        time.sleep(1)   # an orphaned trainer may still hold its run: the next attempt waits for it
+    rec["stuck"] = True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End what a trial started (a sweep's orphaned run included) before the next trial."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def trial_command(command: str, kind: str, i: int, work: str, ref: dict, rng: random.Random,
+                  duration: float) -> dict:
+    """One fault against ``command``: ``kill9`` (SIGKILL at a random moment; for sweep every other one kills only
+    the sweep process, leaving its run orphaned), ``sigterm``, ``second_writer`` (the same command started again
+    while the first runs), ``rerun_finished`` (again into a finished output, plain and with the resume flag),
+    ``other_job`` (another job into a finished output). Then continued until it ends; compared with ``ref``."""
+    argv, resume = COMMANDS[command]
+    out = os.path.join(work, command, f"{kind}-{i}")
+    rec = {"command": command, "fault": kind, "trial": i, "exits": [], "errors": [], "stuck": False}
+    run_dir = os.path.join(out, "runs", "base_seed=0")
+    writers = Writers(run_dir) if command == "sweep" else None
+    if kind in ("rerun_finished", "other_job"):
+        shutil.copytree(os.path.join(work, command, "reference"), out)
+        before = fingerprint(out)
+        if kind == "rerun_finished":
+            for flags in ([], resume):
+                p = subprocess.run(argv(out) + flags, env=ENV, cwd=ROOT, capture_output=True, text=True)
+                rec["exits"].append(p.returncode)
+                refused, same = _one_line_error(p.returncode, p.stderr), fingerprint(out) == before
+                rec.setdefault("refused_or_no_op", []).append((refused or p.returncode == 0) and same)
+                if p.returncode != 0:
+                    rec["errors"].append(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "")
+            rec["ok"] = all(rec["refused_or_no_op"])
+            rec["stale"] = fingerprint(out) != before
+        else:
+            p = subprocess.run(argv(out) + OTHER_JOB[command], env=ENV, cwd=ROOT, capture_output=True, text=True)
+            rec["exits"].append(p.returncode)
+            if p.returncode == 0:   # replaced: must equal that job run into an empty directory
+                fresh = os.path.join(work, command, "other-job-fresh")
+                if not os.path.exists(fresh):
+                    subprocess.run(argv(fresh) + [f for f in OTHER_JOB[command] if f != "--overwrite"], env=ENV,
+                                   cwd=ROOT, check=True, capture_output=True)
+                rec["stale"] = _diff(fingerprint(out), fingerprint(fresh))
+                rec["ok"] = not rec["stale"]
+            else:   # refused: the finished output untouched
+                rec["errors"].append(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "")
+                rec["stale"] = _diff(fingerprint(out), before)
+                rec["ok"] = _one_line_error(p.returncode, p.stderr) and not rec["stale"]
+            rec["stale"] = bool(rec["stale"])
+        rec["two_writers"] = bool(writers and writers.close() > 1)
+        return rec
+    proc = subprocess.Popen(argv(out), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        if kind == "second_writer":
+            _wait(lambda: outdir.owner(out) is not None, proc, 120)
+            _wait(lambda: False, proc, rng.random() * duration / 2)
+            p = subprocess.run(argv(out) + resume, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            rec["second_exit"] = p.returncode
+            rec["second_message"] = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+            first_alive = proc.poll() is None
+            # refused while the first runs; or (the first already gone) a no-op on its finished output
+            rec["second_refused"] = _one_line_error(p.returncode, p.stderr) or not first_alive
+            rec["two_writers"] = p.returncode == 0 and first_alive
+        else:
+            frac = rng.uniform(0.1, 0.9)
+            rec["moment"] = f"{frac:.2f} of an uninterrupted run"
+            _wait(lambda: False, proc, frac * duration)
+            only_parent = command == "sweep" and kind == "kill9" and i % 2 == 0
+            if kind == "kill9":
+                rec["killed"] = "the sweep process only" if only_parent else "the process group"
+            if proc.poll() is None:
+                if kind == "sigterm":
+                    proc.send_signal(signal.SIGTERM)
+                elif only_parent:
+                    proc.kill()
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+        rec["exits"].append(proc.returncode)
+        if kind == "sigterm" and proc.returncode > 0:   # handled by the command: one line, non-zero exit
+            rec["clean_exit"] = _one_line_error(proc.returncode, err)
+        elif kind == "sigterm" and proc.returncode < 0:   # it came while Python started, before acrl's handler
+            rec["died_before_handler"] = True
+        if proc.returncode != 0:
+            _continue(command, out, rec)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_group(proc)
+    if writers:
+        rec["two_writers"] = rec.get("two_writers", False) or writers.close() > 1
+    rec["two_writers"] = rec.get("two_writers", False)
+    rec["diff"] = _diff(fingerprint(out), ref)
+    rec["identical"] = not rec["stuck"] and rec["exits"][-1:] == [0] and not rec["diff"]
+    rec["stale"] = False
+    rec["ok"] = rec["identical"] and rec.get("clean_exit", True) and rec.get("second_refused", True)
+    return rec
+
+
+def run_commands(args, commands: list[str], trials: int) -> dict:
+    """Fault every command in ``commands`` (``trials`` per fault kind) and return their records and counts."""
+    rng = random.Random(args.seed)
+    records, setup = [], {}
+    for command in commands:
+        argv, _ = COMMANDS[command]
+        ref_dir = os.path.join(args.out, command, "reference")
+        t = time.time()
+        subprocess.run(argv(ref_dir), env=ENV, cwd=ROOT, check=True, capture_output=True)
+        duration = time.time() - t
+        again = os.path.join(args.out, command, "reference-again")
+        subprocess.run(argv(again), env=ENV, cwd=ROOT, check=True, capture_output=True)
+        ref = fingerprint(ref_dir)
+        setup[command] = {"argv": " ".join(["acrl", *argv("OUT")[3:]]), "uninterrupted_seconds": round(duration, 1),
+                          "fault_free_runs_identical": fingerprint(again) == ref, "files_compared": len(ref)}
+        for kind, n in (("kill9", trials), ("sigterm", max(1, trials - 1)), ("second_writer", max(1, trials - 1)),
+                        ("rerun_finished", 1), ("other_job", 1)):
+            for i in range(n):
+                rec = trial_command(command, kind, i, args.out, ref, rng, duration)
+                records.append(rec)
+                print(json.dumps({k: rec.get(k) for k in ("command", "fault", "trial", "exits", "ok", "diff",
+                                                            "two_writers", "errors")}), flush=True)
+    return {"setup": setup, **count(records, setup)}
+
+
+def count(records: list[dict], setup: dict) -> dict:
+    """Counts per command and fault kind, and the totals the goal is judged on."""
+    counts: dict = {}
+    for r in records:
+        if r["fault"] == "sigterm":
+            r["ok"] = r["identical"] and r.get("clean_exit", True)
+        c = counts.setdefault(r["command"], {}).setdefault(r["fault"], {
+            "trials": 0, "ok": 0, "identical": 0, "refused_cleanly": 0, "not_ok": 0, "two_writers": 0, "stale": 0,
+            "stuck": 0})
+        c["trials"] += 1
+        c["ok"] += bool(r["ok"])
+        c["not_ok"] += not r["ok"]
+        c["identical"] += bool(r.get("identical"))
+        c["refused_cleanly"] += bool(r.get("second_refused") and r.get("second_exit", 0) != 0) or \
+            (r["fault"] in ("rerun_finished", "other_job") and r["ok"] and any(e != 0 for e in r["exits"]))
+        c["two_writers"] += bool(r["two_writers"])
+        c["stale"] += bool(r["stale"])
+        c["stuck"] += bool(r["stuck"])
+    totals = {"runs": len(records), "ok": sum(r["ok"] for r in records),
+              "two_writers": sum(bool(r["two_writers"]) for r in records),
+              "stale_outputs": sum(bool(r["stale"]) for r in records)}
+    totals["goal_met"] = totals["ok"] == totals["runs"] and totals["two_writers"] == totals["stale_outputs"] == 0 \
+        and all(s["fault_free_runs_identical"] for s in setup.values())
+    totals["sigterm_before_handler"] = sum(bool(r.get("died_before_handler")) for r in records)
+    return {"counts": counts, "totals": totals, "runs": records}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--signals", type=int, default=3, help="SIGINT and SIGTERM trials each")
+    ap.add_argument("--commands", default="train,sweep,eval,warmstart",
+                    help="comma-separated commands to fault; the results of the others are kept from the file")
+    ap.add_argument("--trials", type=int, default=3, help="kills per command (sweep, eval, warmstart); one fewer "
+                                                          "SIGTERM and second-writer trials")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/acrl-chaos")
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "chaos.json"))
     args = ap.parse_args()
-    rng = random.Random(args.seed)
+    commands = [c.strip() for c in args.commands.split(",") if c.strip()]
+    unknown = sorted(set(commands) - {"train", *COMMANDS})
+    if unknown:
+        ap.error(f"--commands: unknown {', '.join(unknown)} (train, {', '.join(COMMANDS)})")
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
+    ok = True
+    if "train" in commands:
+        ok = train_chaos(args)
+    others = [c for c in COMMANDS if c in commands]
+    if others:
+        t = time.time()
+        res = run_commands(args, others, args.trials)
+        res["seconds"] = round(time.time() - t, 1)
+        summary = json.load(open(args.results)) if os.path.exists(args.results) else {}
+        summary["commands"] = res
+        with open(args.results, "w") as fh:
+            json.dump(summary, fh, indent=1)
+        print(json.dumps({"counts": res["counts"], "totals": res["totals"]}, indent=1))
+        ok = ok and res["totals"]["goal_met"]
+    return 0 if ok else 1
+
+
+def train_chaos(args) -> bool:
+    """The ``acrl train`` faults (see the module's docstring); writes its part of the results file."""
+    rng = random.Random(args.seed)
     t = time.time()
     ref_dir = os.path.join(args.out, "reference")
     subprocess.run(_cmd(ref_dir), env=ENV, cwd=ROOT, check=True)
@@ -300,8 +604,7 @@ def main() -> int:
     save(trial_disk_full(args.out, reference))
     summary = _write(args, records, duration, time.time() - t)
     print(json.dumps(summary["totals"], indent=1))
-    ok = summary["totals"]["goal_met"]
-    return 0 if ok else 1
+    return summary["totals"]["goal_met"]
 
 
 def _write(args, records: list[dict], duration: float, seconds: float) -> dict:
@@ -334,6 +637,8 @@ def _write(args, records: list[dict], duration: float, seconds: float) -> dict:
                          "uninterrupted_seconds": round(duration, 1), "seed": args.seed},
                "seconds": round(seconds, 1), "totals": totals, "runs": records}
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    if os.path.exists(args.results) and "commands" in (kept := json.load(open(args.results))):
+        summary["commands"] = kept["commands"]
     with open(args.results, "w") as fh:
         json.dump(summary, fh, indent=1)
     return summary
