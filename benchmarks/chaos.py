@@ -283,10 +283,10 @@ UNSTABLE = ("log.txt",)   # a launcher's log of what happened, not a result
 
 
 def _normal(obj):
-    """``obj`` without timings (``seconds``, ``time_*``) and the run's own fault counters."""
+    """``obj`` without timings and timestamps (``seconds``, ``time_*``, ``created``) and the run's own fault counters."""
     if isinstance(obj, dict):
         return {k: _normal(v) for k, v in obj.items()
-                if k != "seconds" and not k.startswith("time_")
+                if k not in ("seconds", "created") and not k.startswith("time_")
                 and k not in ("retried_steps_total", "failed_episodes_total")}
     if isinstance(obj, list):
         return [_normal(v) for v in obj]
