@@ -150,7 +150,8 @@ class VLLMSettings:
         mode: ``colocate`` (an engine inside each training process) or ``server`` (a running ``vllm serve``).
         gpu_memory_utilization: (colocate) share of the GPU's memory vLLM may take (weights + KV cache); the
             training model, its activations and optimizer state need the rest.
-        max_model_len: (colocate) context length of the engine (0: the model's own).
+        max_model_len: (colocate) context length of the engine (0: from the run: the prompt with its image,
+            1024 question tokens and the longest caption or answer, not the model's own 128k).
         max_lora_rank: largest adapter rank the engine accepts (0: the captioner's rank, rounded up to a size vLLM
             supports). The server must be started with ``--max-lora-rank`` at least this.
         sleep_level: 1: offload the weights to host memory and drop the KV cache during each update (colocate:
@@ -161,10 +162,15 @@ class VLLMSettings:
         base_url: (server) e.g. ``http://127.0.0.1:8000/v1``.
         model: (server) served name of the base model (``--served-model-name``; empty: the server's first model).
         api_key_env: (server) environment variable holding the API key (unset: none is sent).
-        adapter_dir: where adapters are written (empty: a temporary directory; server: a path it can read).
+        adapter_dir: where adapters are written, in the engine's dtype (empty: a temporary directory under
+            /dev/shm where it exists; server: a path it can read).
         concurrency: (server) chat requests in flight.
         timeout: (server) seconds per request.
         engine_kwargs: (colocate) more ``vllm.LLM(...)`` arguments, e.g. ``{max_num_seqs: 256}``.
+        self_check: at start, sample the probe image: captions at temperature 1 must differ and the engine's
+            log-probs must be the training model's (``acrl.backends.vllm_engine._Engine.self_check``).
+        logprob_tolerance: the self-check's largest mean per-token gap between the engine's and the training
+            model's log-probs (bf16 engines differ by about 0.01).
     """
 
     mode: str = "colocate"
@@ -181,6 +187,8 @@ class VLLMSettings:
     concurrency: int = 32
     timeout: float = 600.0
     engine_kwargs: dict = field(default_factory=dict)
+    self_check: bool = True
+    logprob_tolerance: float = 0.05
 
 
 @dataclass
@@ -611,7 +619,7 @@ RULES: dict[str, tuple] = {
     "captioner.vllm.gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "captioner.vllm.max_model_len": _ge(0), "captioner.vllm.max_lora_rank": _ge(0),
     "captioner.vllm.sleep_level": _one_of(0, 1, 2), "captioner.vllm.concurrency": _ge(1),
-    "captioner.vllm.timeout": _gt(0),
+    "captioner.vllm.timeout": _gt(0), "captioner.vllm.logprob_tolerance": _gt(0),
     "model.vocab_size": _ge(0), "model.d_model": _ge(1), "model.n_heads": _ge(1), "model.n_layers": _ge(1),
     "model.enc_layers": _ge(0), "model.cnn_width": _ge(1), "model.max_prompt_tokens": _ge(1),
     "model.max_new_tokens": _ge(1), "model.image_size": _ge(8),

@@ -29,9 +29,9 @@ def build_policy(cfg: Config, path: str | None = None, reference: str | None = N
                                   settings=HFSettings.from_config(cfg.captioner), reference=reference,
                                   micro_batch=cfg.train.micro_batch)
         if cfg.captioner.rollout_engine == "vllm":
-            from acrl.backends.vllm_engine import make_engine
+            from acrl.backends.vllm_engine import RunShapes, make_engine
 
-            policy.rollout_engine = make_engine(policy, cfg.captioner.vllm)
+            policy.rollout_engine = make_engine(policy, cfg.captioner.vllm, RunShapes.from_config(cfg))
         elif cfg.captioner.rollout_engine != "hf":
             raise ValueError(f"unknown captioner.rollout_engine {cfg.captioner.rollout_engine!r} (hf, vllm)")
         return policy
