@@ -233,10 +233,13 @@ class _Engine:
 
     def context_length(self) -> int:
         """Tokens an engine call needs at most: the probe image's prompt, a question's text, the longer of a
-        caption and an answer; rounded up to a multiple of 256."""
+        caption and an answer; rounded up to a multiple of 256, and at most the model's own context."""
         prompt = self.cap.encode(probe_image(self.cap), captioner_prompt(""))["input_ids"].shape[-1]
         longest = max(self.shapes.max_new_tokens or 0, self.cap.settings.answer_max_new_tokens)
-        return -(-(prompt + PROMPT_TEXT_TOKENS + longest) // 256) * 256
+        need = -(-(prompt + PROMPT_TEXT_TOKENS + longest) // 256) * 256
+        config = self.cap.base_model().config
+        own = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        return min(need, int(own)) if own else need
 
     def self_check(self) -> None:
         """Refuse an engine whose samples the trainer would misread: two captions of the probe at temperature 1
