@@ -8,7 +8,7 @@
 Without vLLM every test here is skipped, unless ACRL_REQUIRE_VLLM is set (``make test-vllm``, CI): then they fail.
 Servers start once per session (about a minute each with ``--enforce-eager``) and are shared by the tests.
 CPU attention needs head sizes of 32 or more, and vLLM's Qwen-VL processors a saved video-processor config: the
-tiny models here have both (:func:`tiny_vlm`).
+tiny models here have both (:func:`acrl.backends.hf_tiny.make_tiny_for_vllm`).
 """
 
 from __future__ import annotations
@@ -51,21 +51,6 @@ def require_vllm() -> None:
         if os.environ.get("ACRL_REQUIRE_VLLM"):
             pytest.fail(msg + "; ACRL_REQUIRE_VLLM is set, so this is a failure")
         pytest.skip(msg)
-
-
-def tiny_vlm(family: str, out: str) -> str:
-    """A tiny random Qwen-VL checkpoint vLLM's CPU build can run: head size 32 (text and vision) and a saved video
-    processor config (vLLM builds the video processor even with videos off)."""
-    vision = {"embed_dim": 64, "num_heads": 2} if family == "qwen2-vl" else \
-        {"hidden_size": 64, "num_heads": 2, "intermediate_size": 128}
-    path = hf_tiny.make_tiny(family, out, seed=0, text={"hidden": 128, "heads": 4, "kv_heads": 2}, vision=vision)
-    with open(os.path.join(path, "processor_config.json")) as fh:
-        cfg = json.load(fh)
-    image = {k: v for k, v in cfg["image_processor"].items() if k != "image_processor_type"}
-    cfg["video_processor"] = {**image, "video_processor_type": "Qwen2VLVideoProcessor"}
-    with open(os.path.join(path, "processor_config.json"), "w") as fh:
-        json.dump(cfg, fh, indent=1)
-    return path
 
 
 def _free_port() -> int:
@@ -155,7 +140,7 @@ def smol_server(smollm2, tmp_path_factory, timings):
 @pytest.fixture(scope="session")
 def qwen_base(tmp_path_factory):
     require_vllm()
-    return tiny_vlm("qwen2-vl", str(tmp_path_factory.mktemp("qwen2-vl") / "base"))
+    return hf_tiny.make_tiny_for_vllm("qwen2-vl", str(tmp_path_factory.mktemp("qwen2-vl") / "base"))
 
 
 @pytest.fixture(scope="session")
@@ -215,28 +200,70 @@ def _check_engine(engine, cap, timings: dict, label: str) -> None:
     cap.rollout_engine = engine_of
 
 
-# --- (a) the reasoner -------------------------------------------------------------------------------------------
-def test_smollm2_server_is_the_reasoner_of_eval_and_train(smol_server, micro_captioner, tmp_path, timings):
-    svc = ["--set", "reasoner.backend=openai", "--set", f"reasoner.base_url={smol_server.url}",
-           "--set", "reasoner.model=smollm2", "--set", "reasoner.max_tokens=48"]
+# --- (a) the reasoner, (d) killed and restarted mid-run -------------------------------------------------------------
+SMALL = ["--set", "train.steps=2", "--set", "train.samples_per_problem=2", "--set", "eval.n=4"]
+
+
+def _svc(server) -> list[str]:
+    return ["--set", "reasoner.backend=openai", "--set", f"reasoner.base_url={server.url}",
+            "--set", "reasoner.model=smollm2", "--set", "reasoner.max_tokens=32"]
+
+
+def _metrics(path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    """What the steps computed (as benchmarks/chaos.py compares runs): not timings nor fault counters."""
+    skip = ("retried_steps_total", "failed_episodes_total")
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in skip} for r in rows]
+
+
+def test_smollm2_server_is_the_reasoner_of_eval_and_train_and_survives_a_restart(smol_server, micro_captioner,
+                                                                                  tmp_path, timings):
     with pytest.raises(ValueError, match="max_model_len 2048"):       # the default 4096 cannot fit: refused
         OpenAIReasoner(smol_server.url, max_tokens=4096).check()
     problems = make_problems("val", 2)
-    replies = OpenAIReasoner(smol_server.url, max_tokens=48).complete(
+    replies = OpenAIReasoner(smol_server.url, max_tokens=32).complete(
         [decision_prompt(p.question_with_choices(), oracle_caption_for(p)) for p in problems])
     assert all(isinstance(r, str) and r for r in replies)
     t = time.perf_counter()
     run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--reference", micro_captioner,
-            "--out", tmp_path / "ev", *svc)
-    timings["acrl eval (8 items) with the smollm2 server"] = time.perf_counter() - t
-    items = [json.loads(line) for line in open(tmp_path / "ev" / "items.jsonl")]
-    summary = json.load(open(tmp_path / "ev" / "summary.json"))
-    assert len(items) == summary["overall"]["n"] == 8
+            "--out", tmp_path / "ev", *SMALL, *_svc(smol_server))
+    timings["acrl eval (4 items) with the smollm2 server"] = time.perf_counter() - t
+    items = _metrics(tmp_path / "ev" / "items.jsonl")
+    assert len(items) == json.load(open(tmp_path / "ev" / "summary.json"))["overall"]["n"] == 4
     t = time.perf_counter()
-    run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", tmp_path / "run", "--quiet", *svc)
-    timings["acrl train (3 steps) with the smollm2 server"] = time.perf_counter() - t
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["failed_episodes"] == 0 for r in rows)
+    run_cli("train", "--config", MICRO, "--captioner", micro_captioner, "--out", tmp_path / "run", "--quiet",
+            *SMALL, *_svc(smol_server))
+    timings["acrl train (2 steps) with the smollm2 server"] = time.perf_counter() - t
+    reference = _metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in reference] == [1, 2] and all(r["failed_episodes"] == 0 for r in reference)
+
+    # (d) the server killed after the first step and started again: the run waits (step retries), then finishes
+    # by itself with the uninterrupted run's numbers
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "acrl", "train", "--config", MICRO, "--captioner",
+                             str(micro_captioner), "--out", str(tmp_path / "chaos"), "--quiet", *SMALL,
+                             *_svc(smol_server), "--set", "reasoner.max_retries=0", "--set", "reasoner.timeout=20",
+                             "--set", "train.step_retries=30", "--set", "train.retry_wait=10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        path, end = tmp_path / "chaos" / "metrics.jsonl", time.time() + 600
+        while not (os.path.exists(path) and _metrics(path)) and proc.poll() is None and time.time() < end:
+            time.sleep(0.2)
+        assert proc.poll() is None and _metrics(path), "the run ended or stalled before its first step"
+        smol_server.stop(signal.SIGKILL)
+        time.sleep(2)
+        timings["smollm2 server restart"] = smol_server.start()
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    rows = _metrics(path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert _comparable(rows) == _comparable(reference)
 
 
 # --- (b) the captioner's engine, server mode ----------------------------------------------------------------------
@@ -285,7 +312,7 @@ def test_colocated_engine_with_lora(family, tmp_path, timings, monkeypatch):
 
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-    cap = _captioner(tiny_vlm(family, str(tmp_path / "base")))
+    cap = _captioner(hf_tiny.make_tiny_for_vllm(family, str(tmp_path / "base")))
     _randomise_adapter(cap, seed=0)
     before = _live_children()
     t = time.perf_counter()
