@@ -1,7 +1,7 @@
 """acrl's rollout through its vLLM engine against raw ``LLM.generate``: the same engine, prompts, n, lengths, seeds
 and adapter, in one process. Writes ``benchmarks/results/vllm_overhead.json``.
 
-    python benchmarks/vllm_overhead.py [--rounds 3] [--out benchmarks/results/vllm_overhead.json]
+    python benchmarks/vllm_overhead.py [--rounds 7] [--out benchmarks/results/vllm_overhead.json]
 
 Needs vLLM (``make vllm-venv``; run it with ``.venv-vllm/bin/python``). One rollout step, both ways:
 
@@ -13,8 +13,8 @@ Needs vLLM (``make vllm-venv``; run it with ``.venv-vllm/bin/python``). One roll
   ``llm.generate`` of the answers.
 
 Prefix caching is off (the side run second would otherwise find the other's prompts cached) and the order
-alternates per round; the median round's seconds are compared. Throughput: caption tokens per second over all rounds of
-whole steps.
+alternates per round; the median round's seconds are compared. Throughput: caption tokens per second of whole
+steps, over all rounds.
 Two sizes of step on a tiny random Qwen2-VL (head size 32; CPU attention needs it). The goal: acrl within 1.2x.
 """
 
@@ -96,7 +96,7 @@ def raw_step(engine, cap, images, questions, size, seed, state: dict) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "vllm_overhead.json"))
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

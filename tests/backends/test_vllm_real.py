@@ -148,6 +148,7 @@ def qwen_server(qwen_base, tmp_path_factory, timings):
     server = VLLMServer(qwen_base, "tiny-qwen2-vl", str(tmp_path_factory.mktemp("logs") / "qwen.log"),
                         "--dtype", "float32", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1",
                         "--logprobs-mode", "processed_logprobs", "--limit-mm-per-prompt", '{"image": 1, "video": 0}',
+                        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",   # seeded requests on CPU
                         max_model_len=1024)   # the tiny model's own context
     timings["tiny qwen2-vl server start"] = server.start()
     yield server
