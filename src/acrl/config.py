@@ -417,6 +417,9 @@ class TrainConfig:
         kl_beta: weight of the k3 KL penalty to π_ref.
         aggregation: token aggregation of the loss (``seq-mean-token-mean``, ``seq-mean-token-sum``, ``token-mean``,
             ``seq-mean-token-sum-norm``).
+        tis_cap: truncated importance sampling between the sampler's log-probs and the trainer's (a vLLM engine
+            with ``captioner.recompute_logprobs``): each token's surrogate is weighted by min(π_old / μ, tis_cap);
+            0: off. The gap is logged either way (``sampler_kl``, ``sampler_ratio_max``). TRL's default cap is 2.
         epochs: optimisation passes over each rollout batch (old log-probs kept for the ratio).
         micro_batch: caption rows per forward/backward (gradients accumulate over the step).
         clarifier_noise: probability that π_ref's answer states a wrong value (world regime "noisy clarifier").
@@ -461,6 +464,7 @@ class TrainConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_beta: float = 0.02
+    tis_cap: float = 0.0
     aggregation: str = "seq-mean-token-mean"
     epochs: int = 1
     micro_batch: int = 128
@@ -643,6 +647,7 @@ RULES: dict[str, tuple] = {
     "train.advantage": _one_of("bnpo", "bnpo_decomposed", "grpo", "rloo", "reinforce"),
     "train.lr": _gt(0), "train.warmup": _ge(0), "train.weight_decay": _ge(0), "train.grad_clip": _gt(0),
     "train.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.clip_high": _ge(0), "train.kl_beta": _ge(0),
+    "train.tis_cap": _ge(0),
     "train.aggregation": _one_of("seq-mean-token-mean", "seq-mean-token-sum", "token-mean",
                                  "seq-mean-token-sum-norm"),
     "train.epochs": _ge(1), "train.micro_batch": _ge(1), "train.clarifier_noise": _PROB,

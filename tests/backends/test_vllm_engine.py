@@ -4,6 +4,7 @@ runs where vLLM and a CUDA GPU are present."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import types
@@ -336,6 +337,7 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
         captioner.rollout_engine = None
         captioner.settings.recompute_logprobs = False
     assert [h["step"] for h in hist] == [1, 2] and all(abs(h["ratio_mean"] - 1) < 1e-4 for h in hist)
+    assert all(h["sampler_kl"] > 0 and h["sampler_ratio_max"] > 0 for h in hist)   # the engine's -1.0 per token
     steps = " ".join(llm.events).split("sleep1")
     assert steps[0].split()[0] == "captions@1" and steps[1].split()[:2] == ["wake", "captions@2"]
     assert len(steps) == 3 and llm.events[-1] == "sleep1"   # slept during both updates
@@ -666,3 +668,51 @@ def test_engine_started_from_an_adapter_answers_as_the_starting_checkpoint(tiny_
     cap.rollout_engine = None
     assert from_engine == cap.answer(_images(), questions)
     engine.close()
+
+
+def test_sampler_log_probs_are_kept_measured_against_the_trainers_and_optionally_corrected(captioner, fake_vllm,
+                                                                                          tmp_path):
+    """With recompute_logprobs the engine's log-probs were thrown away, and without it the trainer's ratio used
+    them: the sampler/trainer mismatch was never measured. Both are kept; the update logs their per-token KL and
+    largest ratio and, with train.tis_cap, weights each token by the truncated ratio."""
+    from acrl.config import Config
+    from acrl.core.update import update
+
+    images = _images()
+    torch.manual_seed(3)
+    truth = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=5)
+    canned = _as_vllm_outputs(truth)
+    for req in canned:                                     # the engine's numbers: 0.5 below the trainer's per token
+        for out in req.outputs:
+            for entry in out.logprobs:
+                for v in entry.values():
+                    v.logprob -= 0.5
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False))
+    captioner.rollout_engine, captioner.settings.recompute_logprobs = engine, True
+    try:
+        engine.llm.canned.append(canned)
+        roll = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=5)
+    finally:
+        captioner.rollout_engine, captioner.settings.recompute_logprobs = None, False
+        engine.close()
+    assert torch.allclose(roll.logprobs, truth.logprobs, atol=1e-5)                    # the trainer's, recomputed
+    assert torch.allclose(roll.sampler_logprobs, (truth.logprobs - 0.5) * truth.mask, atol=1e-5)   # the engine's
+
+    state = {k: v.detach().clone() for k, v in captioner.model.named_parameters() if v.requires_grad}
+    deltas = {}
+    for cap in (0.0, 0.5):
+        cfg = Config()
+        cfg.train.kl_beta, cfg.train.tis_cap, cfg.train.aggregation = 0.0, cap, "token-mean"
+        opt = torch.optim.SGD(captioner.trainable_parameters(), lr=1e-3)
+        stats = update(captioner, opt, roll, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool),
+                       cfg)
+        r = math.exp(0.5)                                  # pi_old / mu on every token
+        assert stats["sampler_kl"] == pytest.approx(r - 1 - 0.5, rel=1e-4)
+        assert stats["sampler_ratio_max"] == pytest.approx(r, rel=1e-4)
+        deltas[cap] = {k: v.detach() - state[k] for k, v in captioner.model.named_parameters() if v.requires_grad}
+        with torch.no_grad():                              # back to the same start for the next update
+            for k, v in captioner.model.named_parameters():
+                if v.requires_grad:
+                    v.copy_(state[k])
+    moved = [k for k in deltas[0.0] if deltas[0.0][k].abs().max() > 0]
+    assert moved and all(torch.allclose(deltas[0.5][k], 0.5 * deltas[0.0][k], atol=1e-9, rtol=1e-3) for k in moved)

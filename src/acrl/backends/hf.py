@@ -799,6 +799,7 @@ class HFCaptioner:
                            logprobs=lps, temperature=1.0 if greedy else temperature, context=HFContext(encs, n))
         roll = pad_rollout(roll, max_new_tokens, self.pad_id)   # constant width: the length normaliser
         if self.settings.recompute_logprobs and not greedy:       # greedy (evaluation): nothing reads them
+            roll.sampler_logprobs = roll.logprobs                 # kept for the sampler/trainer mismatch
             with torch.no_grad(), self._policy_mode() as model:
                 roll.logprobs = self._logprobs(model, roll, 0, roll.tokens.shape[0])
         return roll

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from acrl.config import Config
-from acrl.core.loss import policy_loss
+from acrl.core.loss import policy_loss, sampler_correction
 from acrl.rollout.protocols import Policy
 from acrl.train.collect import reference_logprobs
 from acrl.train.distributed import SINGLE, Dist
@@ -27,6 +27,10 @@ def update(policy: Policy, opt: torch.optim.Optimizer, rollout, advantages: torc
     adv = advantages.to(torch.float32)
     if ref is None and tc.kl_beta > 0:
         ref = reference_logprobs(policy, rollout, tc.micro_batch)
+    tis, sampler_stats = None, {}
+    if rollout.sampler_logprobs is not None:   # old log-probs recomputed: the sampler's differ (vLLM, bf16)
+        weights, sampler_stats = sampler_correction(rollout.logprobs, rollout.sampler_logprobs, mask, tc.tis_cap)
+        tis = weights if tc.tis_cap > 0 else None
     counts = dist.all_sum(torch.stack([mask.sum(), (mask.sum(1) > 0).sum().float()]))
     total_tokens, n_seqs = counts.clamp(min=1)
     params = policy.trainable_parameters()
@@ -42,7 +46,8 @@ def update(policy: Policy, opt: torch.optim.Optimizer, rollout, advantages: torc
             logp = policy.logprobs(rollout, sl)
             loss, st = policy_loss(logp, rollout.logprobs[sl], adv[sl], m, None if ref is None else ref[sl],
                                    clip_low=tc.clip_low, clip_high=tc.clip_high, kl_beta=tc.kl_beta,
-                                   aggregation=tc.aggregation, length_norm=cfg.captioner.max_new_tokens)
+                                   aggregation=tc.aggregation, length_norm=cfg.captioner.max_new_tokens,
+                                   is_weights=None if tis is None else tis[sl])
             share = (m.sum() / total_tokens) if tc.aggregation == "token-mean" else ((m.sum(1) > 0).sum() / n_seqs)
             (loss * share).backward()
             agg += torch.tensor([float(st[k]) * float(share) for k in _STATS] + [1.0], dtype=torch.float64)
@@ -50,7 +55,8 @@ def update(policy: Policy, opt: torch.optim.Optimizer, rollout, advantages: torc
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         agg = dist.all_sum(agg)
-        stats = {**(dict(zip(_STATS, agg.tolist())) if agg[-1] > 0 else {}), "grad_norm": float(grad_norm)}
+        stats = {**(dict(zip(_STATS, agg.tolist())) if agg[-1] > 0 else {}), "grad_norm": float(grad_norm),
+                 **sampler_stats}   # this rank's rows
     return stats
 
 

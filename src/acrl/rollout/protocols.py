@@ -18,6 +18,8 @@ class Rollout:
     ``tokens`` (caption token ids incl. the end token, right-padded), ``mask`` (1 on caption tokens),
     ``logprobs`` (per-token log-probs under the sampling policy at ``temperature``: the "old" log-probs).
     ``context`` is backend-specific state for recomputing log-probs (encoded prompts, pixel values, ...).
+    ``sampler_logprobs``: the sampler's own log-probs when ``logprobs`` were recomputed by the training model
+    (``captioner.recompute_logprobs``); the update measures the gap and may correct for it (``train.tis_cap``).
     """
 
     texts: list[list[str]]
@@ -26,6 +28,7 @@ class Rollout:
     logprobs: torch.Tensor
     temperature: float
     context: Any = None
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
