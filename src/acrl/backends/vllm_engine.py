@@ -20,7 +20,8 @@ the engine runs with ``logprobs_mode="processed_logprobs"``, i.e. after temperat
 ``HFCaptioner.generate`` returns (right-padded ids with the end token, mask, log-probs, per-problem encodings), so
 ``HFCaptioner.logprobs`` recomputes them teacher-forced for the update. vLLM's kernels (and bf16) do not give
 exactly the training model's numbers; with ``captioner.recompute_logprobs: true`` the old log-probs are taken
-from the training model's first forward instead (recommended), and vLLM's are only used to sample.
+from the training model's first forward instead (recommended); vLLM's are kept as ``Rollout.sampler_logprobs``
+for the mismatch the update logs (and corrects with ``train.tis_cap``).
 
 Two modes (``VLLMSettings.mode``):
 
