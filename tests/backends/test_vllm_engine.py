@@ -419,8 +419,13 @@ def test_log_probs_before_temperature_and_bias_are_refused_at_start(captioner, t
     silently wrong. The self-check compares one probe caption's log-probs with the training model's."""
     http = FakeHTTP()
     http.replies += _probe_replies(captioner, PROBE_TEMPERATURE)          # --logprobs-mode processed_logprobs
-    _server(captioner, tmp_path / "ok", http).close()
-    assert [b["temperature"] for u, b in http.posts if u.endswith("/chat/completions")] == [1.0, PROBE_TEMPERATURE]
+    captioner.settings.top_p = 0.9            # the probe samples the whole distribution, as the trainer scores it
+    try:
+        _server(captioner, tmp_path / "ok", http).close()
+    finally:
+        captioner.settings.top_p = 1.0
+    probes = [b for u, b in http.posts if u.endswith("/chat/completions")]
+    assert [(b["temperature"], b["top_p"]) for b in probes] == [(1.0, 1.0), (PROBE_TEMPERATURE, 1.0)]
     raw = FakeHTTP()
     raw.replies += _probe_replies(captioner, 1.0)                         # the default, raw_logprobs
     with pytest.raises(RuntimeError, match="--logprobs-mode processed_logprobs"):

@@ -252,13 +252,14 @@ class _Engine:
         image, saved = probe_image(self.cap), self.sampling_seed
         self.sampling_seed = None
         try:
-            roll = self.generate([image], [PROBE_QUESTION], n=4, temperature=1.0, max_new_tokens=16)
+            roll = self.generate([image], [PROBE_QUESTION], n=4, temperature=1.0, max_new_tokens=16, top_p=1.0)
             if len({tuple(r[m.bool()].tolist()) for r, m in zip(roll.tokens, roll.mask)}) < 2:
                 raise RuntimeError(
                     "vLLM engine self-check: 4 captions sampled at temperature 1 are identical: the engine does not "
                     "sample the distribution acrl trains on (a server filling sampling fields from the model's "
                     "generation_config.json? start it with --generation-config vllm)")
-            roll = self.generate([image], [PROBE_QUESTION], n=1, temperature=PROBE_TEMPERATURE, max_new_tokens=16)
+            roll = self.generate([image], [PROBE_QUESTION], n=1, temperature=PROBE_TEMPERATURE, max_new_tokens=16,
+                                 top_p=1.0)   # the trainer's log-probs are of the whole distribution
         finally:
             self.sampling_seed = saved
         with torch.no_grad():
@@ -389,11 +390,12 @@ class VLLMRolloutEngine(_Engine):
                               skip_special_tokens=True, seed=None if greedy else seed, **NEUTRAL_SAMPLING)
 
     def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
-                 greedy: bool = False) -> Rollout:
+                 greedy: bool = False, top_p: float | None = None) -> Rollout:
         """``n`` captions per (image, question) with the current adapter: the Rollout ``HFCaptioner.generate``
-        would return (its ``recompute_logprobs`` then applies as usual)."""
+        would return (its ``recompute_logprobs`` then applies as usual). ``top_p``: None: the captioner's."""
         self.wake_up()
-        params = [self._params(n, temperature, max_new_tokens, greedy, self.cap.settings.top_p, seed)
+        top_p = self.cap.settings.top_p if top_p is None else top_p
+        params = [self._params(n, temperature, max_new_tokens, greedy, top_p, seed)
                   for seed in self.seeds(len(prompts), n)]
         if self.sampling_seed is None:   # one SamplingParams for all requests, as vLLM also accepts
             params = params[0] if params else self._params(n, temperature, max_new_tokens, greedy)
@@ -515,10 +517,11 @@ class VLLMServerEngine(_Engine):
             return list(pool.map(lambda b: samples_from_chat(self._post("/chat/completions", b)), bodies))
 
     def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
-                 greedy: bool = False) -> Rollout:
+                 greedy: bool = False, top_p: float | None = None) -> Rollout:
         self.wake_up()
+        top_p = self.cap.settings.top_p if top_p is None else top_p
         bodies = [self._body(self.lora_name, im, captioner_prompt(q), n, temperature, max_new_tokens, greedy,
-                             self.cap.settings.top_p, seed)
+                             top_p, seed)
                   for im, q, seed in zip(images, prompts, self.seeds(len(prompts), n))]
         return self._rollout(self._chat(bodies), images, prompts, n, temperature, greedy, max_new_tokens)
 
