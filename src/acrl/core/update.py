@@ -28,8 +28,9 @@ def update(policy: Policy, opt: torch.optim.Optimizer, rollout, advantages: torc
     if ref is None and tc.kl_beta > 0:
         ref = reference_logprobs(policy, rollout, tc.micro_batch)
     tis, sampler_stats = None, {}
-    if rollout.sampler_logprobs is not None:   # old log-probs recomputed: the sampler's differ (vLLM, bf16)
-        weights, sampler_stats = sampler_correction(rollout.logprobs, rollout.sampler_logprobs, mask, tc.tis_cap)
+    sampler = getattr(rollout, "sampler_logprobs", None)   # a Rollout's (a ReplyBatch has none)
+    if sampler is not None:   # old log-probs recomputed: the sampler's differ (vLLM, bf16)
+        weights, sampler_stats = sampler_correction(rollout.logprobs, sampler, mask, tc.tis_cap)
         tis = weights if tc.tis_cap > 0 else None
     counts = dist.all_sum(torch.stack([mask.sum(), (mask.sum(1) > 0).sum().float()]))
     total_tokens, n_seqs = counts.clamp(min=1)
