@@ -19,7 +19,7 @@ import torch
 
 from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path, world_source
 from acrl.config import load_config
-from acrl.train.loop import train
+from acrl.train.loop import Run, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,8 +54,7 @@ def measure(args, threads: int) -> dict:
     policy = build_policy(cfg, path=base, reference=base)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        hist = train(cfg, policy, build_reasoner(cfg), build_clarifier(cfg, policy), world_source(cfg), tmp,
-                     progress=False)
+        hist = train(Run(cfg, tmp, policy, build_reasoner(cfg), build_clarifier(cfg, policy), world_source(cfg)), progress=False)
         wall = time.perf_counter() - t0
     steady = hist[1:]
     phases = ("generation", "reasoner", "clarification", "update")

@@ -201,7 +201,7 @@ def profile_top(prof: cProfile.Profile, n: int = 25) -> list[str]:
 def run_acrl(args, model_dir: str, work: str) -> dict:
     from acrl.app.assemble import build_policy, world_source
     from acrl.config import load_config
-    from acrl.train.loop import train
+    from acrl.train.loop import Run, train
 
     steps = args.warmup + args.steps
     cfg = load_config(os.path.join(ROOT, "configs", "qwen2-vl-tiny.yaml"), [
@@ -247,7 +247,7 @@ def run_acrl(args, model_dir: str, work: str) -> dict:
     t0 = time.perf_counter()
     try:
         with (prof or contextlib.nullcontext()):
-            hist = train(cfg, policy, policy_reasoner(), policy, source, os.path.join(work, "acrl"), progress=False)
+            hist = train(Run(cfg, os.path.join(work, "acrl"), policy, policy_reasoner(), policy, source), progress=False)
     finally:
         clock.uninstall()
     wall = time.perf_counter() - t0

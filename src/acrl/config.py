@@ -30,23 +30,23 @@ class HFSettings:
         max_pixels: downscale images with more pixels than this before the processor (0: processor default).
         freeze_vision: keep the vision tower and projector frozen (LoRA targets only the language model; a
             full fine-tune trains only the language model).
-        top_p: nucleus sampling for training captions (log-probs stay full-vocabulary, temperature-scaled).
+        top_p: nucleus sampling for training captions; every log-prob (sampler, old, new, π_ref) is then of the
+            renormalised nucleus, so the sampling policy and the trained one are the same distribution.
         generation_batch_size: caption rows per ``generate`` call (0: all rows at once).
         logprob_batch_size: rows per teacher-forced forward (0: the trainer's ``train.micro_batch`` when the
             captioner is given it, else 8). Chunks are aligned to multiples of this from row 0, so a micro-batch
             that is a multiple of it runs exactly the chunks of the recompute.
-        recompute_logprobs: replace the log-probs recorded during sampling by the teacher-forced pass the update
-            uses (same function, row chunks and mode: the on-policy ratio is exactly 1; one more forward). Not
-            done for greedy generation (evaluation), where nothing uses them.
         answer_max_new_tokens: length cap of π_ref's clarification answers.
-        share_prompt_cache: run each problem's prompt (image included) once and share its KV cache among the
-            problem's samples, in generation and in the teacher-forced log-prob passes (same numbers up to
-            float rounding; 2-3x faster with n=8). ``false``: the per-row path (each row recomputes prompt and
-            image). Under ``gradient_checkpointing`` the teacher-forced passes all take the per-row path (sampling
-            still shares the prompt).
+        share_prompt_cache: the teacher-forced log-prob passes (old, new, π_ref: always one function) run each
+            problem's prompt (image included) once per row chunk and share its KV cache among the chunk's rows
+            (same numbers up to float rounding; 1.6-2.4x faster with n=8 on CPU,
+            ``benchmarks/results/hf_phases_qwen2-vl.json``). ``false``, or under ``gradient_checkpointing``:
+            every row runs prompt + caption. Sampling always shares the prompt.
         processor_kwargs: extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL
             tiles) or ``{max_pixels: 401408}`` (Qwen-VL's own resize bound).
         trust_remote_code: passed to ``from_pretrained`` (not needed for the supported families).
+        self_test: check the loaded checkpoint at start-up (``HFCaptioner.self_test``: incremental decode vs
+            teacher-forced log-probs, LoRA layers present); a failure stops the run with its reason.
     """
 
     dtype: str = "auto"
@@ -58,11 +58,11 @@ class HFSettings:
     top_p: float = 1.0
     generation_batch_size: int = 0
     logprob_batch_size: int = 0
-    recompute_logprobs: bool = False
     answer_max_new_tokens: int = 64
     share_prompt_cache: bool = True
     processor_kwargs: dict = field(default_factory=dict)
     trust_remote_code: bool = False
+    self_test: bool = True
 
     @classmethod
     def from_config(cls, cfg: Any) -> HFSettings:
@@ -206,6 +206,8 @@ class WarmStartConfig:
         seed: seed for model init and data order.
         save_every: also save the captioner every this many steps to ``OUT/step-<n>/`` (intermediate warm
             starts, e.g. a partly trained π_ref for the reference-sensitivity study); 0: only the final one.
+        checkpoint_every: save a resumable checkpoint (model, optimiser, data order) every this many steps to
+            ``OUT/checkpoint-<n>/``; ``acrl warmstart --resume`` continues from the newest; 0: none.
     """
 
     steps: int = 5000
@@ -222,6 +224,7 @@ class WarmStartConfig:
     eval_n: int = 200
     seed: int = 0
     save_every: int = 0
+    checkpoint_every: int = 200
 
 
 @dataclass
@@ -238,6 +241,7 @@ class ReasonerWarmStartConfig:
         read_budget: statements of a description the world reasoner (the teacher) reads.
         eval_every: steps between held-out checks (0: only at the end). eval_n: held-out problems per check.
         seed: seed of model init and data.
+        checkpoint_every: save a resumable checkpoint every this many steps (``OUT/checkpoint-<n>/``); 0: none.
     """
 
     steps: int = 2000
@@ -253,6 +257,7 @@ class ReasonerWarmStartConfig:
     eval_every: int = 150
     eval_n: int = 150
     seed: int = 0
+    checkpoint_every: int = 150
 
 
 @dataclass
@@ -304,7 +309,7 @@ class CaptionerConfig(HFSettings):
         temperature: sampling temperature for training captions.
         max_new_tokens: caption length cap in tokens.
         (hf) dtype, device, attn_implementation, gradient_checkpointing, max_pixels, freeze_vision, top_p,
-            generation_batch_size, logprob_batch_size, recompute_logprobs, answer_max_new_tokens, processor_kwargs,
+            generation_batch_size, logprob_batch_size, answer_max_new_tokens, processor_kwargs, self_test,
             trust_remote_code, share_prompt_cache: inherited from and documented in
             :class:`acrl.backends.hf.HFSettings` (one definition, one set of defaults).
         rollout_engine: (hf) what samples the captions and π_ref's answers: ``hf`` (the training model itself) or
@@ -418,7 +423,7 @@ class TrainConfig:
         aggregation: token aggregation of the loss (``seq-mean-token-mean``, ``seq-mean-token-sum``, ``token-mean``,
             ``seq-mean-token-sum-norm``).
         tis_cap: truncated importance sampling between the sampler's log-probs and the trainer's (a vLLM engine
-            with ``captioner.recompute_logprobs``): each token's surrogate is weighted by min(π_old / μ, tis_cap);
+            captioner): each token's surrogate is weighted by min(π_old / μ, tis_cap);
             0: off. The gap is logged either way (``sampler_kl``, ``sampler_ratio_max``). TRL's default cap is 2.
         epochs: optimisation passes over each rollout batch (old log-probs kept for the ratio).
         micro_batch: caption rows per forward/backward (gradients accumulate over the step).
@@ -523,6 +528,8 @@ class ReasonerTrainConfig:
         aggregation: token aggregation of the loss (as ``train.aggregation``).
         micro_batch: reply rows per forward/backward.
         lora: (hf) the reasoner's LoRA adapter (``enabled`` must be true for hf: the adapter is what trains).
+        gradient_checkpointing: (hf) recompute the reasoner's activations in its gradient pass (prompts of
+            thousands of tokens x ``micro_batch`` rows).
     """
 
     question_cost: float = 0.1
@@ -538,6 +545,7 @@ class ReasonerTrainConfig:
     aggregation: str = "seq-mean-token-mean"
     micro_batch: int = 128
     lora: ReasonerLoraSettings = field(default_factory=ReasonerLoraSettings)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -639,6 +647,7 @@ RULES: dict[str, tuple] = {
     "warmstart.weight_decay": _ge(0), "warmstart.grad_clip": _gt(0), "warmstart.qa_phase": _PROB,
     "warmstart.qa_rate_early": _PROB, "warmstart.qa_rate_late": _PROB, "warmstart.fact_rate": _PROB,
     "warmstart.eval_every": _ge(0), "warmstart.eval_n": _ge(1), "warmstart.save_every": _ge(0),
+    "warmstart.checkpoint_every": _ge(0), "reasoner_warmstart.checkpoint_every": _ge(0),
     "train.steps": _ge(1), "train.problems_per_step": _ge(1),
     "train.samples_per_problem": (lambda v: v >= 2, ">= 2 (an advantage group needs at least two samples)"),
     "train.alpha": _PROB, "train.alpha_schedule": _one_of(*SCHEDULES), "train.alpha_end": _PROB,

@@ -95,7 +95,7 @@ def test_evaluate_and_training_in_process_and_served_are_identical(world, served
     from acrl.app.assemble import world_source
     from acrl.config import load_config
     from acrl.eval.evaluate import evaluate
-    from acrl.train.loop import train
+    from acrl.train.loop import Run, train
 
     problems = world[0][:8]
     policy = TinyCaptioner.create(SMALL, seed=0)
@@ -107,7 +107,7 @@ def test_evaluate_and_training_in_process_and_served_are_identical(world, served
 
     def run(reasoner, out):
         pol = TinyCaptioner.create(SMALL, seed=0)
-        hist = train(cfg, pol, reasoner, pol, world_source(cfg), str(tmp_path / out), progress=False)
+        hist = train(Run(cfg, str(tmp_path / out), pol, reasoner, pol, world_source(cfg)), progress=False)
         return [{k: v for k, v in h.items() if not k.startswith("time_")} for h in hist]
 
     local, remote = run(WorldReasoner(), "local"), run(OpenAIReasoner(served, "world"), "remote")
@@ -265,3 +265,126 @@ def test_hf_reasoner_in_process_and_served(world, tmp_path):
         assert server.counts["completions"] == 5
     finally:
         _stop(server)
+
+
+# --- adversarial requests and flags: every malformed request gets a 4xx, every bad flag one line ---------------
+
+def _raw_post(url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send raw bytes (headers as given, not what a client library would fix up); the status and the body."""
+    import socket as _socket
+
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with _socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                [h for h in data.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1]):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[1]
+
+
+def _post(path="/v1/chat/completions", length=None, body=b""):
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode()
+    return head, body
+
+
+def _chat(content) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": content}]}).encode()
+
+
+BAD_REQUESTS = {
+    "huge Content-Length": (_post(length=10 ** 15), 413),
+    "negative Content-Length": (_post(length=-5), 400),
+    "non-numeric Content-Length": (_post(length="lots"), 400),
+    "deeply nested JSON": (_post(body=b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400),
+    "non-string text part": (_post(body=_chat([{"type": "text", "text": 5}])), 400),
+    "text part is an object": (_post(body=_chat([{"type": "text", "text": {"a": 1}}])), 400),
+    "content is a number": (_post(body=_chat(7)), 400),
+    "messages not a list": (_post(body=b'{"messages": "hi"}'), 400),
+    "message not an object": (_post(body=b'{"messages": [5]}'), 400),
+    "body not an object": (_post(body=b"[1, 2]"), 400),
+    "not JSON": (_post(body=b"{nope"), 400),
+    "not UTF-8": (_post(body=b"\xff\xfe\x00"), 400),
+    "n=2": (_post(body=json.dumps({"messages": [{"role": "user", "content": "q"}], "n": 2}).encode()), 400),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(name):
+    server, _, url = start_server(WorldBackend())
+    try:
+        (head, body), status = BAD_REQUESTS[name]
+        got, payload = _raw_post(url, head, body)
+        assert got == status, (name, got, payload[:200])
+        assert json.loads(payload)["error"]["code"] == status
+        ok = httpx.post(f"{url}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                        timeout=10)
+        assert ok.status_code == 200                                  # still serving
+    finally:
+        _stop(server)
+
+
+def test_the_body_limit_is_a_flag(tmp_path):
+    from acrl.app.serve import make_server
+
+    server = make_server(WorldBackend(), max_body=100)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        assert _raw_post(url, *_post(body=_chat("x" * 200)))[0] == 413
+        assert _raw_post(url, *_post(body=_chat("x")))[0] == 200
+    finally:
+        _stop(server)
+
+
+def _serve_cli(capsys, *args):
+    """``acrl serve ARGS`` in this process (it must fail before serving); (exit code, stderr)."""
+    from acrl.app.cli import main
+
+    rc = main(["serve", *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+BAD_FLAGS = [
+    (["reasoner", "--port", "70000"], "--port 70000"),
+    (["reasoner", "--port", "-1"], "--port -1"),
+    (["reasoner", "--batch-wait", "-1"], "--batch-wait"),
+    (["reasoner", "--fail-rate", "0.8", "--timeout-rate", "0.5"], "--fail-rate"),
+    (["reasoner", "--max-body-mb", "0"], "--max-body-mb"),
+    (["reasoner", "--read-budget", "0"], "--read-budget"),
+    (["reasoner", "--backend", "hf", "--model", "/no/such/model"], "--model /no/such/model: no such directory"),
+    (["reasoner", "--backend", "hf", "--model", "./missing"], "--model ./missing: no such directory"),
+    (["reasoner", "--backend", "hf", "--model", "nobody/no-such-model-here"], "--model nobody/no-such-model-here"),
+    (["clarifier", "--captioner", "/no/such/dir"], "--captioner /no/such/dir"),
+    (["reasoner", "--host", "no-such-host.invalid"], "--host"),
+]
+
+
+@pytest.mark.parametrize("args, named", BAD_FLAGS, ids=[" ".join(a[1:3]) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_errors_naming_the_flag(args, named, capsys):
+    rc, err = _serve_cli(capsys, *args)
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert named in lines[0]
+
+
+def test_a_port_in_use_and_a_broken_checkpoint_are_named(tmp_path, capsys):
+    server, _, url = start_server(WorldBackend())
+    try:
+        rc, err = _serve_cli(capsys, "reasoner", "--port", server.server_address[1])
+        assert rc != 0 and len(err.strip().splitlines()) == 1
+        assert f"--port {server.server_address[1]}" in err and "already in use" in err
+    finally:
+        _stop(server)
+    bad = tmp_path / "cap"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    rc, err = _serve_cli(capsys, "clarifier", "--captioner", bad)
+    assert rc != 0 and len(err.strip().splitlines()) == 1, err
+    assert f"--captioner {bad}" in err

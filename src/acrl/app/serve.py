@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import hashlib
 import io
 import json
@@ -45,6 +46,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from acrl.rollout.prompts import CLARIFY_PROMPT
+
+MAX_BODY = 64 << 20     # bytes of one request body (a few large base64 images); more is answered 413
 
 # --- backends ----------------------------------------------------------------------------------------------------
 
@@ -78,7 +81,10 @@ def _text_of(content) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if not all(isinstance(t, str) for t in texts):
+            raise BadRequest("a text part's 'text' must be a string")
+        return "\n".join(texts)
     raise BadRequest("message content must be a string or a list of parts")
 
 
@@ -281,8 +287,9 @@ class ChatServer(ThreadingHTTPServer):
     request_queue_size = 1024                                 # the default (5) drops bursts of new connections
 
     def __init__(self, addr, backend, faults: Faults | None = None, batch_wait: float = 0.005,
-                 quiet: bool = True):
+                 quiet: bool = True, max_body: int = MAX_BODY):
         super().__init__(addr, _Handler)
+        self.max_body = max_body
         self.backend, self.faults, self.quiet = backend, faults or Faults(), quiet
         self.model = backend.name
         self.lock = threading.Lock()
@@ -366,9 +373,15 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0].rstrip("/")
         try:
             length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:
+                raise ValueError
         except ValueError:
             self.close_connection = True
             self._error(400, "invalid Content-Length")
+            return
+        if length > self.server.max_body:        # refused unread: the connection is closed after the answer
+            self.close_connection = True
+            self._error(413, f"request body of {length} bytes is over the limit of {self.server.max_body}")
             return
         raw = self.rfile.read(length) if length > 0 else b""
         if path != "/v1/chat/completions":
@@ -395,7 +408,10 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get("n", 1) != 1:
                 raise BadRequest("only n=1 is supported")
             item = srv.backend.prepare(body)
-        except (ValueError, BadRequest) as e:
+        except RecursionError:
+            self._error(400, "bad request: the JSON body is nested too deeply")
+            return
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:   # a malformed body: the client's
             self._error(400, f"bad request: {e}")
             return
         try:
@@ -422,9 +438,18 @@ class _Handler(BaseHTTPRequestHandler):
 
 def make_server(backend, host: str = "127.0.0.1", port: int = 0, *, fail_rate: float = 0.0,
                 timeout_rate: float = 0.0, malformed_rate: float = 0.0, seed: int = 0, fault_sleep: float = 2.0,
-                batch_wait: float = 0.005, quiet: bool = True) -> ChatServer:
+                batch_wait: float = 0.005, quiet: bool = True, max_body: int = MAX_BODY) -> ChatServer:
+    """The server, bound; a port that is taken or cannot be bound is a one-line error naming --host / --port."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} must be between 0 and 65535")
     faults = Faults(fail_rate, timeout_rate, malformed_rate, seed, fault_sleep)
-    return ChatServer((host, port), backend, faults, batch_wait=batch_wait, quiet=quiet)
+    try:
+        return ChatServer((host, port), backend, faults, batch_wait=batch_wait, quiet=quiet, max_body=max_body)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host!r} is not an address this machine has ({e})") from None
+    except OSError as e:
+        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror or e})"
+        raise ValueError(f"--host {host} --port {port}: the address {why}; choose another --port") from None
 
 
 def start_server(backend, host: str = "127.0.0.1", port: int = 0, **kw) -> tuple[ChatServer, threading.Thread, str]:
@@ -448,6 +473,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait", type=float, default=0.005, help="seconds to collect concurrent requests into "
                                                                    "one batch")
     p.add_argument("--verbose", action="store_true", help="log every request")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY / (1 << 20),
+                   help="largest request body in MiB (larger ones are answered 413)")
     g = p.add_argument_group("fault injection (for testing clients)")
     g.add_argument("--fail-rate", type=float, default=0.0, help="fraction of chat requests answered with HTTP 500")
     g.add_argument("--timeout-rate", type=float, default=0.0, help="fraction that sleeps --fault-sleep seconds")
@@ -483,21 +510,73 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# flag -> (lowest allowed value, what it must be); checked before anything is loaded
+_LIMITS = {"port": (0, "between 0 and 65535"), "batch_size": (1, "at least 1"), "batch_wait": (0, ">= 0"),
+           "fault_sleep": (0, ">= 0"), "read_budget": (1, "at least 1"), "max_new_tokens": (1, "at least 1"),
+           "threads": (0, ">= 0"), "temperature": (0, ">= 0")}
+
+
+def check_args(args) -> None:
+    """One-line errors naming the flag for values no server can use."""
+    for key, (low, what) in _LIMITS.items():
+        v = getattr(args, key, None)
+        if v is not None and (v < low or (key == "port" and v > 65535) or v != v):
+            raise ValueError(f"--{key.replace('_', '-')} {v} must be {what}")
+    rates = {"--fail-rate": args.fail_rate, "--timeout-rate": args.timeout_rate,
+             "--malformed-rate": args.malformed_rate}
+    if min(rates.values()) < 0 or sum(rates.values()) > 1:
+        raise ValueError(f"{' '.join(f'{k} {v}' for k, v in rates.items())}: fault rates must be >= 0 and sum to "
+                         f"at most 1")
+    if args.max_body_mb <= 0:
+        raise ValueError(f"--max-body-mb {args.max_body_mb} must be > 0")
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id (``org/name``): absolute, relative with ./ or ~, or more than one '/'."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
 def build_backend(args):
+    check_args(args)
     if args.serve_command == "clarifier":
+        if not os.path.isdir(args.captioner):
+            raise FileNotFoundError(f"--captioner {args.captioner}: no such checkpoint directory")
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        return ClarifierBackend.load(args.captioner, args.served_model_name, max_batch=args.batch_size)
+        try:
+            return ClarifierBackend.load(args.captioner, args.served_model_name, max_batch=args.batch_size)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"--captioner {args.captioner}: not a loadable captioner checkpoint ({first})") from None
     if args.backend == "world":
         return WorldBackend(args.read_budget, args.served_model_name or "world")
     if not args.model:
         raise ValueError("--backend hf needs --model PATH")
+    if not os.path.isdir(args.model):
+        if _looks_local(args.model):
+            raise FileNotFoundError(f"--model {args.model}: no such directory")
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(args.model, "config.json")
+        except ValueError:      # not a valid repo id either
+            cached = None
+        if not isinstance(cached, str):
+            raise FileNotFoundError(f"--model {args.model}: neither a local directory nor a model in the local "
+                                    f"Hugging Face cache (download it first, e.g. huggingface-cli download "
+                                    f"{args.model})")
     from acrl.backends.hf_reasoner import HFReasoner
 
-    hf = HFReasoner(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    batch_size=args.batch_size, think=args.think, device=args.device, dtype=args.dtype)
+    try:
+        hf = HFReasoner(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        batch_size=args.batch_size, think=args.think, device=args.device, dtype=args.dtype)
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = "a directory without a model" if os.path.isdir(args.model) else \
+            "neither a local directory nor a model in the local Hugging Face cache"
+        raise ValueError(f"--model {args.model}: {where} ({first})") from None
     return HFBackend(hf, args.served_model_name or args.model)
 
 
@@ -505,7 +584,8 @@ def cmd_serve(args) -> int:
     backend = build_backend(args)
     server = make_server(backend, args.host, args.port, fail_rate=args.fail_rate, timeout_rate=args.timeout_rate,
                          malformed_rate=args.malformed_rate, seed=args.fault_seed, fault_sleep=args.fault_sleep,
-                         batch_wait=args.batch_wait, quiet=not args.verbose)
+                         batch_wait=args.batch_wait, quiet=not args.verbose,
+                         max_body=int(args.max_body_mb * (1 << 20)))
     h, p = server.server_address[:2]
     print(f"serving {args.serve_command} model {server.model!r} at http://{h}:{p}/v1", flush=True)
     try:
@@ -530,6 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"acrl serve: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"acrl serve: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

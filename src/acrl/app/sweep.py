@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import json
 import math
@@ -30,7 +31,18 @@ import sys
 import time
 from dataclasses import dataclass
 
-CURVE_KEYS = ("accuracy", "clarification_rate", "accuracy_with_clarification")
+import torch
+
+from acrl import outdir
+from acrl.app.assemble import CURVE_KEYS, evaluators, make_run, views
+from acrl.config import load_config, to_dict
+from acrl.eval.evaluate import evaluate
+from acrl.train.guard import Interrupted
+from acrl.train.learner import question_quality
+from acrl.train.loop import train
+from acrl.train.warmstart import evaluate_reading
+from acrl.world import make_problems
+
 FINAL_KEYS = ("accuracy", "clarification_rate", "accuracy_with_clarification", "acc_deny", "caption_words",
               "question_about_missing", "question_answerable", "asks_when_missing")
 TRAIN_KEYS = ("uniform_frac", "kl_mean", "reward", "clarification_rate", "mean_turns")
@@ -86,8 +98,6 @@ def _slug(text: str) -> str:
 
 def plan(config: str | None, overrides: list[str], grids: list[str], arms: list[str], seeds: list[int]) -> list[Job]:
     """Every (arm × grid point) × seed as a :class:`Job`; each config is built and checked now."""
-    from acrl.config import load_config, to_dict
-
     named = [parse_arm(a) for a in arms] or [("", [])]
     if len({n for n, _ in named}) != len(named):
         raise ValueError("--arm names must be distinct")
@@ -105,12 +115,7 @@ def plan(config: str | None, overrides: list[str], grids: list[str], arms: list[
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    outdir.write_json(path, obj)
 
 
 def prepare(jobs: list[Job], out: str) -> list[str]:
@@ -123,9 +128,9 @@ def prepare(jobs: list[Job], out: str) -> list[str]:
         path = os.path.join(d, JOB)
         spec = {"name": job.name, "arm": job.arm, "seed": job.seed, "overrides": job.overrides, "config": job.config}
         if os.path.exists(path):
-            with open(path) as fh:
-                old = json.load(fh)
-            if old["config"] != json.loads(json.dumps(job.config)):   # as stored (JSON keys are strings)
+            old = outdir.read_json(path, f"the job of run {job.name}")
+            # compared as stored (JSON keys are strings)
+            if not isinstance(old, dict) or old.get("config") != json.loads(json.dumps(job.config)):
                 raise ValueError(f"{path} holds a different config for run {job.name!r}; the sweep changed: use a new "
                                  f"--out (or delete that run)")
         else:
@@ -137,68 +142,26 @@ def prepare(jobs: list[Job], out: str) -> list[str]:
 
 # --- one run (in its own process) ----------------------------------------------------------------------------------
 
-def _views(cfg):
-    from acrl.config import eval_view
-
-    return {"in": cfg, **{name: eval_view(cfg, name) for name in cfg.eval.sets}}
-
-
 def run_job(run_dir: str, progress: bool = False) -> dict:
-    """Train and evaluate the run in ``run_dir`` (from its job.json); resumes from its newest checkpoint."""
-    import torch
-
-    from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path, world_source
-    from acrl.config import load_config
-    from acrl.eval.evaluate import evaluate
-    from acrl.train import checkpoint
-    from acrl.train.loop import train
-    from acrl.world import make_problems
-
+    """Train and evaluate the run in ``run_dir`` (from its job.json); resumes from its newest checkpoint. The run is
+    assembled exactly as ``acrl train`` assembles it (:func:`acrl.app.assemble.make_run`)."""
     t0 = time.time()
-    with open(os.path.join(run_dir, JOB)) as fh:
-        job = json.load(fh)
+    outdir.own(run_dir, "acrl sweep run")   # one trainer per run: a second sweep waits for this process
+    job = outdir.read_json(os.path.join(run_dir, JOB), "the job of this run, written by acrl sweep")
     cfg = load_config(base=job["config"])
     torch.set_num_threads(max(cfg.train.threads, 1))
-    base = captioner_path(cfg)
-    ref_path = cfg.train.reference or base
-    found = checkpoint.latest(run_dir)
-    start = os.path.join(found.path, "policy") if found.path else base
-    policy = build_policy(cfg, path=start, reference=ref_path)
-    reference = build_policy(cfg, path=ref_path)
-    clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed)
-    colearner = None
-    if cfg.train.cotrain:   # the reasoner trains too; it is evaluated (greedy) wherever the run's reasoner is
-        from acrl.train.learner import build_learner
-
-        colearner = build_learner(cfg, found.path)
-    views = _views(cfg)
-    evals = {name: (colearner.reasoner if colearner and v.reasoner == cfg.reasoner else build_reasoner(v),
-                    build_clarifier(v, reference, v.train.clarifier_noise, 777), v.train.max_clarifications)
-             for name, v in views.items()}
-
-    def curve(step: int) -> dict:
-        out = {}
-        for name, (reasoner, clar, k) in evals.items():
-            s, _ = evaluate(policy, reasoner, clar, make_problems("val", cfg.train.eval_n, views[name].world),
-                            cfg.eval.batch_size, max_clarifications=k)
-            out.update({(k2 if name == "in" else f"{name}.{k2}"): s["overall"][k2] for k2 in CURVE_KEYS})
-        return out
-
+    run = make_run(cfg, run_dir, resume="auto")
     step0 = os.path.join(run_dir, "step0.json")
-    if not os.path.exists(step0) and cfg.train.eval_every:
-        _write_json(step0, {"step": 0, "eval": curve(0)})
+    if not os.path.exists(step0) and run.evaluate:
+        _write_json(step0, {"step": 0, "eval": run.evaluate(0)})
     ref_check = os.path.join(run_dir, "reference.json")
     if not os.path.exists(ref_check):
-        _write_json(ref_check, reference_answers(reference, views, cfg))
-    train(cfg, policy, colearner.recorder if colearner else build_reasoner(cfg), clarifier, world_source(cfg),
-          run_dir, resume=found.path or False, overwrite=True, evaluate_fn=curve if cfg.train.eval_every else None,
-          progress=progress, colearner=colearner)
-    from acrl.train.learner import question_quality
-
+        _write_json(ref_check, reference_answers(run.reference, views(cfg), cfg))
+    train(run, progress=progress)
     final = {}
-    for name, (reasoner, clar, k) in evals.items():
-        problems = make_problems(cfg.eval.split, cfg.eval.n, views[name].world)
-        s, items = evaluate(policy, reasoner, clar, problems, cfg.eval.batch_size, max_clarifications=k)
+    for name, (reasoner, clar, k) in evaluators(cfg, run.policy, run.reference, run.colearner).items():
+        problems = make_problems(cfg.eval.split, cfg.eval.n, views(cfg)[name].world)
+        s, items = evaluate(run.policy, reasoner, clar, problems, cfg.eval.batch_size, max_clarifications=k)
         final[name] = {**s["overall"], **question_quality(items, problems), "by_turns": s["by_turns"],
                        "by_needed": s["by_needed"], "by_family": s["by_family"]}
     result = {"name": job["name"], "arm": job["arm"], "seed": job["seed"], "overrides": job["overrides"],
@@ -210,8 +173,6 @@ def run_job(run_dir: str, progress: bool = False) -> dict:
 def reference_answers(reference, views: dict, cfg) -> dict:
     """How well π_ref answers clarification questions in each evaluated world (a 4-bar world needs a π_ref that
     has seen four bars): answer accuracy per view, None for a captioner without the world's reading check."""
-    from acrl.train.warmstart import evaluate_reading
-
     out = {}
     for name, v in views.items():
         try:
@@ -235,6 +196,7 @@ def run_local(dirs: list[str], jobs: int = 1, log=print) -> dict[str, int]:
     """Run each directory's job as ``python -m acrl.app.sweep DIR`` with at most ``jobs`` at once; returns exit codes.
     SIGINT / SIGTERM stop the running jobs (they checkpoint) and re-raise; a later sweep resumes them."""
     pending, running, codes = list(dirs), {}, {}
+    orphans: set[str] = set()   # runs still owned by a live process of an earlier sweep: waited for, not restarted
     stop = []
 
     def handler(signum, frame):
@@ -243,8 +205,19 @@ def run_local(dirs: list[str], jobs: int = 1, log=print) -> dict[str, int]:
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while (pending or running) and not stop:
-            while pending and len(running) < jobs:
-                d = pending.pop(0)
+            for d in [d for d in pending if d not in orphans and (who := outdir.owner(d))]:
+                orphans.add(d)
+                log(f"sweep: {os.path.basename(d)} is still being run by {who} (left by an earlier sweep); waiting "
+                    f"for it instead of starting a second trainer")
+            for d in [d for d in orphans if not outdir.owner(d)]:
+                orphans.discard(d)
+                if os.path.exists(os.path.join(d, RESULT)):   # it finished: adopt its result
+                    pending.remove(d)
+                    codes[d] = 0
+                    log(f"sweep: {os.path.basename(d)} done (finished by the earlier sweep's process)")
+            while len(running) < jobs and (free := [d for d in pending if d not in orphans]):
+                d = free[0]
+                pending.remove(d)
                 logf = open(os.path.join(d, "log.txt"), "a")
                 running[d] = (subprocess.Popen([sys.executable, "-m", "acrl.app.sweep", d], stdout=logf,
                                                stderr=subprocess.STDOUT, env=_job_env()), logf)
@@ -345,11 +318,10 @@ def run_metrics(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, RESULT)
     if not os.path.exists(path):
         return None
-    with open(path) as fh:
-        res = json.load(fh)
+    res = outdir.read_json(path, "a finished run's result")
     hist = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     step0 = os.path.join(run_dir, "step0.json")
-    evals = ([json.load(open(step0))] if os.path.exists(step0) else []) + [r for r in hist if "eval" in r]
+    evals = ([outdir.read_json(step0)] if os.path.exists(step0) else []) + [r for r in hist if "eval" in r]
     m: dict = {}
     for view, s in res["final"].items():
         for k in FINAL_KEYS:
@@ -369,7 +341,7 @@ def run_metrics(run_dir: str) -> dict | None:
             m[f"{view}/curve_{name}"] = v
     ref = os.path.join(run_dir, "reference.json")
     if os.path.exists(ref):
-        for view, r in json.load(open(ref)).items():
+        for view, r in outdir.read_json(ref).items():
             m[f"{view}/reference_answer_accuracy"] = r["answer_accuracy"] if r else None
     return {"name": res["name"], "arm": res["arm"], "seed": res["seed"], "metrics": m, "curves": curves,
             "seconds": res.get("seconds")}
@@ -410,8 +382,7 @@ def aggregate(out: str, plot: bool = True, baseline: str = "alpha=0") -> dict:
     unfinished = sorted(set(os.listdir(root)) - {r["name"] for r in runs}) if os.path.isdir(root) else []
     table_path = os.path.join(out, "results.json")
     if not runs and os.path.exists(table_path):
-        with open(table_path) as fh:
-            had = json.load(fh).get("runs")
+        had = outdir.read_json(table_path).get("runs")
         if had:   # the run files are missing, not the runs: never replace a table with an empty one
             raise ValueError(f"no finished runs under {root}, but {table_path} holds {len(had)}: "
                              f"results.json left as it is (aggregate where the runs' files are)")
@@ -438,15 +409,15 @@ def aggregate(out: str, plot: bool = True, baseline: str = "alpha=0") -> dict:
         result["versus"] = vs
     _write_json(table_path, result)
     keys = sorted({k for a in table.values() for k in a["metrics"]})
-    with open(os.path.join(out, "results.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["arm", "seeds"] + [f"{k} {f}" for k in keys for f in ("mean", "std")])
-        for arm, a in sorted(table.items()):
-            w.writerow([arm, " ".join(map(str, a["seeds"]))] + [
-                "" if (v := a["metrics"].get(k, {}).get(f)) is None else f"{v:.4g}" for k in keys
-                for f in ("mean", "std")])
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(markdown(table) + (versus_markdown(vs) if vs else ""))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["arm", "seeds"] + [f"{k} {f}" for k in keys for f in ("mean", "std")])
+    for arm, a in sorted(table.items()):
+        w.writerow([arm, " ".join(map(str, a["seeds"]))] + [
+            "" if (v := a["metrics"].get(k, {}).get(f)) is None else f"{v:.4g}" for k in keys
+            for f in ("mean", "std")])
+    outdir.write_text(os.path.join(out, "results.csv"), buf.getvalue())
+    outdir.write_text(os.path.join(out, "results.md"), markdown(table) + (versus_markdown(vs) if vs else ""))
     if plot and table:
         plot_curves(table, os.path.join(out, "curves.png"))
         if grid_axis(table):
@@ -592,8 +563,27 @@ def plot_grid(table: dict, path: str) -> None:
 
 # --- command line --------------------------------------------------------------------------------------------------
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2``: distinct integers, at least one."""
+    try:
+        seeds = [int(s) for s in split_values(text)]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} must be comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r} names no seed, e.g. --seeds 0,1,2")
+    if dup := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise ValueError(f"--seeds {text!r} repeats seed {', '.join(map(str, dup))} (two runs of one seed)")
+    return seeds
+
+
 def cmd_sweep(args) -> int:
-    seeds = [int(s) for s in split_values(args.seeds)]
+    seeds = parse_seeds(args.seeds)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs} must be at least 1")
+    if args.aggregate_only and not os.path.isdir(os.path.join(args.out, "runs")):
+        raise FileNotFoundError(f"--aggregate-only: {args.out} holds no sweep (no {os.path.join(args.out, 'runs')}"
+                                f"); run the sweep first, or give its --out")
+    outdir.own(args.out, "acrl sweep")   # one sweep per directory (its runs each have their own owner too)
     if not args.aggregate_only:
         jobs = plan(args.config, args.overrides, args.grid, args.arm, seeds)
         todo = prepare(jobs, args.out)
@@ -661,10 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m acrl.app.sweep RUN_DIR (a directory with job.json, written by acrl sweep)",
               file=sys.stderr)
         return 2
-    from acrl.train.guard import Interrupted
-
     try:
         run_job(argv[0])
+    except outdir.Busy as e:
+        print(f"acrl sweep: {e}", file=sys.stderr)
+        return 75
     except Interrupted as e:
         print(f"run stopped by {signal.Signals(e.signum).name} at step {e.step}; the sweep resumes it",
               file=sys.stderr)

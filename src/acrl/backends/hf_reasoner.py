@@ -9,6 +9,10 @@ batches, greedily at ``temperature=0`` or sampled otherwise. ``think="strip"`` r
 :func:`packaged_gguf`) into a plain folder this class loads.
 
 Also the engine of ``acrl serve reasoner --backend hf`` (:meth:`HFReasoner.chat` takes whole conversations).
+
+``device``: ``cuda`` is this process's GPU (``cuda:LOCAL_RANK`` under ``accelerate launch``,
+:func:`acrl.backends.hf.resolve_device`), and every call runs under it: the trainer calls the reasoner from a worker
+thread, whose current CUDA device is not the rank's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import shutil
 from collections.abc import Sequence
 
+from acrl.backends.hf import _on_device, resolve_device
 from acrl.backends.openai_api import strip_thinking
 
 
@@ -35,7 +40,7 @@ class HFReasoner:
         self.name = os.path.basename(os.path.normpath(model_path)) if os.path.isdir(model_path) else model_path
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
         self.think, self.top_p, self.seed, self.few_shot = think, top_p, seed, few_shot
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)   # "cuda": this rank's GPU, named (calls come from worker threads)
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         tok.padding_side = "left"
         if tok.pad_token is None:
@@ -57,6 +62,7 @@ class HFReasoner:
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
+    @_on_device
     def chat(self, conversations: Sequence[list[dict]], max_new_tokens: int | None = None,
              temperature: float | None = None) -> list[tuple[str, int, int]]:
         """``(text, prompt_tokens, completion_tokens)`` for each conversation (text after ``think`` handling)."""

@@ -2,12 +2,15 @@
 
 ``make_tiny(family, out_dir, seed)`` trains a 400-token byte-level BPE tokenizer on a small synthetic corpus
 (the project's prompts plus embedded-world questions and captions), builds the family's processor and a
-randomly initialised model of 0.16-0.20M parameters, and writes both with ``save_pretrained``. The directory
+randomly initialised model of 0.14-0.22M parameters, and writes both with ``save_pretrained``. The directory
 loads like a hub checkpoint: ``HFCaptioner.load(out_dir)`` (see :mod:`acrl.backends.hf`).
 
-Families (``FAMILIES``): ``qwen2-vl``, ``qwen2.5-vl``, ``internvl`` (the transformers-native InternVL) and
-``llava`` (SigLIP vision tower + Llama). Every processor resizes images to 56x56 (Qwen: 2x2 merged patches of
-14 px = 4 image tokens; InternVL: 4x4 patches pixel-shuffled to 4 tokens; Llava: 16 tokens).
+Families (``FAMILIES``): ``qwen2-vl``, ``qwen2.5-vl``, ``qwen3-vl`` (M-RoPE, deep-stack features), ``internvl``
+(the transformers-native InternVL), ``gemma3`` (bidirectional attention over image tokens, sliding-window layers,
+a template and tokenizer that both emit BOS), ``idefics3`` (the SmolVLM architecture: images split into padded
+5-D tiles with a ``pixel_attention_mask``), ``llava`` (SigLIP vision tower + Llama) and ``llava-onevision``
+(any-resolution patches, padded per image). Every processor resizes images to a few tokens (Qwen2/2.5: 2x2
+merged patches of 14 px = 4 image tokens at 56x56; InternVL: 4 tokens; Llava: 16; Gemma 3: 4 pooled tokens).
 
 Without torchvision, the Qwen-VL and InternVL processors can't build their video processors; the processor is
 then built through :func:`acrl.backends.hf.no_video_processor_class`, a subclass that drops the video
@@ -21,14 +24,17 @@ import json
 import os
 import random
 
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "internvl", "llava")
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "gemma3", "idefics3", "llava", "llava-onevision")
 IMAGE_SIZE = 56
 VOCAB_SIZE = 400
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>",
             "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",   # Qwen-VL
             "<img>", "</img>", "<IMG_CONTEXT>", "<video>",                              # InternVL
-            "<image>"]                                                                  # Llava
+            "<image>",                                                                  # Llava, Idefics3
+            "<bos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",       # Gemma 3
+            "<fake_token_around_image>", "<global-img>"]                                # Idefics3
+ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]           # Idefics3 tile markers
 
 _QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -38,6 +44,9 @@ _QWEN_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 _INTERNVL_TEMPLATE = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
 _LLAVA_TEMPLATE = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+_GEMMA_TEMPLATE = "{{ bos_token }}" + _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>",
+                                                             "<start_of_image>")
+_IDEFICS_TEMPLATE = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
 
 
 def _corpus() -> list[str]:
@@ -78,23 +87,49 @@ def _tokenizer_json(seed: int) -> str:
 
 
 def build_tokenizer(family: str, seed: int = 0):
-    """A fast tokenizer with the family's special tokens and chat template."""
-    from tokenizers import Tokenizer
+    """A fast tokenizer with the family's special tokens and chat template. Gemma 3's adds BOS when it encodes
+    (as the released one) and its template writes BOS as well."""
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
     extra: dict = {}
     template = _QWEN_TEMPLATE
-    if family == "internvl":
+    raw = Tokenizer.from_str(_tokenizer_json(seed))
+    if family == "gemma3":
+        template = _GEMMA_TEMPLATE
+        bos = raw.token_to_id("<bos>")
+        raw.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                           special_tokens=[("<bos>", bos)])
+        extra = {"bos_token": "<bos>", "extra_special_tokens": {
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}}
+    elif family == "idefics3":
+        template = _IDEFICS_TEMPLATE
+    elif family == "internvl":
         template = _INTERNVL_TEMPLATE
         extra = {"extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
                                           "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}
-    elif family == "llava":
+    elif family in ("llava", "llava-onevision"):
         template = _LLAVA_TEMPLATE
         extra = {"extra_special_tokens": {"image_token": "<image>"}}
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json(seed)),
-                                   eos_token="<|im_end|>", pad_token="<pad>", **extra)
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<pad>", **extra)
+    if family == "idefics3":
+        fast.add_special_tokens({"additional_special_tokens": ROW_COL})
     fast.chat_template = template
     return fast
+
+
+def unavailable(family: str) -> str:
+    """Why ``family`` cannot be built with the installed transformers ('' when it can): e.g. transformers 5.17's
+    Idefics3 image processor needs torchvision even in its PIL variant."""
+    if family == "idefics3":
+        import transformers
+
+        try:
+            transformers.Idefics3ImageProcessorPil()
+        except ImportError as e:
+            return f"idefics3's image processor cannot be built with transformers {transformers.__version__}: " \
+                   f"{str(e).strip().splitlines()[0]}"
+    return ""
 
 
 def _text_config(tok, hidden=64, layers=2, heads=4, kv_heads=2, vocab_size=0, intermediate_size=0, **kw) -> dict:
@@ -195,6 +230,83 @@ def build(family: str, seed: int = 0, vocab_size: int = 0, image_size: int = IMA
         model = InternVLForConditionalGeneration(cfg)
         proc = no_video_processor_class(InternVLProcessor)(
             image_processor=ip, tokenizer=tok, image_seq_length=seq, chat_template=tok.chat_template)
+    elif family == "qwen3-vl":
+        from transformers import (
+            Qwen2VLImageProcessorPil,
+            Qwen3VLConfig,
+            Qwen3VLForConditionalGeneration,
+            Qwen3VLProcessor,
+        )
+
+        # 16-px patches merged 2x2: a 64x64 image is 4 tokens; deep-stack features from vision layer 0
+        text_cfg = _text_config(tok, vocab_size=vocab_size, head_dim=16, rope_parameters={
+            "rope_type": "default", "mrope_section": mrope_section(16), "mrope_interleaved": True,
+            "rope_theta": 1e4})
+        vis = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+               "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+               "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
+        cfg = Qwen3VLConfig(text_config=text_cfg, vision_config=vis, image_token_id=ids("<|image_pad|>"),
+                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
+        model = Qwen3VLForConditionalGeneration(cfg)
+        ip = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64,
+                                      max_pixels=64 * 64)
+        proc = no_video_processor_class(Qwen3VLProcessor)(image_processor=ip, tokenizer=tok,
+                                                          chat_template=tok.chat_template)
+    elif family == "gemma3":
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+        text_cfg = _text_config(tok, vocab_size=vocab_size, head_dim=16, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+        text_cfg["bos_token_id"] = ids("<bos>")
+        cfg = Gemma3Config(text_config=text_cfg, vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": IMAGE_SIZE, "patch_size": 14}, mm_tokens_per_image=4,
+            boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+            image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True)
+        model = Gemma3ForConditionalGeneration(cfg)
+        ip = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4,
+                               chat_template=tok.chat_template)
+    elif family == "idefics3":
+        from transformers import (
+            Idefics3Config,
+            Idefics3ForConditionalGeneration,
+            Idefics3ImageProcessorPil,
+            Idefics3Processor,
+        )
+
+        # images up to 112 px split into 56-px tiles (+ a global one): 1 to 5 tiles of 4 tokens each
+        cfg = Idefics3Config(text_config={"model_type": "llama", **_text_config(tok, vocab_size=vocab_size)},
+                             vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                            "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 14},
+                             scale_factor=2, image_token_id=ids("<image>"), tie_word_embeddings=True)
+        model = Idefics3ForConditionalGeneration(cfg)
+        ip = Idefics3ImageProcessorPil(size={"longest_edge": 2 * IMAGE_SIZE},
+                                       max_image_size={"longest_edge": IMAGE_SIZE})
+        proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+    elif family == "llava-onevision":
+        from transformers import (
+            LlavaOnevisionConfig,
+            LlavaOnevisionForConditionalGeneration,
+            LlavaOnevisionImageProcessorPil,
+            LlavaOnevisionProcessor,
+        )
+
+        # any-resolution: a 28-px base view plus 28-px patches of the best grid (up to 2x2), 4 tokens each
+        grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
+        cfg = LlavaOnevisionConfig(
+            text_config={"model_type": "qwen2", **_text_config(tok, vocab_size=vocab_size)},
+            vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                           "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+            image_token_index=ids("<image>"), video_token_index=ids("<video>"), vision_feature_layer=-1,
+            vision_feature_select_strategy="full", image_grid_pinpoints=grid, tie_word_embeddings=True)
+        model = LlavaOnevisionForConditionalGeneration(cfg)
+        ip = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
+                                             image_grid_pinpoints=grid)
+        proc = no_video_processor_class(LlavaOnevisionProcessor)(
+            image_processor=ip, tokenizer=tok, num_image_tokens=4, vision_feature_select_strategy="full",
+            chat_template=tok.chat_template)
     else:
         from transformers import (
             LlamaConfig,

@@ -8,7 +8,9 @@ interface of :mod:`acrl.rollout.protocols`:
   checkpoint's ``generation_config.json`` hidden), cut at the first end token; the "old" log-probs are then
   computed by the same teacher-forced pass the update uses (one log-prob path), without gradient;
 - ``logprobs``: that pass (left-padded prompt + reply, position ids from the attention mask, the adapter on);
-  ``reference=True``: the same with the adapter disabled (the frozen start, the KL anchor);
+  ``reference=True``: the same with the adapter disabled (the frozen start, the KL anchor). Memory: ``batch_size``
+  rows per forward, logits of the reply positions only (``logits_to_keep``), reduced one row at a time, and with
+  ``gradient_checkpointing`` the gradient pass recomputes activations (prompts of ~10k tokens);
 - ``save``: the adapter (``adapter/``, standard PEFT files) and ``trainable_reasoner.json`` naming the base model;
   :meth:`HFTrainableReasoner.load` continues from such a directory.
 
@@ -27,7 +29,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from acrl.backends.hf import _plain_generation_config, token_logprobs
+from acrl.backends.hf import _on_device, _plain_generation_config, enable_checkpointing, row_chunks, token_logprobs
 from acrl.backends.hf_reasoner import HFReasoner
 from acrl.backends.tiny import LoraSettings
 from acrl.rollout.protocols import ReplyBatch
@@ -43,7 +45,8 @@ def is_trainable_checkpoint(path: str) -> bool:
 class HFTrainableReasoner(HFReasoner):
     """``Reasoner`` + ``TrainableReasoner`` over a causal LM with a LoRA adapter (see the module docstring)."""
 
-    def __init__(self, model_path: str, lora: LoraSettings | None = None, adapter: str | None = None, **kw):
+    def __init__(self, model_path: str, lora: LoraSettings | None = None, adapter: str | None = None,
+                 gradient_checkpointing: bool = False, **kw):
         super().__init__(model_path, **kw)
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -64,6 +67,9 @@ class HFTrainableReasoner(HFReasoner):
             self.model = get_peft_model(self.model, LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha,
                                                                lora_dropout=0.0, target_modules=self.lora.targets))
         self.model.to(self.device).eval()   # no dropout anywhere: sampling and update compute one function
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            enable_checkpointing(self.model.get_base_model())
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id
         self.eos_ids = sorted({i for i in (tok.eos_token_id, getattr(self.model.generation_config, "eos_token_id",
@@ -108,6 +114,7 @@ class HFTrainableReasoner(HFReasoner):
         keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0
         return torch.where(keep, gen, torch.full_like(gen, self.pad_id)), keep.float()
 
+    @_on_device
     @torch.no_grad()
     def sample(self, prompts: list[str], temperature: float = 1.0, greedy: bool = False) -> ReplyBatch:
         from transformers import GenerationConfig
@@ -143,24 +150,45 @@ class HFTrainableReasoner(HFReasoner):
 
     # --- log-probs --------------------------------------------------------------------------------------------
     def _logprobs(self, model, batch: ReplyBatch, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` in chunks of ``batch_size`` (aligned as :func:`acrl.backends.hf.row_chunks`);
+        each forward keeps the logits of its reply positions only."""
+        parts = [self._chunk_logprobs(model, batch, a, b) for a, b in row_chunks(start, stop, self.batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, batch.tokens.shape[1])
+
+    def _chunk_logprobs(self, model, batch: ReplyBatch, start: int, stop: int) -> torch.Tensor:
         tokens = batch.tokens[start:stop]
         width = tokens.shape[1]
         t = max(1, int(batch.mask[start:stop].sum(1).max())) if tokens.numel() else 1
         tokens = tokens[:, :t].to(self.device)
         ids, attn = self._left_pad(batch.prompt_ids[start:stop])
-        p = ids.shape[1]
         seq = torch.cat([ids, tokens[:, :-1]], 1)
         full = torch.cat([attn, torch.ones_like(tokens[:, :-1])], 1)
         pos = (full.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=seq, attention_mask=full, position_ids=pos).logits[:, p - 1:]
+        logits = model(input_ids=seq, attention_mask=full, position_ids=pos, logits_to_keep=t).logits
         lp = token_logprobs(logits, tokens, batch.temperature) * batch.mask[start:stop, :t].to(logits.device)
         return F.pad(lp, (0, width - t)).cpu()   # next to the batch's old log-probs (differentiable)
+
+    @contextlib.contextmanager
+    def _gradient_mode(self):
+        """Train mode (where checkpointing acts) with every dropout layer off, for the gradient pass; eval after."""
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            yield
+            return
+        self.model.train()
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+        try:
+            yield
+        finally:
+            self.model.eval()
 
     @contextlib.contextmanager
     def _reference(self):
         with self.model.disable_adapter():
             yield self.model
 
+    @_on_device
     def logprobs(self, batch: ReplyBatch, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
         """Per-token log-probs of ``batch.tokens[rows]``: with the adapter (gradient) or without it (the frozen
         start, no gradient)."""
@@ -168,4 +196,5 @@ class HFTrainableReasoner(HFReasoner):
         if reference:
             with torch.no_grad(), self._reference() as ref:
                 return self._logprobs(ref, batch, start, stop)
-        return self._logprobs(self.model, batch, start, stop)
+        with self._gradient_mode():
+            return self._logprobs(self.model, batch, start, stop)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from acrl.config import LoraSettings, TinyVLMConfig
-from acrl.rollout.protocols import Rollout
+from acrl.rollout.protocols import PolicyHooks, Rollout
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<caption>", "<answer>"]
 PAD, BOS, EOS, UNK, CAPTION, ANSWER = range(6)
@@ -217,7 +217,7 @@ class _Context:
     n: int
 
 
-class TinyCaptioner:
+class TinyCaptioner(PolicyHooks):
     """``Policy`` implementation over :class:`TinyVLM` (full fine-tuning or PEFT LoRA)."""
 
     def __init__(self, model, tokenizer: WordTokenizer, lora: LoraSettings | None = None):

@@ -19,9 +19,9 @@ the engine runs with ``logprobs_mode="processed_logprobs"``, i.e. after temperat
 :func:`rollout_from_samples` turns them into the same :class:`~acrl.rollout.protocols.Rollout` that
 ``HFCaptioner.generate`` returns (right-padded ids with the end token, mask, log-probs, per-problem encodings), so
 ``HFCaptioner.logprobs`` recomputes them teacher-forced for the update. vLLM's kernels (and bf16) do not give
-exactly the training model's numbers; with ``captioner.recompute_logprobs: true`` the old log-probs are taken
-from the training model's first forward instead (recommended); vLLM's are kept as ``Rollout.sampler_logprobs``
-for the mismatch the update logs (and corrects with ``train.tis_cap``).
+exactly the training model's numbers: ``HFCaptioner.generate`` takes the old log-probs from the training model's
+teacher-forced pass; vLLM's are kept (``context.sampler_logprobs``) for the mismatch the update logs
+(``sampler_kl``, ``sampler_ratio_max``) and corrects with ``train.tis_cap``.
 
 Two modes (``VLLMSettings.mode``):
 
@@ -392,7 +392,7 @@ class VLLMRolloutEngine(_Engine):
     def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
                  greedy: bool = False, top_p: float | None = None) -> Rollout:
         """``n`` captions per (image, question) with the current adapter: the Rollout ``HFCaptioner.generate``
-        would return (its ``recompute_logprobs`` then applies as usual). ``top_p``: None: the captioner's."""
+        would return before its teacher-forced old log-probs). ``top_p``: None: the captioner's."""
         self.wake_up()
         top_p = self.cap.settings.top_p if top_p is None else top_p
         params = [self._params(n, temperature, max_new_tokens, greedy, top_p, seed)

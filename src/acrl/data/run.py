@@ -9,11 +9,11 @@ some were evaluated but another could not be loaded or all its episodes failed; 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
+from acrl import outdir
 from acrl.data.benchmarks import BENCHMARKS, _spec, find_benchmark_dirs, load_benchmark
 from acrl.data.metrics import aggregate_dynamath, breakdown_table, summarize_by, wemath_metrics
 from acrl.data.records import LoadResult
@@ -63,10 +63,10 @@ def _index_table(rows: list[dict[str, Any]]) -> str:
 def eval_benchmarks(cfg, policy, clarifier, captioner: str, *, benchmark: str, data: str | None, out: str,
                     split: str | None = None, limit: int | None = None, max_bad_fraction: float = 0.05,
                     judge_url: str | None = None, judge_model: str = "", dynamath_bad_as_wrong: bool = False,
-                    reasoner=None) -> int:
+                    reasoner=None, max_failed: float = 1.0) -> int:
     """Evaluate ``policy`` on one benchmark (``OUT/``) or on ``all`` (``OUT/<name>/`` each, plus an index
     ``OUT/summary.json`` and ``OUT/table.md``). Returns the exit status (see the module docstring)."""
-    from acrl.eval.evaluate import evaluate, markdown_table, write_results
+    from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
 
     if not data:
         raise ValueError("--benchmark needs --data PATH (see docs/benchmarks.md)")
@@ -127,6 +127,8 @@ def eval_benchmarks(cfg, policy, clarifier, captioner: str, *, benchmark: str, d
         row["counts"], row["accuracy"] = summary["counts"], summary["overall"].get("accuracy")
         if summary["counts"]["evaluated"] == 0:
             row["status"], row["reason"] = "failed", "every episode failed (see errors in items.jsonl)"
+        elif why := failure(summary, max_failed):
+            row["status"], row["reason"] = "failed", why
         else:
             row["status"] = "evaluated"
     if every:
@@ -140,8 +142,5 @@ def eval_benchmarks(cfg, policy, clarifier, captioner: str, *, benchmark: str, d
 
 
 def _write_index(out: str, rows: list[dict[str, Any]]) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as fh:
-        json.dump({"benchmarks": rows}, fh, indent=1)
-    with open(os.path.join(out, "table.md"), "w") as fh:
-        fh.write(_index_table(rows))
+    outdir.write_text(os.path.join(out, "table.md"), _index_table(rows))
+    outdir.write_json(os.path.join(out, "summary.json"), {"benchmarks": rows})

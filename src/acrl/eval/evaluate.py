@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from acrl import outdir
 from acrl.data.answers import grade_problem
 from acrl.problem import Problem
 from acrl.rollout.episode import Episode, EpisodeConfig, run_episodes
@@ -43,6 +44,7 @@ from acrl.rollout.grading import final_answer
 from acrl.rollout.prompts import deny_prompt
 from acrl.rollout.protocols import Clarifier, Reasoner
 
+MAX_FAILED = 0.05   # an evaluation with more failed episodes than this share did not do its job (non-zero exit)
 NO_IMAGE_CAPTION = "There is no image for this problem: the question text above is complete."
 NO_IMAGE_CLARIFICATION = "There is no image for this problem; everything known is in the question text."
 
@@ -114,7 +116,7 @@ def evaluate(policy, reasoner: Reasoner, clarifier: Clarifier, problems: Sequenc
         os.makedirs(os.path.dirname(os.path.abspath(items_path)), exist_ok=True)
         sink = open(items_path, "w")
         for row in done.values():
-            sink.write(json.dumps(row) + "\n")
+            sink.write(outdir.dumps(row) + "\n")
         sink.flush()
     new = _evaluate_batches(policy, reasoner, clarifier, todo, batch_size, progress, desc, sink, max_clarifications)
     if sink:
@@ -161,7 +163,7 @@ def _evaluate_batches(policy, reasoner, clarifier, problems, batch_size, progres
             })
         if sink:
             for row in items[first:]:
-                sink.write(json.dumps(row) + "\n")
+                sink.write(outdir.dumps(row) + "\n")
             sink.flush()
     return items
 
@@ -220,8 +222,10 @@ def turn_metrics(items: list[dict]) -> dict:
 
 
 def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
     if isinstance(x, float):
-        return "–" if math.isnan(x) else f"{100 * x:.1f}"
+        return f"{100 * x:.1f}"
     return str(x)
 
 
@@ -236,20 +240,31 @@ def markdown_table(summary: dict, title: str = "") -> str:
     rows += [(f"family {k}", v) for k, v in summary.get("by_family", {}).items()]
     rows += [(f"{k} fact(s)", v) for k, v in summary.get("by_needed", {}).items()]
     for name, m in rows:
-        lines.append("| " + " | ".join([name] + [_fmt(m.get(c, float("nan"))) for c in cols]) + " |")
+        lines.append("| " + " | ".join([name] + [_fmt(m.get(c)) for c in cols]) + " |")
     return "\n".join(lines) + "\n"
 
 
+def failure(summary: dict, max_failed: float = MAX_FAILED) -> str | None:
+    """Why an evaluation did not do its job (more than ``max_failed`` of its episodes failed, or it had none), in
+    words; None when it did."""
+    o = summary["overall"]
+    total = o.get("n", 0) + o.get("failed", 0)
+    if total == 0:
+        return "there was nothing to evaluate"
+    if o.get("failed", 0) > max_failed * total:
+        return (f"{o['failed']} of {total} episodes failed (more than the {100 * max_failed:g}% allowed; "
+                f"their errors are in items.jsonl)")
+    return None
+
+
 def write_results(out: str, summary: dict, items: list[dict], title: str = "") -> None:
+    """summary.json (strict JSON), items.jsonl, table.md and by_category.png, each replaced whole; summary.json
+    last, so its presence marks a finished evaluation."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
-    with open(os.path.join(out, "items.jsonl"), "w") as fh:
-        for r in items:
-            fh.write(json.dumps(r) + "\n")
-    with open(os.path.join(out, "table.md"), "w") as fh:
-        fh.write(markdown_table(summary, title))
+    outdir.write_text(os.path.join(out, "items.jsonl"), "".join(outdir.dumps(r) + "\n" for r in items))
+    outdir.write_text(os.path.join(out, "table.md"), markdown_table(summary, title))
     plot_by_category(summary, os.path.join(out, "by_category.png"), title)
+    outdir.write_json(os.path.join(out, "summary.json"), summary)
 
 
 def plot_by_category(summary: dict, path: str, title: str = "") -> None:

@@ -18,8 +18,6 @@ class Rollout:
     ``tokens`` (caption token ids incl. the end token, right-padded), ``mask`` (1 on caption tokens),
     ``logprobs`` (per-token log-probs under the sampling policy at ``temperature``: the "old" log-probs).
     ``context`` is backend-specific state for recomputing log-probs (encoded prompts, pixel values, ...).
-    ``sampler_logprobs``: the sampler's own log-probs when ``logprobs`` were recomputed by the training model
-    (``captioner.recompute_logprobs``); the update measures the gap and may correct for it (``train.tis_cap``).
     """
 
     texts: list[list[str]]
@@ -28,7 +26,6 @@ class Rollout:
     logprobs: torch.Tensor
     temperature: float
     context: Any = None
-    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -54,6 +51,28 @@ class Policy(Protocol):
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
     def save(self, path: str) -> None: ...
+
+    def before_update(self) -> None:
+        """Called before each optimisation step (a vLLM rollout engine sleeps to free memory)."""
+
+    def after_update(self) -> None:
+        """Called after each optimisation step (a vLLM rollout engine receives the new adapter)."""
+
+    def set_sampling_seed(self, seed: int) -> None:
+        """Seed the next ``generate`` (engines with their own random streams: vLLM)."""
+
+
+class PolicyHooks:
+    """No-op defaults of :class:`Policy`'s hooks, for policies that need none (inherit it)."""
+
+    def before_update(self) -> None:
+        return None
+
+    def after_update(self) -> None:
+        return None
+
+    def set_sampling_seed(self, seed: int) -> None:
+        return None
 
 
 

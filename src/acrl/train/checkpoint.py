@@ -35,8 +35,6 @@ import numpy as np
 import torch
 
 from acrl.config import Config, to_dict
-from acrl.rollout.protocols import Policy
-from acrl.train import checkpoint as ckpt
 
 LINK = "checkpoint"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -271,20 +269,20 @@ class TrainState:
     failed_episodes: int = 0   # episodes of counted steps that failed (masked out of their update)
 
 
-def _set_seed(seed: int) -> None:
+def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
-def _set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
@@ -292,37 +290,40 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(out: str, policy: Policy, opt: torch.optim.Optimizer, state: TrainState, cfg: Config,
-                    rng: list[dict] | None = None, keep: int = 2, colearner=None) -> str:
-    """Write ``out/checkpoint-<step>/`` crash-safely (see :mod:`acrl.train.checkpoint`); returns its path.
+def save_checkpoint(out: str, learners: list, state: TrainState, cfg: Config, rng: list[dict] | None = None,
+                    keep: int = 2) -> str:
+    """Write ``out/checkpoint-<step>/`` crash-safely (:func:`save`); returns its path.
 
-    ``rng``: the random states of every rank, in rank order (default: this process's). ``colearner``: a
-    co-trained reasoner (:class:`acrl.train.learner.ReasonerLearner`) whose weights and optimiser go in too."""
+    Every learner writes its model (``policy/``; a co-trained reasoner ``reasoner/``) and returns what goes into
+    ``state.pt`` beside the step, the data cursor and ``rng``: the random states of every rank, in rank order
+    (default: this process's)."""
     def write(tmp: str) -> None:
-        policy.save(os.path.join(tmp, "policy"))
-        if colearner is not None:
-            colearner.save(tmp)
-        torch.save({"optimizer": opt.state_dict(), "rng": rng or [_rng_state()], **asdict(state)},
-                   os.path.join(tmp, "state.pt"))
+        blob = {"rng": rng or [rng_state()], **asdict(state)}
+        for learner in learners:
+            blob.update(learner.save(tmp))
+        torch.save(blob, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(to_dict(cfg), fh, indent=1)
-    return ckpt.save(out, state.step, write, keep=keep)
+    return save(out, state.step, write, keep=keep)
 
 
-def load_checkpoint(path: str, policy_opt: torch.optim.Optimizer, rank: int = 0) -> TrainState:
-    """Restore the optimiser and this rank's random state; returns the step and data cursor.
+def load_checkpoint(path: str, learners: list, rank: int = 0) -> TrainState:
+    """Restore every learner's optimiser and this rank's random state; returns the step and data cursor (the
+    models themselves were loaded from the checkpoint's directories when the run was assembled).
 
     A rank the checkpoint holds no random state for (resumed with more processes than it was written with) is
     seeded from the step and its rank instead."""
     try:
         blob = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-        policy_opt.load_state_dict(blob["optimizer"])
+        for learner in learners:
+            learner.load(path, blob)
+    except (CheckpointError, FileNotFoundError, ValueError):
+        raise
     except Exception as e:   # noqa: BLE001 - torch raises many kinds; all mean the same to the user
-        raise ckpt.CheckpointError(f"checkpoint {path} is corrupt: state.pt cannot be read "
-                                   f"({type(e).__name__})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt: state.pt cannot be read ({type(e).__name__})") from None
     rng = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
     if rank < len(rng):
-        _set_rng_state(rng[rank])
+        set_rng_state(rng[rank])
     else:
-        _set_seed(1_000_003 * blob["step"] + rank)
+        set_seed(1_000_003 * blob["step"] + rank)
     return TrainState(**{f.name: blob.get(f.name, 0) for f in fields(TrainState)})

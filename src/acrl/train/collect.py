@@ -1,19 +1,28 @@
-"""Collect one step: sample captions, run the episodes and, in parallel, the reference log-probs."""
+"""Collect one training step: sample captions -> run their episodes ∥ π_ref's log-probs -> gather the groups.
+
+Under ``accelerate launch`` every rank samples and runs its share of the step's problems; the groups of episodes
+are gathered so that advantages and metrics are computed over the whole batch (:mod:`acrl.train.distributed`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from acrl.config import Config
 from acrl.core.reward import scheduled_alpha
+from acrl.core.update import reference_logprobs
 from acrl.problem import Problem
-from acrl.rollout.episode import EpisodeConfig, run_episodes
-from acrl.rollout.protocols import Clarifier, Policy, Reasoner
+from acrl.rollout.episode import Episode, EpisodeConfig, run_episodes
+from acrl.rollout.metrics import episode_metrics
+from acrl.rollout.protocols import Clarifier, Policy, Reasoner, Rollout
+from acrl.train.distributed import SINGLE, Dist, shard
 
 
 class _Timed:
@@ -36,13 +45,6 @@ class _Timed:
 
     def answer(self, images, questions):
         return self._call(images, questions)
-
-
-def reference_logprobs(policy: Policy, rollout, micro_batch: int) -> torch.Tensor:
-    """π_ref's per-token log-probs of every rollout row (no gradient), ``micro_batch`` rows per forward."""
-    rows = rollout.tokens.shape[0]
-    return torch.cat([policy.logprobs(rollout, slice(i, i + micro_batch), reference=True)
-                      for i in range(0, rows, micro_batch)])
 
 
 def episode_config(cfg: Config, step: int) -> EpisodeConfig:
@@ -96,3 +98,50 @@ def rollout_step(policy: Policy, problems: list[Problem], reasoner: Reasoner, cl
         ref = reference()
     times.update(episodes=time.perf_counter() - t0, reasoner=timed_r.seconds, clarification=timed_c.seconds)
     return rollout, groups, ref, times
+
+
+@dataclass
+class Step:
+    """What one step collected. ``groups``: the whole batch's episodes (every rank's, in rank order); ``rollout``
+    and ``ref``: this rank's rows (``mine``: its problems' index range in the batch); ``rewards`` / ``valid``:
+    B x M over the whole batch; ``failed``: why the step cannot count (too many failed episodes), else ""."""
+
+    problems: list[Problem]
+    mine: slice
+    rollout: Rollout
+    groups: list[list[Episode]]
+    ref: torch.Tensor | None
+    rewards: torch.Tensor
+    valid: torch.Tensor
+    alpha: float
+    times: dict
+    failed: str = ""
+
+    def metrics(self) -> dict:
+        """The step's episode metrics (``reward_alpha``: this step's α; ``alpha`` is BNPO's Beta fit)."""
+        return {**{k: v for k, v in episode_metrics(self.groups).items() if k != "acc_deny"},
+                "failed_episodes": int((~self.valid).sum()), "reward_alpha": self.alpha}
+
+
+def collect(cfg: Config, policy: Policy, reasoner: Reasoner, clarifier: Clarifier, problems, step: int,
+            cursor: int, dist: Dist = SINGLE) -> Step:
+    """Collect training step ``step`` (0-based) from the problems at ``cursor`` onwards (``problems(start, n)``)."""
+    tc = cfg.train
+    mine = shard(tc.problems_per_step, dist)
+    policy.set_sampling_seed(tc.seed * 1_000_003 + step * 1_009 + dist.rank)
+    batch = problems(cursor + mine.start, mine.stop - mine.start)
+    rollout, groups, ref, times = rollout_step(policy, batch, reasoner, clarifier, cfg, overlap=tc.overlap, step=step)
+    t0 = time.perf_counter()
+    groups = [g for part in dist.gather(groups) for g in part]   # the whole batch, in rank order
+    for i, g in enumerate(groups):
+        for ep in g:
+            ep.group = i
+    times["sync"] = time.perf_counter() - t0
+    rewards = torch.tensor([[ep.reward for ep in g] for g in groups], dtype=torch.float64)
+    valid = torch.tensor([[ep.tier != "failed" for ep in g] for g in groups])
+    out = Step(batch, mine, rollout, groups, ref, rewards, valid, episode_config(cfg, step).alpha, times)
+    failed_frac = 1.0 - valid.float().mean().item()
+    if failed_frac > tc.max_failed_fraction:
+        err, _ = Counter(ep.error for g in groups for ep in g if ep.tier == "failed").most_common(1)[0]
+        out.failed = f"{failed_frac:.0%} of the step's episodes failed (limit {tc.max_failed_fraction:.0%}): {err}"
+    return out

@@ -1,39 +1,36 @@
-"""Bidirectional co-training: the reasoner learns from the same episodes as the captioner (``train.cotrain``).
+"""Learners: a policy with its optimiser, reward view, advantages and update. One per trained model.
 
-The paper freezes the reasoner so that the captioner adapts alone. Here both update at every step, from one set
-of episodes::
+- :class:`CaptionerLearner`: the captioner, from the tiered AC-RL reward of the step's episodes (BNPO groups of
+  M captions), clipped surrogate + KL to π_ref over the caption tokens.
+- :class:`ReasonerLearner`: bidirectional co-training (``train.cotrain``). The paper freezes the reasoner; here it
+  also learns from the same episodes: reward ``correct − question_cost × questions asked``, its own advantages
+  over the same groups, clipped surrogate + KL to its frozen start over the rows of its replies (the decision
+  and the answer after the clarification each carry the episode's advantage). Its replies are sampled at
+  ``reasoner_train.temperature`` and recorded (:class:`RecordingReasoner`) while the episodes run.
 
-    captions c0 (B x M) ──► episodes: the trainable reasoner π_φ replies (sampled at reasoner_train.temperature,
-                            every reply kept with its tokens and log-probs); π_ref of the captioner answers the
-                            clarifications, as in the paper
-       captioner:  tiered AC-RL reward, its BNPO groups, clipped surrogate + KL to π_ref   (trainer.update)
-       reasoner:   reward  correct − question_cost × questions asked,  its own advantages over the same groups of
-                   M episodes, clipped surrogate + KL to its frozen start, over the rows of its replies (the
-                   decision and the answer after the clarification each carry the episode's advantage)
-                                                                                          (trainer.update again)
-
-Evaluation stays the paper's: the greedy caption, single pass, and with clarification answered by π_ref; the
-co-trained reasoner replies greedily. The frozen-reasoner run (``train.cotrain: false``) is the default.
-
-:class:`ReasonerLearner` is what :func:`acrl.train.loop.train` calls (``colearner``): ``update`` after the
-captioner's update, ``save`` / ``load`` inside the run's checkpoints (``reasoner/`` and ``reasoner_state.pt``:
-the reasoner's weights and its optimiser), so a resumed run continues both models.
+The loop (:func:`acrl.train.loop.train`) calls every learner the same way: ``learn(step)`` after the step's
+episodes, ``save`` / ``load`` inside the run's checkpoints (the captioner: ``policy/`` and its optimiser in
+``state.pt``; the reasoner: ``reasoner/`` and ``reasoner_state.pt``). Evaluation stays the paper's: greedy caption,
+single pass; a co-trained reasoner replies greedily there.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 
 import torch
 
+from acrl.config import Config
 from acrl.core.advantages import compute_advantages
-from acrl.core.reward import reasoner_rewards
+from acrl.core.reward import reasoner_rewards, tiered_components
+from acrl.core.update import UpdateSettings, update
 from acrl.problem import Problem
 from acrl.rollout.episode import Episode
 from acrl.rollout.prompts import decision_prompt, followup_prompt
-from acrl.rollout.protocols import ReplyBatch, TrainableReasoner, concat
+from acrl.rollout.protocols import Policy, ReplyBatch, TrainableReasoner, concat
+from acrl.train.checkpoint import CheckpointError
+from acrl.train.distributed import SINGLE, Dist
 
 REASONER_DIR, STATE_FILE = "reasoner", "reasoner_state.pt"
 
@@ -92,6 +89,55 @@ def reply_rows(groups: Sequence[Sequence[Episode]], problems: Sequence[Problem],
     return (concat(picked) if picked else None), owners
 
 
+class CaptionerLearner:
+    """The captioner π_θ with its optimiser: tiered rewards -> advantages over each group of M -> PPO update.
+
+    Under ``accelerate launch`` every rank holds a replica; the advantages are computed over the gathered batch and
+    each rank updates from its own rows (``dist``)."""
+
+    def __init__(self, policy: Policy, cfg: Config, dist: Dist = SINGLE):
+        tc = cfg.train
+        self.policy, self.tc, self.dist = policy, tc, dist
+        dist.broadcast(policy.trainable_parameters())   # every replica starts from rank 0's weights
+        self.opt = torch.optim.AdamW(policy.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.settings = UpdateSettings(
+            epochs=tc.epochs, micro_batch=tc.micro_batch, clip_low=tc.clip_low, clip_high=tc.clip_high,
+            kl_beta=tc.kl_beta, aggregation=tc.aggregation, grad_clip=tc.grad_clip,
+            length_norm=cfg.captioner.max_new_tokens, tis_cap=tc.tis_cap)
+
+    def learn(self, step, k: int) -> dict:
+        """Update π_θ from the episodes of training step ``k`` (0-based, collected by :func:`acrl.train.collect
+        .collect`); returns the advantage and update statistics."""
+        tc, mine = self.tc, step.mine
+        for g in self.opt.param_groups:
+            g["lr"] = tc.lr * min(1.0, (k + 1) / tc.warmup) if tc.warmup else tc.lr
+        kw = {}
+        if tc.advantage == "bnpo_decomposed":
+            correct = torch.tensor([[ep.correct for ep in g] for g in step.groups])
+            direct = torch.tensor([[ep.tier == "direct_correct" for ep in g] for g in step.groups])
+            kw["components"], kw["weights"] = tiered_components(correct, direct, step.alpha)
+        adv, ast = compute_advantages(torch.nan_to_num(step.rewards, nan=0.0), tc.advantage, mask=step.valid, **kw)
+        self.policy.before_update()
+        stats = update(self.policy, self.opt, step.rollout, adv[mine].reshape(-1), step.valid[mine].reshape(-1),
+                       self.settings, step.ref, self.dist)
+        self.policy.after_update()
+        return {**{k: v for k, v in ast.items() if isinstance(v, (int, float))}, **stats,
+                "caption_tokens": float(self.dist.all_sum(step.rollout.mask.sum()) / step.rewards.numel()),
+                "lr": self.opt.param_groups[0]["lr"]}
+
+    def save(self, checkpoint_dir: str) -> dict:
+        self.policy.save(os.path.join(checkpoint_dir, "policy"))
+        return {"optimizer": self.opt.state_dict()}
+
+    def load(self, checkpoint_dir: str, blob: dict) -> None:
+        """Restore the optimiser (the policy's weights were loaded from the checkpoint's ``policy/``)."""
+        try:
+            self.opt.load_state_dict(blob["optimizer"])
+        except Exception as e:   # noqa: BLE001 - torch raises many kinds; all mean the same to the user
+            raise CheckpointError(f"checkpoint {checkpoint_dir} is corrupt: its optimiser state does not fit the "
+                                  f"policy ({type(e).__name__})") from None
+
+
 class ReasonerLearner:
     """The reasoner's optimiser and update in a co-training run (see the module docstring).
 
@@ -102,18 +148,10 @@ class ReasonerLearner:
         self.reasoner, self.cfg, self.rt = reasoner, cfg, cfg.reasoner_train
         self.recorder = RecordingReasoner(reasoner, self.rt.temperature)
         self.opt = torch.optim.AdamW(reasoner.trainable_parameters(), lr=self.rt.lr, weight_decay=self.rt.weight_decay)
-        self.update_cfg = self._update_view(cfg, reasoner.max_new_tokens)
-
-    @staticmethod
-    def _update_view(cfg, width: int):
-        """The config :func:`acrl.train.loop.update` reads, with the reasoner's settings in ``train`` and the
-        reasoner's reply cap ``width`` as the loss's length normaliser."""
-        rt = cfg.reasoner_train
-        train = dataclasses.replace(cfg.train, epochs=1, micro_batch=rt.micro_batch, clip_low=rt.clip_low,
-                                    clip_high=rt.clip_high, kl_beta=rt.kl_beta, aggregation=rt.aggregation,
-                                    grad_clip=rt.grad_clip)
-        return dataclasses.replace(cfg, train=train, captioner=dataclasses.replace(cfg.captioner,
-                                                                                   max_new_tokens=width))
+        self.settings = UpdateSettings(
+            epochs=1, micro_batch=self.rt.micro_batch, clip_low=self.rt.clip_low, clip_high=self.rt.clip_high,
+            kl_beta=self.rt.kl_beta, aggregation=self.rt.aggregation, grad_clip=self.rt.grad_clip,
+            length_norm=reasoner.max_new_tokens)
 
     def _set_lr(self, step: int) -> float:
         lr = self.rt.lr * min(1.0, (step + 1) / self.rt.warmup) if self.rt.warmup else self.rt.lr
@@ -127,10 +165,13 @@ class ReasonerLearner:
             kw = {"min_value": -self.rt.question_cost * self.cfg.train.max_clarifications, "max_value": 1.0}
         return compute_advantages(rewards, self.rt.advantage, mask=valid, **kw)
 
+    def learn(self, step, k: int) -> dict:
+        """One update of the reasoner from the episodes of training step ``k`` (0-based); its metrics
+        (``reasoner_*``)."""
+        return self.update(step.groups, step.problems, k)
+
     def update(self, groups: Sequence[Sequence[Episode]], problems: Sequence[Problem], step: int) -> dict:
         """One update of the reasoner from the step's episodes; returns its metrics (``reasoner_*``)."""
-        from acrl.core.update import update
-
         sampled = self.recorder.take()
         rewards, valid = reasoner_rewards(groups, self.rt.question_cost)
         adv, ast = self.advantages(rewards, valid)
@@ -143,16 +184,17 @@ class ReasonerLearner:
             return rec
         row_adv = torch.stack([adv[g, i] for g, i in owners]).float()
         stats = update(self.reasoner, self.opt, batch, row_adv, torch.ones(len(owners), dtype=torch.bool),
-                       self.update_cfg)
+                       self.settings)
         rec.update({f"reasoner_{k}": v for k, v in stats.items()})
         return rec
 
     # --- checkpoints: written inside the run's checkpoint directory -------------------------------------------
-    def save(self, checkpoint_dir: str) -> None:
+    def save(self, checkpoint_dir: str) -> dict:
         self.reasoner.save(os.path.join(checkpoint_dir, REASONER_DIR))
         torch.save({"optimizer": self.opt.state_dict()}, os.path.join(checkpoint_dir, STATE_FILE))
+        return {}
 
-    def load(self, checkpoint_dir: str) -> None:
+    def load(self, checkpoint_dir: str, blob: dict | None = None) -> None:
         """Restore the optimiser of a checkpoint (the reasoner's weights were loaded from its ``reasoner/``)."""
         path = os.path.join(checkpoint_dir, STATE_FILE)
         if not os.path.exists(path):
@@ -162,33 +204,6 @@ class ReasonerLearner:
             self.opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["optimizer"])
         except Exception as e:   # noqa: BLE001 - torch raises many kinds; all mean the same to the user
             raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__})") from None
-
-
-def reasoner_start(cfg) -> str:
-    """The reasoner a co-training run starts from (and anchors its KL to)."""
-    from acrl.config import SHIPPED_REASONER
-
-    if cfg.reasoner.backend == "hf":
-        if not cfg.reasoner.model:
-            raise ValueError("reasoner.backend=hf needs reasoner.model (a model directory or hub id)")
-        return cfg.reasoner.model
-    return cfg.reasoner.model or SHIPPED_REASONER
-
-
-def build_learner(cfg, checkpoint_dir: str | None = None) -> ReasonerLearner:
-    """The co-training learner of ``cfg``: the reasoner from ``checkpoint_dir``'s ``reasoner/`` (resume, with its
-    optimiser) or from its start (:func:`reasoner_start`)."""
-    from acrl.app.assemble import build_trainable_reasoner
-
-    start = reasoner_start(cfg)
-    path = os.path.join(checkpoint_dir, REASONER_DIR) if checkpoint_dir else start
-    if checkpoint_dir and not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {checkpoint_dir} has no {REASONER_DIR}/: it is not a co-training "
-                                f"checkpoint (resume it without train.cotrain)")
-    learner = ReasonerLearner(build_trainable_reasoner(cfg, path, reference=start), cfg)
-    if checkpoint_dir:
-        learner.load(checkpoint_dir)
-    return learner
 
 
 def question_quality(items: Sequence[dict], problems: Sequence[Problem]) -> dict:

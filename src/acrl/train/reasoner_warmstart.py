@@ -22,7 +22,6 @@ agreement with the world reasoner.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from acrl.data.answers import grade_problem
 from acrl.rollout.prompts import decision_prompt, deny_prompt, final_prompt, parse_prompt, single_pass_prompt
 from acrl.rollout.replies import parse_reply
 from acrl.train import checkpoint
+from acrl.train.warmstart import drop_checkpoints, load_state, open_output, save_state
 from acrl.world import WorldConfig, language, make_problems, oracle_caption_for
 from acrl.world.reasoner import WorldReasoner
 
@@ -254,8 +254,16 @@ def evaluate_reasoner(reasoner, world_cfg: WorldConfig, n: int = 300, read_budge
 # --- the warm start ----------------------------------------------------------------------------------------------
 
 def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: WorldConfig,
-                        model_cfg: TinyReasonerConfig | None = None, log=print) -> TinyReasoner:
-    """Train the tiny reasoner from scratch on world-reasoner transcripts; save it (and its log) to ``out``."""
+                        model_cfg: TinyReasonerConfig | None = None, log=print, resume: bool = False,
+                        overwrite: bool = True) -> TinyReasoner:
+    """Train the tiny reasoner from scratch on world-reasoner transcripts; save it (and its log) to ``out``.
+    Checkpoints, ``resume`` and ``overwrite`` as :func:`acrl.train.warmstart.warm_start`."""
+    spec = {"warmstart": asdict(cfg), "world": asdict(world_cfg), "model": asdict(model_cfg or TinyReasonerConfig())}
+    spec["warmstart"].pop("checkpoint_every")
+    how = open_output(out, resume, overwrite, "reasoner warm start", spec)
+    if how == "finished":
+        log(f"warmstart: {out} is already finished")
+        return TinyReasoner.load(out)
     torch.manual_seed(cfg.seed)
     reasoner = TinyReasoner.create(model_cfg, seed=cfg.seed)
     model = reasoner.model
@@ -269,14 +277,14 @@ def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: World
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     rng = random.Random(cfg.seed)
-    os.makedirs(out, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):   # OUT/model.pt: only once this warm start has finished
-        os.remove(os.path.join(out, "model.pt"))
-    t0, running = time.time(), None
-    with open(os.path.join(out, "warmstart_log.jsonl"), "w") as logf:
-        logf.write(json.dumps({"config": asdict(cfg), "world": asdict(world_cfg), "model": asdict(reasoner.cfg),
-                               "parameters": reasoner.num_parameters()}) + "\n")
-        for step in range(cfg.steps):
+    log_path = os.path.join(out, "warmstart_log.jsonl")
+    first, running, before = load_state(out, model, opt, rng, log_path, log) if how == "resume" else (0, None, 0.0)
+    t0 = time.time() - before
+    with open(log_path, "a" if first else "w") as logf:
+        if not first:
+            logf.write(json.dumps({"config": asdict(cfg), "world": asdict(world_cfg), "model": asdict(reasoner.cfg),
+                                   "parameters": reasoner.num_parameters()}) + "\n")
+        for step in range(first, cfg.steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             prompts, targets = training_batch(reasoner, world_cfg, cfg, step, rng, teacher)
@@ -299,10 +307,13 @@ def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: World
                     f"{stats['agreement']:.3f} ({time.time() - t0:.0f}s)")
                 if not last:   # the check's model, apart: OUT/model.pt means a finished warm start
                     reasoner.save(os.path.join(out, PROGRESS))
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
+                save_state(out, step + 1, model, opt, rng, running, time.time() - t0)
     reasoner.ref_model.load_state_dict(model.state_dict())
     write_heldout(out, reasoner, world_cfg, cfg.read_budget)
     checkpoint.publish(reasoner.save, out)
     shutil.rmtree(os.path.join(out, PROGRESS), ignore_errors=True)
+    drop_checkpoints(out)
     return reasoner
 
 

@@ -17,10 +17,14 @@ import sys
 import time
 from typing import Any
 
+from tqdm import tqdm
+
+from acrl import outdir
 from acrl.config import Config, to_dict
 from acrl.train import checkpoint as ckpt
-from acrl.train.checkpoint import TrainState, load_checkpoint
+from acrl.train.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint
 from acrl.train.distributed import Dist
+from acrl.train.guard import say
 
 FILE = "run.json"
 
@@ -58,7 +62,7 @@ def record(config: dict, captioner: str, data: str | None) -> dict:
 
 
 def write(out: str, info: dict) -> None:
-    os.makedirs(out, exist_ok=True)
+    outdir.own(out, "acrl train")   # one writer per run directory (see acrl.outdir)
     tmp = os.path.join(out, FILE + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(info, fh, indent=1)
@@ -113,7 +117,7 @@ class RunExists(ValueError):
     """``out`` already holds a run and neither resume nor overwrite was asked for."""
 
 
-class _RunLog:
+class RunLog:
     """``metrics.jsonl`` and ``episodes.jsonl`` of a run: one whole line per record, flushed after each step. A
     write that fails (disk full) raises an OSError naming the file."""
 
@@ -164,7 +168,8 @@ def clear_run(out: str) -> None:
 
 def open_fresh(out: str, overwrite: bool) -> None:
     """Make ``out`` ready for a run from step 0: refuse a directory that holds a run unless ``overwrite``, in which
-    case that run's records and checkpoints are removed first."""
+    case that run's records and checkpoints are removed first. This process becomes the run's one owner."""
+    outdir.own(out, "acrl train")
     existing = run_exists(out)
     if existing and not overwrite:
         raise RunExists(f"{out!r} already holds a run ({existing}); continue it with --resume or replace it "
@@ -174,8 +179,10 @@ def open_fresh(out: str, overwrite: bool) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-def _open_run(out: str, opt, d: Dist, resume: bool | str, overwrite: bool, log) -> TrainState:
-    """Prepare ``out`` for this run and return the state to start from (see :func:`train`)."""
+def open_run(out: str, learners: list, d: Dist, resume: bool | str, overwrite: bool, log) -> TrainState:
+    """Prepare ``out`` for this run and return the state to start from: a fresh run (a run already in ``out`` is
+    refused unless ``overwrite``) or, with ``resume`` (True: the newest complete checkpoint; or a path), the
+    checkpoint's state, keeping only the records of the steps it covers."""
     if not resume:
         if d.is_main:
             open_fresh(out, overwrite)
@@ -189,7 +196,9 @@ def _open_run(out: str, opt, d: Dist, resume: bool | str, overwrite: bool, log) 
         if found.path is None:
             raise FileNotFoundError(ckpt.describe_missing(out, found))
         path = found.path
-    state = load_checkpoint(path, opt, d.rank)
+    if d.is_main:
+        outdir.own(out, "acrl train")
+    state = load_checkpoint(path, learners, d.rank)
     if d.is_main:   # keep only the records of steps that the checkpoint covers; say what was dropped
         for name in ("metrics.jsonl", "episodes.jsonl"):
             for msg in truncate_jsonl(os.path.join(out, name), state.step):
@@ -245,7 +254,7 @@ def truncate_jsonl(path: str, last_step: int) -> list[str]:
     return msgs
 
 
-class _Trackers:
+class Trackers:
     """Step metrics to TensorBoard / Weights & Biases through accelerate's tracker API."""
 
     def __init__(self, report_to: str, out: str, cfg: Config, cpu: bool = True):
@@ -273,3 +282,101 @@ class _Trackers:
     def close(self) -> None:
         for t in self.acc.trackers:   # not end_training(): that also ends a multi-process run's process group
             t.finish()
+
+
+class RunDir:
+    """A training run's directory while it runs: opened fresh or resumed (:func:`open_run`), the step records
+    (``metrics.jsonl``, ``episodes.jsonl``, trackers, the progress bar) and the checkpoints. Only rank 0 writes;
+    every rank takes part in a checkpoint (random states are gathered)."""
+
+    def __init__(self, run, learners: list, d: Dist, progress: bool = True):
+        tc, main = run.cfg.train, d.is_main
+        self.run, self.learners, self.d, self.tc = run, learners, d, tc
+        self.state = open_run(run.out, learners, d, run.resume, run.overwrite, log=say if main else lambda _: None)
+        self.saved = self.state.step if run.resume else -1   # the step of the newest checkpoint on disk
+        self.history: list[dict] = []
+        self.log = RunLog(run.out, append=bool(run.resume)) if main else None
+        self.tracker = Trackers(tc.report_to, run.out, run.cfg, cpu=d.device.type == "cpu") \
+            if tc.report_to and main else None
+        self.bar = tqdm(total=tc.steps, initial=self.state.step, desc=f"train α={tc.alpha}",
+                        disable=not (progress and main), dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+    def save(self, rng: list[dict] | None = None) -> str | None:
+        """Checkpoint the current state (once per step); ``rng``: every rank's random state (default: now)."""
+        rng = rng or self.d.gather(rng_state())   # every rank's, so that a resumed rank samples as it would have
+        path = None
+        if self.d.is_main and self.saved != self.state.step:
+            path = save_checkpoint(self.run.out, self.learners, self.state, self.run.cfg, rng,
+                                   keep=self.tc.keep_checkpoints)
+        self.d.barrier()                          # no rank goes on (or returns) before the checkpoint is written
+        self.saved = self.state.step
+        return path or ckpt.latest(self.run.out).path
+
+    def record(self, rec: dict, groups) -> None:
+        """Count a finished step: evaluate when due, write its records, checkpoint when due."""
+        s, tc = self.state, self.tc
+        s.step += 1
+        s.cursor += tc.problems_per_step
+        s.failed_episodes += rec["failed_episodes"]
+        rec["retried_steps_total"], rec["failed_episodes_total"] = s.retried_steps, s.failed_episodes
+        if self.d.is_main and self.run.evaluate and tc.eval_every and (s.step % tc.eval_every == 0
+                                                                       or s.step == tc.steps):
+            rec["eval"] = self.run.evaluate(s.step)
+        if self.log:
+            self.log.write(rec, groups[: tc.log_episodes], s.step)
+        self.history.append(rec)
+        if self.tracker:
+            self.tracker.log(rec)
+        self.bar.update(1)
+        self.bar.set_postfix(reward=f"{rec['reward']:.2f}", direct=f"{rec['direct_correct']:.2f}",
+                             clar=f"{rec['clarification_rate']:.2f}", kl=f"{rec.get('kl_mean', 0):.3f}")
+        if s.step % tc.checkpoint_every == 0 or s.step == tc.steps:
+            self.save()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        for sink in (self.log, self.tracker):
+            if sink:
+                sink.close()
+
+
+def prepare(out: str, cfg: Config, captioner: str, data: str | None, stored: dict | None, resume: bool | str,
+            overwrite: bool, allow_change: bool, d: Dist) -> str | None:
+    """Ready ``out`` for a run of ``cfg`` and return the checkpoint it continues from (None: from step 0).
+
+    Resuming: the newest complete checkpoint; a run stopped before its first checkpoint starts again from step 0
+    with its stored config. A resumed run must be the same experiment: values that differ from its ``run.json``
+    are refused unless ``allow_change`` (then recorded there). ``run.json`` is (re)written by rank 0."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    found = None
+    if resume:
+        found = ckpt.latest(out) if resume is True else ckpt.Found(path=resume)
+        for why in (found.skipped or []) if d.is_main else []:
+            print(f"resume: skipping {why}", file=sys.stderr)
+        if found.path is None and stored is not None:
+            if d.is_main:
+                print(f"resume: {out} has no complete checkpoint yet; starting the run again from step 0 with its "
+                      f"stored config", file=sys.stderr)
+            found = None
+        elif found.path is None:
+            raise FileNotFoundError(ckpt.describe_missing(out, found))
+        if stored is not None:
+            diffs = differences(stored, to_dict(cfg), captioner, data)
+            if diffs and not allow_change:
+                raise ValueError(f"--resume would change the experiment ({describe(diffs)}); resume without these "
+                                 f"values, or pass --allow-change to change them (it is recorded in {FILE})")
+            stored["changes"] += [{"at_step": found.step if found else 0, "key": k, "old": a, "new": b}
+                                  for k, a, b in diffs]
+    if d.is_main:
+        if not found:   # from step 0 (a --resume without a checkpoint starts its run again)
+            open_fresh(out, overwrite=overwrite or bool(resume))
+        info = stored or record(to_dict(cfg), captioner, data)
+        info["config"] = to_dict(cfg)
+        write(out, info)
+    d.barrier()
+    return found.path if found else None

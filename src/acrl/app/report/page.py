@@ -12,6 +12,7 @@ import math
 import os
 import time
 
+from acrl import outdir
 from acrl.app.report import patterns
 from acrl.app.report import runs as rr
 from acrl.app.report.runs import Run, clean
@@ -347,11 +348,8 @@ def build_report(roots: list[str], out: str, train_episodes: int = 200, world_co
         data=data, plotly_js=get_plotlyjs(), n_train=sum(r.kind == "train" for r in runs),
         bad_lines=sum(r.bad_lines for r in runs), train_limit=train_episodes,
     )
-    os.makedirs(out, exist_ok=True)
-    if patterns_md is not None:
-        with open(os.path.join(out, "clarification-patterns.md"), "w") as fh:
-            fh.write(patterns_markdown(sections, patterns_md))
+    if patterns_md is not None:   # each file replaced whole: a full disk leaves the previous one
+        outdir.write_text(os.path.join(out, "clarification-patterns.md"), patterns_markdown(sections, patterns_md))
     path = os.path.join(out, filename)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(page)
+    outdir.write_text(path, page)
     return path
