@@ -1,9 +1,10 @@
 """Reasoner and clarifier behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, ``acrl serve``, ...).
 
-- :class:`OpenAIReasoner` implements ``acrl.rollout.episode.Reasoner``: one chat completion per prompt (the prompt is the
-  single user message), all requests of a call issued concurrently, at most ``concurrency`` in flight.
-- :class:`OpenAIClarifier` implements ``acrl.rollout.episode.Clarifier``: the image travels as a base64 PNG ``image_url``
-  data URL next to the text of ``acrl.rollout.episode.clarify_prompt(question)`` (the format vLLM's VLM servers accept).
+- :class:`OpenAIReasoner` implements ``acrl.rollout.episode.Reasoner``: one chat completion per prompt (the prompt is
+  the single user message), all requests of a call issued concurrently, at most ``concurrency`` in flight.
+- :class:`OpenAIClarifier` implements ``acrl.rollout.episode.Clarifier``: the image travels as a base64 PNG
+  ``image_url`` data URL next to the text of ``acrl.rollout.episode.clarify_prompt(question)`` (the format vLLM's VLM
+  servers accept).
 
 Failure handling: connection errors, timeouts, HTTP 429, HTTP 5xx and malformed bodies are retried with exponential
 backoff and jitter; other 4xx are not. A request that still fails becomes a :class:`ServiceError` instance in its
@@ -440,7 +441,8 @@ def image_data_url(image) -> str:
 
 
 class OpenAIClarifier(_ChatClient):
-    """``acrl.rollout.episode.Clarifier`` over a VLM's ``/v1/chat/completions``: image part + ``clarify_prompt`` text."""
+    """``acrl.rollout.episode.Clarifier`` over a VLM's ``/v1/chat/completions``: image part + ``clarify_prompt``
+    text."""
 
     what = "clarifier service"
 
