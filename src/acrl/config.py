@@ -16,6 +16,8 @@ import yaml
 
 SCHEDULES = ("constant", "linear", "cosine", "step")   # train.alpha_schedule
 WORLD_FAMILIES = ("bars", "shapes", "rect", "tri")      # world.families
+# Facts a question of each family can need (bar charts: up to world.n_bars); a test checks it against the templates.
+WORLD_FACT_SIZES = {"bars": (1, 2, 3, 4), "shapes": (1, 2), "rect": (1, 2), "tri": (1, 2)}
 
 
 @dataclass
@@ -288,6 +290,13 @@ class WorldConfig:
         if self.n_bars not in (2, 3, 4):
             raise ValueError(f"n_bars must be 2, 3 or 4, got {self.n_bars}")
         self.needed_facts = {int(k): float(v) for k, v in self.needed_facts.items()}
+        if any(w < 0 for w in self.needed_facts.values()) or sum(self.needed_facts.values()) <= 0:
+            raise ValueError(f"world.needed_facts weights must be >= 0 with a positive sum, got {self.needed_facts}")
+        wanted = {k for k, w in self.needed_facts.items() if w > 0}
+        possible = {s for f in self.families for s in WORLD_FACT_SIZES[f] if f != "bars" or s <= self.n_bars}
+        if not wanted & possible:
+            raise ValueError(f"world.needed_facts asks only for questions needing {sorted(wanted)} facts, which no "
+                             f"family of world.families {self.families} has (they need {sorted(possible)})")
 
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -812,18 +821,36 @@ def _coerce(value: str) -> Any:
     return yaml.safe_load(value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML without silent last-one-wins: a key given twice in one mapping is an error naming its line."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} not found")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)   # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         raise ValueError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable YAML file ({e})") from None
+    if data is None:
+        raise ValueError(f"{path}: the config file is empty (give at least one section, or no --config for the "
+                         f"defaults)")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
     return data

@@ -79,8 +79,6 @@ def build_reasoner(cfg: Config):
     if rc.backend == "openai":
         return OpenAIReasoner.from_config(rc, few_shot=rc.few_shot).check()      # fails fast, naming the URL
     if rc.backend == "hf":
-        from acrl.backends.hf_trainable import HFTrainableReasoner, is_trainable_checkpoint
-
         if not rc.model:
             raise ValueError("reasoner.backend=hf needs reasoner.model (a model directory or hub id)")
         kw = {"max_new_tokens": rc.max_tokens, "temperature": rc.temperature, "batch_size": rc.batch_size,

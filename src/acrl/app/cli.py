@@ -13,13 +13,35 @@ import threading
 import time
 
 from acrl import outdir
-from acrl.app.assemble import EVAL_SEED, make_run, shares_reference
-from acrl.config import load_config
+from acrl.app.assemble import (
+    EVAL_SEED,
+    build_clarifier,
+    build_policy,
+    build_reasoner,
+    captioner_path,
+    make_run,
+    shares_reference,
+)
+from acrl.app.benchmarks import eval_benchmarks
+from acrl.app.demo import run_demo
+from acrl.app.report import add_report_parser
+from acrl.app.serve import add_serve_parser
+from acrl.app.sweep import add_sweep_parser
+from acrl.backends.hf import export_merged
+from acrl.backends.hf_reasoner import convert_gguf, packaged_gguf
+from acrl.backends.hf_tiny import make_tiny
+from acrl.config import eval_view, load_config, to_dict
+from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
 from acrl.train import checkpoint
 from acrl.train import run as runinfo
+from acrl.train.checkpoint import CheckpointError
 from acrl.train.distributed import setup
 from acrl.train.guard import Interrupted, ServiceDown
 from acrl.train.loop import train
+from acrl.train.reasoner_warmstart import warm_start_reasoner
+from acrl.train.warmstart import warm_start
+from acrl.world import make_problems
+from acrl.world.export import write_dataset
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -30,15 +52,10 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _cfg(args):
-    from acrl.config import load_config
-
     return load_config(args.config, args.overrides)
 
 
 def cmd_world(args) -> int:
-    from acrl.world import make_problems
-    from acrl.world.export import write_dataset
-
     _positive(args, "--n")
     if args.start < 0:
         raise ValueError(f"--start {args.start} must be >= 0")
@@ -56,7 +73,6 @@ def cmd_world(args) -> int:
 def cmd_warmstart(args) -> int:
     import torch
 
-    from acrl.train.warmstart import warm_start
 
     _positive(args, "--steps")
     cfg = _cfg(args)
@@ -68,8 +84,6 @@ def cmd_warmstart(args) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if args.reasoner:
-        from acrl.train.reasoner_warmstart import warm_start_reasoner
-
         warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model, resume=args.resume,
                             overwrite=args.overwrite)
         print(f"warm-started reasoner written to {args.out}")
@@ -130,11 +144,6 @@ def _fraction(flag: str, v: float) -> None:
 
 
 def cmd_eval(args) -> int:
-    from acrl.app.assemble import build_clarifier, build_policy, build_reasoner, captioner_path
-    from acrl.config import to_dict
-    from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
-    from acrl.world import make_problems
-
     _positive(args, "--n", "--limit")
     _fraction("--max-bad-fraction", args.max_bad_fraction)
     _fraction("--max-failed-fraction", args.max_failed_fraction)
@@ -161,8 +170,6 @@ def cmd_eval(args) -> int:
     reference = policy if same else build_policy(cfg, path=ref_path)
     clarifier = build_clarifier(cfg, reference, cfg.train.clarifier_noise, EVAL_SEED)
     if args.benchmark:
-        from acrl.data.run import eval_benchmarks
-
         return eval_benchmarks(cfg, policy, clarifier, path, benchmark=args.benchmark, data=args.data, out=args.out,
                                split=args.split, limit=args.limit, max_bad_fraction=args.max_bad_fraction,
                                judge_url=args.judge_url, judge_model=args.judge_model,
@@ -193,8 +200,6 @@ def cmd_eval(args) -> int:
 
 def _eval_views(cfg, names: list[str] | None) -> dict:
     """The configs ``acrl eval --eval-set`` asks for: ``in`` (this config), a set of ``eval.sets``, or ``all``."""
-    from acrl.config import eval_view
-
     if not names:
         return {"in": cfg}
     if "all" in names:
@@ -203,8 +208,6 @@ def _eval_views(cfg, names: list[str] | None) -> dict:
 
 
 def cmd_export(args) -> int:
-    from acrl.backends.hf import export_merged
-
     if not args.merge:
         raise ValueError("acrl export: only --merge is supported")
     print(f"merged checkpoint written to {export_merged(args.checkpoint, args.out, dtype=args.dtype)}")
@@ -212,8 +215,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert_gguf(args) -> int:
-    from acrl.backends.hf_reasoner import convert_gguf, packaged_gguf
-
     if bool(args.gguf) == bool(args.package):
         raise ValueError("acrl convert-gguf: give exactly one of --gguf FILE or --package NAME")
     src = args.gguf or packaged_gguf(args.package)
@@ -233,16 +234,12 @@ def cmd_convert_gguf(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from acrl.backends.hf_tiny import make_tiny
-
     outdir.publish_dir(args.out, lambda d: make_tiny(args.family, d, seed=args.seed), overwrite=args.overwrite)
     print(f"tiny {args.family} checkpoint written to {args.out}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from acrl.app.demo import run_demo
-
     run_demo(_cfg(args), args.out, full=args.full, warmstart=args.warmstart)
     return 0
 
@@ -368,16 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace the folder that OUT already holds")
     p.set_defaults(fn=cmd_convert_gguf)
 
-    from acrl.app.serve import add_serve_parser
 
     add_serve_parser(sub)
-    from acrl.app.report import add_report_parser
     add_report_parser(sub)
-    from acrl.app.sweep import add_sweep_parser
     add_sweep_parser(sub)
 
     args = parser.parse_args(argv)
-    from acrl.train.checkpoint import CheckpointError
 
     if threading.current_thread() is threading.main_thread():   # SIGTERM (what schedulers send): a clean exit
         signal.signal(signal.SIGTERM, _terminated)

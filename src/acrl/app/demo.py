@@ -9,11 +9,11 @@ sparse successes; a 30%-noisy clarifier).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
 
+from acrl import outdir
 from acrl.app.assemble import EVAL_SEED, build_clarifier, build_policy, build_reasoner, captioner_path, make_run
 from acrl.app.report import build_report
 from acrl.app.report.demo import write_report
@@ -71,6 +71,16 @@ def run_regime(cfg: Config, name: str, out: str, base: str) -> dict:
     return result
 
 
+def _summary(r: dict) -> dict:
+    """A regime's results without the step histories, plus each arm's training means (the README's table)."""
+    out = {k: v for k, v in r.items() if not k.endswith("_history")}
+    for arm in ("acrl", "binary"):
+        hist = r.get(f"{arm}_history") or []
+        vals = {k: [h[k] for h in hist if k in h] for k in ("uniform_frac", "kl_mean")}
+        out[f"{arm}_train"] = {k: sum(v) / len(v) if v else None for k, v in vals.items()}
+    return out
+
+
 def run_demo(cfg: Config, out: str, full: bool = False, warmstart: bool = False) -> dict:
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
@@ -90,8 +100,7 @@ def run_demo(cfg: Config, out: str, full: bool = False, warmstart: bool = False)
         results.append(run_regime(rcfg, name, os.path.join(out, name), base))
     minutes = (time.time() - t0) / 60
     path = write_report(results, out, cfg=to_dict(cfg), minutes=minutes, html="report.html")
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump([{k: v for k, v in r.items() if not k.endswith("_history")} for r in results], fh, indent=1)
+    outdir.write_json(os.path.join(out, "results.json"), [_summary(r) for r in results])
     t = cfg.train
     page = build_report([out], out, title=f"acrl demo ({', '.join(r['regime'] for r in results)})",
                         patterns_md=f"`acrl demo` ({'--full' if full else 'default regime'}): {t.steps} steps × "

@@ -45,7 +45,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
+from acrl.backends.hf_reasoner import HFReasoner
+from acrl.backends.tiny import TinyCaptioner
 from acrl.rollout.prompts import CLARIFY_PROMPT
+from acrl.world.reasoner import WorldReasoner
 
 MAX_BODY = 64 << 20     # bytes of one request body (a few large base64 images); more is answered 413
 
@@ -107,8 +110,6 @@ class WorldBackend:
     max_batch = 1
 
     def __init__(self, read_budget: int = 6, name: str = "world"):
-        from acrl.world.reasoner import WorldReasoner
-
         self.reasoner, self.name = WorldReasoner(read_budget=read_budget), name
 
     def prepare(self, body: dict) -> str:
@@ -176,8 +177,6 @@ class ClarifierBackend:
 
     @classmethod
     def load(cls, path: str, name: str = "", max_batch: int = 32) -> ClarifierBackend:
-        from acrl.backends.tiny import TinyCaptioner
-
         return cls(TinyCaptioner.load(path), name or os.path.basename(os.path.normpath(path)), max_batch)
 
     def prepare(self, body: dict) -> tuple:
@@ -567,7 +566,6 @@ def build_backend(args):
             raise FileNotFoundError(f"--model {args.model}: neither a local directory nor a model in the local "
                                     f"Hugging Face cache (download it first, e.g. huggingface-cli download "
                                     f"{args.model})")
-    from acrl.backends.hf_reasoner import HFReasoner
 
     try:
         hf = HFReasoner(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

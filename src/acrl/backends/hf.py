@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from acrl.backends.tiny import LoraSettings
 from acrl.config import HFSettings
 from acrl.rollout.prompts import captioner_prompt, clarify_prompt
 from acrl.rollout.protocols import Rollout
@@ -110,7 +111,6 @@ def _lora_from_adapter_dir(path: str) -> _Lora:
 def _lora_settings(lora: Any) -> _Lora:
     if lora is None:
         return _Lora(enabled=False)
-    from acrl.backends.tiny import LoraSettings
 
     out = _Lora(**{f.name: getattr(lora, f.name) for f in fields(_Lora) if hasattr(lora, f.name)})
     if not out.targets or out.targets == LoraSettings().targets:   # the tiny default names no HF layer

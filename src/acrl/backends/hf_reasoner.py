@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from acrl.backends.hf import _on_device, resolve_device
 from acrl.backends.openai_api import strip_thinking
+from acrl.rollout.prompts import few_shot_messages
 
 
 class HFReasoner:
@@ -102,7 +103,6 @@ class HFReasoner:
     def complete(self, prompts: list[str]) -> list[str]:
         if not prompts:
             return []
-        from acrl.rollout.prompts import few_shot_messages
 
         return [t for t, _, _ in self.chat([few_shot_messages(p, self.few_shot) + [{"role": "user", "content": p}]
                                             for p in prompts])]

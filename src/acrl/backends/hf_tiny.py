@@ -24,6 +24,10 @@ import json
 import os
 import random
 
+from acrl.backends.hf import no_video_processor_class
+from acrl.rollout.prompts import captioner_prompt, clarify_prompt
+from acrl.world import language
+
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "gemma3", "idefics3", "llava", "llava-onevision")
 IMAGE_SIZE = 56
 VOCAB_SIZE = 400
@@ -51,11 +55,8 @@ _IDEFICS_TEMPLATE = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|visio
 
 def _corpus() -> list[str]:
     """Prompts, questions, captions and clarifications of the embedded world (a few hundred lines)."""
-    from acrl.rollout.prompts import captioner_prompt, clarify_prompt
-
     lines = [captioner_prompt("x"), clarify_prompt("x")]
     try:   # the world's wording helps but is not essential to a tokenizer
-        from acrl.world import language
 
         lines += [t.text for t in language.TEMPLATES]
         lines += [str(v) for v in language.BASE_PHRASES.values()]
@@ -161,7 +162,6 @@ def build(family: str, seed: int = 0, vocab_size: int = 0, image_size: int = IMA
     fields, e.g. ``depth``, ``embed_dim``, ``num_heads``; its output width is always the text ``hidden``)."""
     import torch
 
-    from acrl.backends.hf import no_video_processor_class
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r} (available: {', '.join(FAMILIES)})")

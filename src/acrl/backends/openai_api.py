@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from acrl.rollout.grading import strip_think
-from acrl.rollout.prompts import clarify_prompt
+from acrl.rollout.prompts import clarify_prompt, few_shot_messages
 
 THINK_MODES = ("strip", "keep")
 
@@ -413,8 +413,6 @@ class OpenAIReasoner(_ChatClient):
         self.think, self.system, self.few_shot = think, system, few_shot
 
     def _messages(self, prompt: str) -> list[dict]:
-        from acrl.rollout.prompts import few_shot_messages
-
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + few_shot_messages(prompt, self.few_shot) + [{"role": "user", "content": prompt}]
 

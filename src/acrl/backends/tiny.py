@@ -29,6 +29,7 @@ from PIL import Image
 
 from acrl.config import LoraSettings, TinyVLMConfig
 from acrl.rollout.protocols import PolicyHooks, Rollout
+from acrl.world import language
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<caption>", "<answer>"]
 PAD, BOS, EOS, UNK, CAPTION, ANSWER = range(6)
@@ -68,8 +69,6 @@ class WordTokenizer:
 
 def world_tokenizer() -> WordTokenizer:
     """The tokenizer of the embedded world: every word its questions, captions and answers use."""
-    from acrl.world import language
-
     texts = [t.text for t in language.TEMPLATES]
     colours = ["red", "green", "blue", "purple", "orange"]
     for c in colours:

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from acrl.backends.tiny import BOS, EOS, PAD, SPECIALS, Attention, WordTokenizer, world_tokenizer
+from acrl.backends.tiny import BOS, EOS, PAD, SPECIALS, Attention, WordTokenizer, read_config_and_vocab, world_tokenizer
 from acrl.config import TinyReasonerConfig
 from acrl.rollout.prompts import parse_prompt
 from acrl.rollout.protocols import ReplyBatch
@@ -234,8 +234,6 @@ class TinyReasoner:
 
     @staticmethod
     def _read(path: str) -> tuple[TinyLM, ReasonerTokenizer]:
-        from acrl.backends.tiny import read_config_and_vocab
-
         cfg, tok = read_config_and_vocab(path, "reasoner", TinyReasonerConfig, ReasonerTokenizer)
         model = TinyLM(cfg)
         try:

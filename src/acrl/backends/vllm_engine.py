@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from acrl.backends.hf import HFContext
 from acrl.backends.openai_api import image_data_url
 from acrl.config import VLLMSettings
 from acrl.rollout.prompts import captioner_prompt, clarify_prompt
@@ -274,8 +275,6 @@ class _Engine:
 
     def context(self, images, prompts: list[str], n: int):
         """The per-problem encodings ``HFCaptioner.logprobs`` recomputes the captions with."""
-        from acrl.backends.hf import HFContext
-
         return HFContext([self.cap.encode(im, captioner_prompt(q)) for im, q in zip(images, prompts)], n)
 
     # adapters

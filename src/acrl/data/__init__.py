@@ -1,13 +1,10 @@
-"""Benchmark and training-set loaders (local copies only), DynaMath aggregation and per-category summaries.
+"""Benchmark and training-set loaders (local copies only) and benchmark-aware grading.
 
 Public API::
 
     load_benchmark(name, path, split=None, limit=None, max_bad_fraction=0.05, **options) -> LoadResult
     load_all(data_dir, names=None, split=None, limit=None) -> {name: LoadResult}
     load_training_set(path, split=None, limit=None, max_bad_fraction=0.05) -> LoadResult
-    aggregate_dynamath(items, key="correct", bad_ids=(), bad_as_wrong=False) -> {average_accuracy, ...}
-    wemath_metrics(items, key="correct") -> {strict: {IK, IG, CM, RM, score}, loose: {...}, S1, S2, S3}
-    summarize_by(items, key, problems=None) -> {group: metrics}
     grade_problem(prediction, problem) -> bool   # grading.grade plus letter-set / alternative golds
 
 Benchmarks: mathvista, mathverse, mathvision, wemath, dynamath, logicvista, mmmu (see ``docs/benchmarks.md``).
@@ -15,7 +12,6 @@ Benchmarks: mathvista, mathverse, mathvision, wemath, dynamath, logicvista, mmmu
 
 from acrl.data.answers import grade_letter_set, grade_problem, prediction_letters
 from acrl.data.benchmarks import BENCHMARKS, BenchmarkSpec, find_benchmark_dirs, load_all, load_benchmark
-from acrl.data.metrics import aggregate_dynamath, breakdown_table, parse_dynamath_id, summarize_by, wemath_metrics
 from acrl.data.parsing import ImageOptionsProblem
 from acrl.data.records import BadRow, LoadResult, compose_images
 from acrl.data.training import load_training_set
@@ -24,8 +20,6 @@ BENCHMARK_NAMES = tuple(BENCHMARKS)
 
 __all__ = [
     "BENCHMARKS", "BENCHMARK_NAMES", "BadRow", "BenchmarkSpec", "ImageOptionsProblem", "LoadResult",
-    "aggregate_dynamath", "breakdown_table", "compose_images", "find_benchmark_dirs", "grade_letter_set",
-    "grade_problem", "load_all", "load_benchmark", "load_training_set", "parse_dynamath_id",
-    "prediction_letters",
-    "summarize_by", "wemath_metrics",
+    "compose_images", "find_benchmark_dirs", "grade_letter_set", "grade_problem", "load_all", "load_benchmark",
+    "load_training_set", "prediction_letters",
 ]

@@ -437,7 +437,7 @@ def dynamath_split(token: str) -> str:
 
 def dynamath_problem_id(seed: str, variant: int | str) -> str:
     """The Problem id of a DynaMath row: ``dynamath-<seed>-v<variant>`` (parsed back by
-    :func:`acrl.data.metrics.parse_dynamath_id`)."""
+    :func:`acrl.eval.metrics.parse_dynamath_id`)."""
     return f"dynamath-{seed}-v{variant}"
 
 

@@ -42,11 +42,15 @@ from typing import Any
 
 from PIL import Image
 
+from acrl.backends.hf import HFCaptioner, HFSettings, load_merged_model, load_processor, resolve_checkpoint
+from acrl.data.parsing import answer_type_of
+from acrl.data.records import compose_images
 from acrl.problem import Problem
 from acrl.rollout.episode import Episode, EpisodeConfig, run_episodes
 from acrl.rollout.metrics import episode_metrics
 from acrl.rollout.prompts import captioner_prompt
 from acrl.rollout.protocols import Clarifier, Reasoner
+from acrl.world import WorldConfig, make_problems
 
 __all__ = [
     "ACRLReward", "make_acrl_reward", "completion_text", "problem_from_columns", "world_dataset",
@@ -91,8 +95,6 @@ def _image(value: Any) -> Image.Image:
         if len(imgs) == 1:
             return _image(imgs[0])
         if imgs:
-            from acrl.data.records import compose_images
-
             return compose_images([_image(v) for v in imgs], labels=[f"image {k}" for k in range(1, len(imgs) + 1)])
     if isinstance(value, Image.Image):
         return value
@@ -111,8 +113,6 @@ def problem_from_columns(columns: Mapping[str, Sequence[Any]], i: int, problem_i
     ``choices`` (a list of option texts; empty: none) and ``tolerance`` when present. Without ``answer_type``,
     options make it ``multiple_choice`` and otherwise it is inferred from the answer.
     """
-    from acrl.data.parsing import answer_type_of
-
     def col(name: str, default: Any = None) -> Any:
         return columns[name][i] if name in columns else default
 
@@ -262,7 +262,6 @@ def adapter_disabled_clarifier(model, processor, settings=None) -> Clarifier:
     """
     from peft import PeftModel
 
-    from acrl.backends.hf import HFCaptioner, HFSettings
 
     if not isinstance(model, PeftModel):
         raise TypeError(f"adapter_disabled_clarifier needs the trainer's PEFT model, got {type(model).__name__}; "
@@ -277,8 +276,6 @@ def adapter_disabled_clarifier(model, processor, settings=None) -> Clarifier:
 def frozen_clarifier(path: str, settings=None) -> Clarifier:
     """π_ref as a separate frozen copy of the starting checkpoint ``path`` (a model directory, hub name, or an
     AC-RL / PEFT adapter directory, merged). One copy of the weights, no gradients."""
-    from acrl.backends.hf import HFCaptioner, HFSettings, load_merged_model, load_processor, resolve_checkpoint
-
     settings = settings or HFSettings()
     base, _ = resolve_checkpoint(path)
     model = load_merged_model(path, settings).eval().requires_grad_(False)
@@ -316,7 +313,6 @@ def world_dataset(n: int, cfg=None, split: str = "train", start: int = 0, proble
     from datasets import Dataset, Features, List, Value
     from datasets import Image as ImageFeature
 
-    from acrl.world import WorldConfig, make_problems
 
     if problems is None:
         wcfg = getattr(cfg, "world", cfg) or WorldConfig()

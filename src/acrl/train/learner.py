@@ -31,6 +31,7 @@ from acrl.rollout.prompts import decision_prompt, followup_prompt
 from acrl.rollout.protocols import Policy, ReplyBatch, TrainableReasoner, concat
 from acrl.train.checkpoint import CheckpointError
 from acrl.train.distributed import SINGLE, Dist
+from acrl.world import language
 
 REASONER_DIR, STATE_FILE = "reasoner", "reasoner_state.pt"
 
@@ -217,8 +218,6 @@ def question_quality(items: Sequence[dict], problems: Sequence[Problem]) -> dict
     - ``asks_when_missing``: among the captions that miss a needed fact, the share where the reasoner asked about
       one of the missing facts.
     """
-    from acrl.world import language
-
     by_id = {p.id: p for p in problems}
     asked = missing_q = answerable = lacking = helped = 0
     for it in items:

@@ -32,6 +32,7 @@ from dataclasses import asdict
 
 import torch
 
+from acrl.backends.tiny import _TOKEN
 from acrl.backends.tiny_reasoner import ASK, BOX_CLOSE, BOX_OPEN, SOLVED, TinyReasoner, TinyReasonerConfig
 from acrl.config import ReasonerWarmStartConfig
 from acrl.data.answers import grade_problem
@@ -111,8 +112,6 @@ def transcript(prompt: str, world: WorldReasoner) -> list[str]:
 
 
 def world_words(text: str) -> list[str]:
-    from acrl.backends.tiny import _TOKEN
-
     return _TOKEN.findall(text.lower())
 
 

@@ -94,8 +94,6 @@ def _same_path(a: str | None, b: str | None) -> bool:
 
 def differences(stored: dict, config: dict, captioner: str, data: str | None) -> list[tuple[str, Any, Any]]:
     """(key, stored value, new value) for everything that defines the run and differs."""
-    from acrl.config import Config, to_dict
-
     old, new, default = _flat(stored["config"]), _flat(config), _flat(to_dict(Config()))
     # a field the stored run does not have (added by a later acrl) is the same experiment at its default value
     old.update({k: default[k] for k in new if k not in old and k in default})

@@ -29,6 +29,7 @@ from acrl import outdir
 from acrl.backends.tiny import ANSWER, CAPTION, TinyCaptioner, TinyVLMConfig, images_to_tensor
 from acrl.config import WarmStartConfig
 from acrl.train import checkpoint
+from acrl.train.run import truncate_jsonl
 from acrl.world import WorldConfig, clarification_pairs, human_caption_for, language, make_problems
 
 PROGRESS = "progress"   # OUT/progress/: the model of the latest held-out check while a warm start runs
@@ -78,8 +79,6 @@ def save_state(out: str, step: int, model, opt, rng: random.Random, running: flo
 def load_state(out: str, model, opt, rng: random.Random, log_path: str, log=print) -> tuple[int, float | None, float]:
     """Restore the newest complete checkpoint in ``out``: (step, running loss, seconds so far); (0, None, 0.0) when
     there is none. The log keeps only the records the checkpoint covers."""
-    from acrl.train.run import truncate_jsonl
-
     found = checkpoint.latest(out)
     for why in found.skipped or []:
         log(f"resume: skipping {why}")

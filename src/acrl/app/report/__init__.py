@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from acrl.app.report.page import build_report
+from acrl.config import load_config
 
 __all__ = ["build_report", "add_report_parser", "cmd_report"]
 
@@ -21,8 +22,6 @@ __all__ = ["build_report", "add_report_parser", "cmd_report"]
 def cmd_report(args) -> int:
     world = None
     if args.config:
-        from acrl.config import load_config
-
         world = load_config(args.config, []).world
     path = build_report(args.runs, args.out, train_episodes=args.train_episodes, world_config=world,
                         title=args.title, patterns_md=f"From: {' '.join(args.runs)}.")

@@ -16,6 +16,8 @@ from acrl import outdir
 from acrl.app.report import patterns
 from acrl.app.report import runs as rr
 from acrl.app.report.runs import Run, clean
+from acrl.data import load_benchmark
+from acrl.world import WorldConfig
 
 CURVES = [
     ("reward", "sampled reward"),
@@ -236,8 +238,6 @@ class _Problems:
     problems are read from the evaluation's ``data`` path when it still exists."""
 
     def __init__(self, runs: list[Run], extra_world=None):
-        from acrl.world import WorldConfig
-
         self.configs = []
         seen = set()
         for c in [extra_world] + [rr.world_config_of(r.config) for r in runs] + [WorldConfig()]:
@@ -267,8 +267,6 @@ class _Problems:
             return {}
         if (name, data) not in self.benchmarks:
             try:
-                from acrl.data import load_benchmark
-
                 res = load_benchmark(name, data)
                 self.benchmarks[(name, data)] = {p.id: p for p in res.problems}
             except Exception as e:   # noqa: BLE001 - a stale data path only costs the images

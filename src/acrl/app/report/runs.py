@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from acrl.core.reward import tier_reward
+from acrl.world import WorldConfig, make_problem
 
 _KNOWN_ITEM = {"id", "family", "category", "needed", "question", "answer", "caption", "prediction", "correct",
                "failed", "malformed", "asked", "clarification_question", "clarification", "clarified_prediction",
@@ -240,8 +241,6 @@ def sample_train_episodes(episodes: list[dict], limit: int) -> list[dict]:
 
 def world_config_of(cfg: dict | None):
     """A :class:`~acrl.world.WorldConfig` from a saved run config (``None`` if it has no world section)."""
-    from acrl.world import WorldConfig
-
     w = (cfg or {}).get("world")
     if not isinstance(w, dict):
         return None
@@ -254,8 +253,6 @@ def world_config_of(cfg: dict | None):
 def world_problem(pid: str, cfg, question: str | None = None, answer: str | None = None):
     """The world problem ``world-<split>-<index>`` drawn under ``cfg`` (a WorldConfig); ``None`` if ``pid`` is not
     a world id, or if ``question`` / ``answer`` are given and the drawn problem has others (another world config)."""
-    from acrl.world import make_problem
-
     parts = pid.split("-")
     if len(parts) != 3 or parts[0] != "world" or not parts[2].isdigit():
         return None

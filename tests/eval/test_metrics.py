@@ -6,11 +6,11 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from data.fixtures import dynamath_rows, logicvista_json, mathverse_rows, write_json, write_parquet
 
-from acrl.data import aggregate_dynamath, breakdown_table, load_benchmark, parse_dynamath_id, summarize_by
+from acrl.data import load_benchmark
 from acrl.eval.evaluate import evaluate
-
-from .fixtures import dynamath_rows, logicvista_json, mathverse_rows, write_json, write_parquet
+from acrl.eval.metrics import aggregate_dynamath, breakdown_table, parse_dynamath_id, summarize_by
 
 
 def item(
@@ -150,7 +150,7 @@ def _wm(gid: str, key: str, ok: bool, failed: bool = False) -> dict:
 
 
 def test_wemath_four_dimensional_metrics_by_hand():
-    from acrl.data import wemath_metrics
+    from acrl.eval.metrics import wemath_metrics
 
     T, F = True, False
     groups = {  # (steps, ID): (one-step results, composite result)

@@ -6,11 +6,10 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from data.fixtures import Img, mathverse_text_only_rows, mathvista_rows, wemath_rows, write_parquet
 
+from acrl.app.benchmarks import eval_benchmarks
 from acrl.data.benchmarks import BENCHMARKS
-from acrl.data.run import eval_benchmarks
-
-from .fixtures import Img, mathverse_text_only_rows, mathvista_rows, wemath_rows, write_parquet
 
 CFG = SimpleNamespace(eval=SimpleNamespace(batch_size=4))
 

@@ -14,9 +14,13 @@ import time
 from typing import Any
 
 from acrl import outdir
+from acrl.app.assemble import build_reasoner
+from acrl.backends.openai_api import OpenAIReasoner
 from acrl.data.benchmarks import BENCHMARKS, _spec, find_benchmark_dirs, load_benchmark
-from acrl.data.metrics import aggregate_dynamath, breakdown_table, summarize_by, wemath_metrics
+from acrl.data.judge import judge_items
 from acrl.data.records import LoadResult
+from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
+from acrl.eval.metrics import aggregate_dynamath, breakdown_table, summarize_by, wemath_metrics
 
 
 def _load(name: str, path, split, limit, max_bad_fraction) -> tuple[LoadResult | None, str]:
@@ -66,8 +70,6 @@ def eval_benchmarks(cfg, policy, clarifier, captioner: str, *, benchmark: str, d
                     reasoner=None, max_failed: float = 1.0) -> int:
     """Evaluate ``policy`` on one benchmark (``OUT/``) or on ``all`` (``OUT/<name>/`` each, plus an index
     ``OUT/summary.json`` and ``OUT/table.md``). Returns the exit status (see the module docstring)."""
-    from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
-
     if not data:
         raise ValueError("--benchmark needs --data PATH (see docs/benchmarks.md)")
     if not 0.0 <= max_bad_fraction <= 1.0:
@@ -98,13 +100,9 @@ def eval_benchmarks(cfg, policy, clarifier, captioner: str, *, benchmark: str, d
         loaded[name] = load_benchmark(name, data, split=split, limit=limit, max_bad_fraction=max_bad_fraction)
         rows.append({"benchmark": name, "status": "loaded", "path": str(data)})
     if reasoner is None:
-        from acrl.app.assemble import build_reasoner
-
         reasoner = build_reasoner(cfg)
     judge = None
     if judge_url:
-        from acrl.backends.openai_api import OpenAIReasoner
-
         judge = OpenAIReasoner(judge_url, judge_model, temperature=0.0, max_tokens=16).check()
     by_name = {r["benchmark"]: r for r in rows}
     for name, res in loaded.items():
@@ -115,8 +113,6 @@ def eval_benchmarks(cfg, policy, clarifier, captioner: str, *, benchmark: str, d
                                   desc=name, items_path=os.path.join(where, "items.jsonl"))
         benchmark_summary(name, res, items, summary, dynamath_bad_as_wrong)
         if judge is not None:
-            from acrl.data.judge import judge_items
-
             summary["judge"] = judge_items(items, {p.id: p for p in res.problems}, judge)
         summary["captioner"], summary["data"], summary["seconds"] = captioner, res.path, round(time.time() - t, 1)
         title = f"{os.path.basename(os.path.normpath(captioner))} on {name}"

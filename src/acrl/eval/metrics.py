@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from acrl.eval.evaluate import group_metrics
 from acrl.problem import Problem
 
 __all__ = ["aggregate_dynamath", "breakdown_table", "parse_dynamath_id", "summarize_by", "wemath_metrics"]
@@ -200,8 +201,6 @@ def summarize_by(items: list[Mapping[str, Any]], key: str | Callable[[Mapping[st
     ``problem_version``, ``subject`` ...). Returns ``{str(group): metrics}``, sorted by group; the result can
     be stored as ``summary[f"by_{key}"]``.
     """
-    from acrl.eval.evaluate import group_metrics
-
     lookup: Mapping[str, Problem] | None = None
     if problems is not None:
         lookup = problems if isinstance(problems, Mapping) else {p.id: p for p in problems}
