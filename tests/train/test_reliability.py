@@ -369,6 +369,6 @@ def test_truncated_parquet_and_checkpoint_files_are_named(tmp_path, micro_captio
     shutil.copy(micro_captioner / "config.json", broken / "config.json")
     (broken / "model.pt").write_bytes(b"\x00" * 64)
     assert cli_main(["eval", "--config", MICRO, "--captioner", str(broken), "--reference", str(micro_captioner),
-                     "--out", str(tmp_path / "ev")]) == 2
+                     "--out", str(tmp_path / "ev2")]) == 2
     err = capsys.readouterr().err
     assert "model.pt" in err and "corrupt" in err and "weights_only" not in err
