@@ -200,7 +200,9 @@ def periodic_eval(cfg: Config, policy, reference, colearner=None, heldout: list[
 
     def curve(step: int) -> dict:
         out = {}
-        for name, (reasoner, clarifier, k) in evals.items():
+        for name, (reasoner, _, k) in evals.items():   # a fresh noise stream: every evaluation sees the same noise
+            v = views(cfg)[name]
+            clarifier = build_clarifier(v, reference, v.train.clarifier_noise, EVAL_SEED)
             s, _ = evaluate(policy, reasoner, clarifier, sets[name], cfg.eval.batch_size, max_clarifications=k)
             out.update({(key if name == "in" else f"{name}.{key}"): s["overall"][key] for key in CURVE_KEYS})
         return out
