@@ -184,6 +184,7 @@ def check_family(name: str, args, res: dict, save) -> None:
 
     from acrl.config import load_config
     from acrl.core.update import update
+    from acrl.train.learner import captioner_update_settings
 
     cuda = not args.dry_run
     over = [f"train.problems_per_step={args.problems}", f"train.samples_per_problem={args.samples}",
@@ -228,7 +229,7 @@ def check_family(name: str, args, res: dict, save) -> None:
     res["ratio_first_micro_batch_max_abs_dev"] = float((torch.exp(new - roll.logprobs[:new.shape[0]]) - 1)[m]
                                                        .abs().max()) if m.any() else None
     stats, res["phases"]["update"] = meter(lambda: update(cap, opt, roll, adv, torch.ones(rows, dtype=torch.bool),
-                                                          cfg, ref))
+                                                          captioner_update_settings(cfg), ref))
     res["update"] = {k: stats.get(k) for k in ("ratio_mean", "clip_frac", "grad_norm", "loss")}
     save()
     randomise_adapter(cap, std=0.02 if not args.dry_run else 0.3)

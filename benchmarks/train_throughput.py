@@ -54,7 +54,8 @@ def measure(args, threads: int) -> dict:
     policy = build_policy(cfg, path=base, reference=base)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        hist = train(Run(cfg, tmp, policy, build_reasoner(cfg), build_clarifier(cfg, policy), world_source(cfg)), progress=False)
+        hist = train(Run(cfg, tmp, policy, build_reasoner(cfg), build_clarifier(cfg, policy), world_source(cfg)),
+                         progress=False)
         wall = time.perf_counter() - t0
     steady = hist[1:]
     phases = ("generation", "reasoner", "clarification", "update")

@@ -247,7 +247,8 @@ def run_acrl(args, model_dir: str, work: str) -> dict:
     t0 = time.perf_counter()
     try:
         with (prof or contextlib.nullcontext()):
-            hist = train(Run(cfg, os.path.join(work, "acrl"), policy, policy_reasoner(), policy, source), progress=False)
+            hist = train(Run(cfg, os.path.join(work, "acrl"), policy, policy_reasoner(), policy, source),
+                             progress=False)
     finally:
         clock.uninstall()
     wall = time.perf_counter() - t0

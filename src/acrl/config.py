@@ -152,7 +152,8 @@ class VLLMSettings:
         mode: ``colocate`` (an engine inside each training process) or ``server`` (a running ``vllm serve``).
         gpu_memory_utilization: (colocate) share of the GPU's memory vLLM may take (weights + KV cache); the
             training model, its activations and optimizer state need the rest.
-        max_model_len: (colocate) context length of the engine (0: the model's own).
+        max_model_len: (colocate) context length of the engine (0: from the run: the prompt with its image,
+            1024 question tokens and the longest caption or answer, not the model's own 128k).
         max_lora_rank: largest adapter rank the engine accepts (0: the captioner's rank, rounded up to a size vLLM
             supports). The server must be started with ``--max-lora-rank`` at least this.
         sleep_level: 1: offload the weights to host memory and drop the KV cache during each update (colocate:
@@ -163,10 +164,15 @@ class VLLMSettings:
         base_url: (server) e.g. ``http://127.0.0.1:8000/v1``.
         model: (server) served name of the base model (``--served-model-name``; empty: the server's first model).
         api_key_env: (server) environment variable holding the API key (unset: none is sent).
-        adapter_dir: where adapters are written (empty: a temporary directory; server: a path it can read).
+        adapter_dir: where adapters are written, in the engine's dtype (empty: a temporary directory under
+            /dev/shm where it exists; server: a path it can read).
         concurrency: (server) chat requests in flight.
         timeout: (server) seconds per request.
         engine_kwargs: (colocate) more ``vllm.LLM(...)`` arguments, e.g. ``{max_num_seqs: 256}``.
+        self_check: at start, sample the probe image: captions at temperature 1 must differ and the engine's
+            log-probs must be the training model's (``acrl.backends.vllm_engine._Engine.self_check``).
+        logprob_tolerance: the self-check's largest mean per-token gap between the engine's and the training
+            model's log-probs (bf16 engines differ by about 0.01).
     """
 
     mode: str = "colocate"
@@ -183,6 +189,8 @@ class VLLMSettings:
     concurrency: int = 32
     timeout: float = 600.0
     engine_kwargs: dict = field(default_factory=dict)
+    self_check: bool = True
+    logprob_tolerance: float = 0.05
 
 
 @dataclass
@@ -423,6 +431,9 @@ class TrainConfig:
         kl_beta: weight of the k3 KL penalty to π_ref.
         aggregation: token aggregation of the loss (``seq-mean-token-mean``, ``seq-mean-token-sum``, ``token-mean``,
             ``seq-mean-token-sum-norm``).
+        tis_cap: truncated importance sampling between the sampler's log-probs and the trainer's (a vLLM engine
+            captioner): each token's surrogate is weighted by min(π_old / μ, tis_cap);
+            0: off. The gap is logged either way (``sampler_kl``, ``sampler_ratio_max``). TRL's default cap is 2.
         epochs: optimisation passes over each rollout batch (old log-probs kept for the ratio).
         micro_batch: caption rows per forward/backward (gradients accumulate over the step).
         clarifier_noise: probability that π_ref's answer states a wrong value (world regime "noisy clarifier").
@@ -467,6 +478,7 @@ class TrainConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_beta: float = 0.02
+    tis_cap: float = 0.0
     aggregation: str = "seq-mean-token-mean"
     epochs: int = 1
     micro_batch: int = 128
@@ -628,7 +640,7 @@ RULES: dict[str, tuple] = {
     "captioner.vllm.gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "captioner.vllm.max_model_len": _ge(0), "captioner.vllm.max_lora_rank": _ge(0),
     "captioner.vllm.sleep_level": _one_of(0, 1, 2), "captioner.vllm.concurrency": _ge(1),
-    "captioner.vllm.timeout": _gt(0),
+    "captioner.vllm.timeout": _gt(0), "captioner.vllm.logprob_tolerance": _gt(0),
     "model.vocab_size": _ge(0), "model.d_model": _ge(1), "model.n_heads": _ge(1), "model.n_layers": _ge(1),
     "model.enc_layers": _ge(0), "model.cnn_width": _ge(1), "model.max_prompt_tokens": _ge(1),
     "model.max_new_tokens": _ge(1), "model.image_size": _ge(8),
@@ -653,6 +665,7 @@ RULES: dict[str, tuple] = {
     "train.advantage": _one_of("bnpo", "bnpo_decomposed", "grpo", "rloo", "reinforce"),
     "train.lr": _gt(0), "train.warmup": _ge(0), "train.weight_decay": _ge(0), "train.grad_clip": _gt(0),
     "train.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.clip_high": _ge(0), "train.kl_beta": _ge(0),
+    "train.tis_cap": _ge(0),
     "train.aggregation": _one_of("seq-mean-token-mean", "seq-mean-token-sum", "token-mean",
                                  "seq-mean-token-sum-norm"),
     "train.epochs": _ge(1), "train.micro_batch": _ge(1), "train.clarifier_noise": _PROB,

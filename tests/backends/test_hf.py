@@ -183,6 +183,7 @@ def test_full_finetune_keeps_frozen_reference_and_vision(tiny_dirs, tmp_path):
 def test_trainer_update_on_hf_policy_with_image_tiles(tiny_dirs):
     from acrl.config import Config
     from acrl.core.update import update
+    from acrl.train.learner import captioner_update_settings
 
     torch.manual_seed(4)   # InternVL with tiling: images of different shapes give different numbers of tiles
     settings = HFSettings(device="cpu", processor_kwargs={"crop_to_patches": True, "max_patches": 3})
@@ -195,7 +196,8 @@ def test_trainer_update_on_hf_policy_with_image_tiles(tiny_dirs):
     cfg = Config()
     cfg.train.micro_batch = 3
     opt = torch.optim.AdamW(cap.trainable_parameters(), lr=1e-2)
-    stats = update(cap, opt, roll, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool), cfg)
+    stats = update(cap, opt, roll, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool),
+                   captioner_update_settings(cfg))
     assert np.isfinite(stats["loss"]) and stats["grad_norm"] > 0
 
 

@@ -63,6 +63,7 @@ def _check_on_policy_ratio(family, tiny_dirs, tmp_path):
     cache, micro-batch 8 of 16 rows) in fp32: every token's ratio at the first update is 1 to
     1e-6. The adapter is a trained one saved with LoRA dropout 0.05 in its config (as the paper configs had)."""
     from acrl.core.update import update
+    from acrl.train.learner import captioner_update_settings
 
     cfg = _paper_config(family)
     c = cfg.captioner
@@ -89,7 +90,7 @@ def _check_on_policy_ratio(family, tiny_dirs, tmp_path):
         assert (ratio - 1).abs().max() <= 1e-6, (ratio - 1).abs().max()
     opt = torch.optim.AdamW(cap.trainable_parameters(), lr=cfg.train.lr)
     adv = torch.linspace(-1, 1, 16)
-    stats = update(cap, opt, roll, adv, torch.ones(16, dtype=torch.bool), cfg)
+    stats = update(cap, opt, roll, adv, torch.ones(16, dtype=torch.bool), captioner_update_settings(cfg))
     assert abs(stats["ratio_mean"] - 1) <= 1e-6 and stats["clip_frac"] == 0.0 and stats["grad_norm"] > 0
 
 

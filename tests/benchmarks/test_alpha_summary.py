@@ -4,8 +4,8 @@ import importlib.util
 import json
 import os
 
+from app.test_sweep import _fake_run
 from conftest import ROOT
-from test_sweep import _fake_run
 
 from acrl.app import sweep
 

@@ -212,3 +212,30 @@ def test_sum_norm_gradient_over_ranks_equals_the_single_process_gradient():
     assert abs(float(same) - float(loss)) < 1e-12
     with pytest.raises(ValueError, match="length_norm"):
         aggregate(logp, mask, "seq-mean-token-sum-norm", length_norm=0)
+
+
+def test_sampler_mismatch_stats_and_truncated_importance_weights():
+    """The sampler's log-probs (vLLM: bf16, other kernels) differ from the trainer's: their per-token KL and largest
+    ratio are measured, and truncated importance sampling weights each token by min(pi_old / mu, cap)."""
+    from acrl.core.loss import sampler_correction
+
+    old = T([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]], dtype=torch.float64)
+    sampler = T([[-1.2, -1.5, -0.5], [-0.1, -4.0, 9.0]], dtype=torch.float64)
+    mask = T([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    weights, stats = sampler_correction(old, sampler, mask, cap=2.0)
+    r = torch.exp(old - sampler)
+    k3 = r - 1 - (old - sampler)
+    assert_close(weights, (r.clamp(max=2.0) * mask))
+    assert stats["sampler_kl"] == pytest.approx(float((k3 * mask).sum() / mask.sum()))
+    assert stats["sampler_ratio_max"] == pytest.approx(math.exp(1.0))         # padding is not counted
+    assert stats["sampler_tis_frac"] == pytest.approx(1 / 5)                  # tokens whose weight was capped
+    ones, _ = sampler_correction(old, sampler, mask, cap=0.0)                 # 0: measured, not corrected
+    assert_close(ones, mask)
+
+    logp = leaf([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    adv = T([1.0, -0.5], dtype=torch.float64)
+    plain, _ = policy_loss(logp, old, adv, mask, kl_beta=0.0, aggregation="token-mean")
+    (g_plain,) = torch.autograd.grad(plain, logp)
+    tis, _ = policy_loss(logp, old, adv, mask, kl_beta=0.0, aggregation="token-mean", is_weights=weights)
+    (g_tis,) = torch.autograd.grad(tis, logp)
+    assert_close(g_tis, g_plain * weights)                                     # each token's gradient reweighted

@@ -64,7 +64,8 @@ def test_a_cotraining_step_changes_both_models_and_only_their_trainable_weights(
     caption_before, cref_before = _snapshot(policy.model), _snapshot(policy.ref_model)
     reason_before, rref_before = _snapshot(learner.reasoner.model), _snapshot(learner.reasoner.ref_model)
     torch.manual_seed(0)
-    hist = train(Run(cfg, str(tmp_path / "run"), policy, learner.recorder, policy, world_source(cfg), colearner=learner), progress=False)
+    hist = train(Run(cfg, str(tmp_path / "run"), policy, learner.recorder, policy, world_source(cfg),
+                     colearner=learner), progress=False)
     assert len(_changed(policy.model, caption_before)) > len(caption_before) // 2
     assert len(_changed(learner.reasoner.model, reason_before)) > len(reason_before) // 2
     assert not _changed(policy.ref_model, cref_before)              # π_ref of the captioner stays frozen
@@ -81,7 +82,8 @@ def test_the_frozen_reasoner_run_leaves_the_reasoner_alone(tmp_path):
 
     reasoner = build_reasoner(cfg)
     before = _snapshot(reasoner.model)
-    hist = train(Run(cfg, str(tmp_path / "run"), build_policy(cfg), reasoner, build_policy(cfg), world_source(cfg)), progress=False)
+    hist = train(Run(cfg, str(tmp_path / "run"), build_policy(cfg), reasoner, build_policy(cfg),
+                     world_source(cfg)), progress=False)
     assert not _changed(reasoner.model, before) and not any(k.startswith("reasoner_") for k in hist[0])
     assert not (tmp_path / "run" / "checkpoint" / "reasoner").exists()
 

@@ -68,7 +68,8 @@ def test_train_records_the_scheduled_alpha_and_turns(tmp_path):
                              "captioner.max_new_tokens=6"])
     policy = TinyCaptioner.create(TinyVLMConfig(d_model=32, n_heads=2, n_layers=1, enc_layers=0, cnn_width=8))
     problems = make_problems("train", 6, cfg.world)
-    hist = train(Run(cfg, str(tmp_path), policy, WorldReasoner(), OracleClarifier(problems), world_source(cfg)), progress=False)
+    hist = train(Run(cfg, str(tmp_path), policy, WorldReasoner(), OracleClarifier(problems), world_source(cfg)),
+                     progress=False)
     assert [h["reward_alpha"] for h in hist] == pytest.approx([1.0, 0.5, 0.0])
     assert all(0 <= h["mean_turns"] <= 3 for h in hist)
     eps = [json.loads(x) for x in open(tmp_path / "episodes.jsonl")]

@@ -20,7 +20,7 @@ from acrl.backends.hf_trainable import HFTrainableReasoner, is_trainable_checkpo
 from acrl.backends.openai_api import OpenAIClarifier, OpenAIReasoner
 from acrl.backends.tiny import TinyCaptioner
 from acrl.backends.tiny_reasoner import TinyReasoner
-from acrl.backends.vllm_engine import make_engine
+from acrl.backends.vllm_engine import RunShapes, make_engine
 from acrl.config import SHIPPED_CAPTIONER, SHIPPED_REASONER, Config, eval_view
 from acrl.data import load_training_set
 from acrl.eval.evaluate import evaluate
@@ -52,7 +52,7 @@ def build_policy(cfg: Config, path: str | None = None, reference: str | None = N
                                   settings=HFSettings.from_config(cfg.captioner), reference=reference,
                                   micro_batch=cfg.train.micro_batch)
         if cfg.captioner.rollout_engine == "vllm":
-            policy.rollout_engine = make_engine(policy, cfg.captioner.vllm)
+            policy.rollout_engine = make_engine(policy, cfg.captioner.vllm, RunShapes.from_config(cfg))
         elif cfg.captioner.rollout_engine != "hf":
             raise ValueError(f"unknown captioner.rollout_engine {cfg.captioner.rollout_engine!r} (hf, vllm)")
         return policy
@@ -200,7 +200,9 @@ def periodic_eval(cfg: Config, policy, reference, colearner=None, heldout: list[
 
     def curve(step: int) -> dict:
         out = {}
-        for name, (reasoner, clarifier, k) in evals.items():
+        for name, (reasoner, _, k) in evals.items():   # a fresh noise stream: every evaluation sees the same noise
+            v = views(cfg)[name]
+            clarifier = build_clarifier(v, reference, v.train.clarifier_noise, EVAL_SEED)
             s, _ = evaluate(policy, reasoner, clarifier, sets[name], cfg.eval.batch_size, max_clarifications=k)
             out.update({(key if name == "in" else f"{name}.{key}"): s["overall"][key] for key in CURVE_KEYS})
         return out

@@ -346,3 +346,23 @@ def make_tiny(family: str, out_dir: str, seed: int = 0, vocab_size: int = 0, ima
                    "parameters": sum(p.numel() for p in model.parameters()),
                    "text": text or {}, "vision": vision or {}}, fh, indent=1)
     return out_dir
+
+
+def make_tiny_for_vllm(family: str, out_dir: str, seed: int = 0, hidden: int = 128, layers: int = 2) -> str:
+    """A tiny random Qwen-VL checkpoint that vLLM's CPU build runs: head size 32 in the text and vision towers (CPU
+    attention supports 32 and up, not the default 16) and a saved video-processor config (vLLM builds the video
+    processor even with videos off)."""
+    if family not in ("qwen2-vl", "qwen2.5-vl"):
+        raise ValueError(f"make_tiny_for_vllm supports qwen2-vl and qwen2.5-vl, not {family!r}")
+    vision = {"embed_dim": 64, "num_heads": 2} if family == "qwen2-vl" else \
+        {"hidden_size": 64, "num_heads": 2, "intermediate_size": 128}
+    path = make_tiny(family, out_dir, seed=seed, vision=vision,
+                     text={"hidden": hidden, "layers": layers, "heads": hidden // 32, "kv_heads": max(1, hidden // 64)})
+    cfg_path = os.path.join(path, "processor_config.json")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    image = {k: v for k, v in cfg["image_processor"].items() if k != "image_processor_type"}
+    cfg["video_processor"] = {**image, "video_processor_type": "Qwen2VLVideoProcessor"}
+    with open(cfg_path, "w") as fh:
+        json.dump(cfg, fh, indent=1)
+    return path

@@ -1,9 +1,10 @@
 """Reasoner and clarifier behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, ``acrl serve``, ...).
 
-- :class:`OpenAIReasoner` implements ``acrl.rollout.episode.Reasoner``: one chat completion per prompt (the prompt is the
-  single user message), all requests of a call issued concurrently, at most ``concurrency`` in flight.
-- :class:`OpenAIClarifier` implements ``acrl.rollout.episode.Clarifier``: the image travels as a base64 PNG ``image_url``
-  data URL next to the text of ``acrl.rollout.episode.clarify_prompt(question)`` (the format vLLM's VLM servers accept).
+- :class:`OpenAIReasoner` implements ``acrl.rollout.episode.Reasoner``: one chat completion per prompt (the prompt is
+  the single user message), all requests of a call issued concurrently, at most ``concurrency`` in flight.
+- :class:`OpenAIClarifier` implements ``acrl.rollout.episode.Clarifier``: the image travels as a base64 PNG
+  ``image_url`` data URL next to the text of ``acrl.rollout.episode.clarify_prompt(question)`` (the format vLLM's VLM
+  servers accept).
 
 Failure handling: connection errors, timeouts, HTTP 429, HTTP 5xx and malformed bodies are retried with exponential
 backoff and jitter; other 4xx are not. A request that still fails becomes a :class:`ServiceError` instance in its
@@ -212,7 +213,8 @@ class _ChatClient:
     # --- fail fast ----------------------------------------------------------------------------------------------
     def check(self) -> _ChatClient:
         """Probe ``/v1/models`` (then ``/health``) with a short timeout. Raises ``ConnectionError`` naming the URL
-        when the service cannot be reached, ``ValueError`` when it does not serve ``model``. Returns ``self``; with
+        when the service cannot be reached, ``ValueError`` when it does not serve ``model`` or reports a
+        ``max_model_len`` (vLLM does) that ``max_tokens`` does not fit in. Returns ``self``; with
         an empty ``model`` the first served model is used."""
         url = self.base_url + "/v1/models"
         try:
@@ -235,14 +237,19 @@ class _ChatClient:
             raise ConnectionError(f"{self.what} at {url} answered HTTP {r.status_code}: {r.text[:200]}")
         if url.endswith("/v1/models"):
             try:
-                ids = [m["id"] for m in r.json().get("data", [])]
+                models = {m["id"]: m for m in r.json().get("data", [])}
             except (ValueError, KeyError, TypeError, AttributeError):
-                ids = []
-            if ids and not self.model:
-                self.model = ids[0]
-            elif ids and self.model not in ids:
+                models = {}
+            if models and not self.model:
+                self.model = next(iter(models))
+            elif models and self.model not in models:
                 raise ValueError(f"{self.what} at {self.base_url} does not serve model {self.model!r}; "
-                                 f"it serves {ids}")
+                                 f"it serves {list(models)}")
+            limit = models.get(self.model, {}).get("max_model_len")
+            if isinstance(limit, int) and self.max_tokens >= limit:   # vLLM answers each such request HTTP 400
+                raise ValueError(f"{self.what} at {self.base_url} serves {self.model!r} with max_model_len {limit}: "
+                                 f"max_tokens={self.max_tokens} leaves no room for the prompt; set max_tokens below "
+                                 f"{limit} (e.g. {limit // 2}) or start the server with a longer --max-model-len")
         self._checked = True
         return self
 
@@ -432,7 +439,8 @@ def image_data_url(image) -> str:
 
 
 class OpenAIClarifier(_ChatClient):
-    """``acrl.rollout.episode.Clarifier`` over a VLM's ``/v1/chat/completions``: image part + ``clarify_prompt`` text."""
+    """``acrl.rollout.episode.Clarifier`` over a VLM's ``/v1/chat/completions``: image part + ``clarify_prompt``
+    text."""
 
     what = "clarifier service"
 

