@@ -283,7 +283,7 @@ UNSTABLE = ("log.txt",)   # a launcher's log of what happened, not a result
 
 
 def _normal(obj):
-    """``obj`` without timings and timestamps (``seconds``, ``time_*``, ``created``) and the run's own fault counters."""
+    """``obj`` without timings and timestamps (``seconds``, ``time_*``, ``created``) and the run's fault counters."""
     if isinstance(obj, dict):
         return {k: _normal(v) for k, v in obj.items()
                 if k not in ("seconds", "created") and not k.startswith("time_")

@@ -192,17 +192,16 @@ def periodic_eval(cfg: Config, policy, reference, colearner=None, heldout: list[
     """The held-out curve of a training run: every view's ``val`` problems (``train.eval_n``), or the held-out
     slice of the training data (``heldout``) when the run trains on a data set; keys of views other than ``in``
     are prefixed with the view's name."""
-    evals = evaluators(cfg, policy, reference, colearner)
+    evals, vs = evaluators(cfg, policy, reference, colearner), views(cfg)
     if heldout is not None:
         evals = {"in": evals["in"]}
-    sets = {name: heldout if heldout is not None else make_problems("val", cfg.train.eval_n, views(cfg)[name].world)
+    sets = {name: heldout if heldout is not None else make_problems("val", cfg.train.eval_n, vs[name].world)
             for name in evals}
 
     def curve(step: int) -> dict:
         out = {}
         for name, (reasoner, _, k) in evals.items():   # a fresh noise stream: every evaluation sees the same noise
-            v = views(cfg)[name]
-            clarifier = build_clarifier(v, reference, v.train.clarifier_noise, EVAL_SEED)
+            clarifier = build_clarifier(vs[name], reference, vs[name].train.clarifier_noise, EVAL_SEED)
             s, _ = evaluate(policy, reasoner, clarifier, sets[name], cfg.eval.batch_size, max_clarifications=k)
             out.update({(key if name == "in" else f"{name}.{key}"): s["overall"][key] for key in CURVE_KEYS})
         return out

@@ -1,7 +1,9 @@
 """The embedded world's trainable reasoner: a small text-only transformer that writes the reply protocol.
 
-It reads the same prompts as every reasoner (``acrl.rollout.episode``): the prompt's sections (question, description, the
-clarifications asked and answered) are recovered with :func:`acrl.rollout.episode.parse_prompt` and encoded with the world
+It reads the same prompts as every reasoner (``acrl.rollout.episode``): the prompt's sections (question, description,
+the
+clarifications asked and answered) are recovered with :func:`acrl.rollout.episode.parse_prompt` and encoded with the
+world
 captioner's word vocabulary, extended by section markers, two mode tokens (``<decide>``: it may ask, ``<solve>``:
 it must answer) and the reply's own tokens (``SOLVED``, ``NEED MORE INFO``, ``\\boxed{``, ``}``, ``+ * / =``, the
 option letters and the half numbers ``0.5`` .. ``99.5``). It writes, token by token,

@@ -12,7 +12,8 @@ clarification, by the number of clarification turns the reasoner took (``by_turn
 the accuracy at each; ``max_clarifications`` > 1 lets it ask in turn, as in multi-turn training).
 
 A single-pass reply that follows neither SOLVED nor NEED MORE INFO is wrong. For small LLM reasoners that rarely
-follow the protocol, such a reply is also read leniently (:func:`acrl.rollout.grading.final_answer`: "the answer is X", the
+follow the protocol, such a reply is also read leniently (:func:`acrl.rollout.grading.final_answer`: "the answer is
+X", the
 last sentence's conclusion) and counted apart: ``lenient`` replies and ``accuracy_lenient`` (correct under either
 reading). ``accuracy`` never uses the lenient reading, and neither does training.
 

@@ -1,4 +1,5 @@
-"""What every reasoner and captioner reads: the prompts of the protocol, worked few-shot demonstrations, and the parser that recovers a prompt's sections."""
+"""What every reasoner and captioner reads: the prompts of the protocol, worked few-shot demonstrations, and the
+parser that recovers a prompt's sections."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The world reasoner: a deterministic text-in/text-out reasoner for the embedded world.
 
-It reads exactly the prompts an LLM reasoner gets (``acrl.rollout.episode``), extracts the facts stated in the caption and
+It reads exactly the prompts an LLM reasoner gets (``acrl.rollout.episode``), extracts the facts stated in the
+caption and
 in a clarification, and either asks about one missing fact or computes the answer. Like an LLM it has limits:
 
 - it reads at most ``read_budget`` statements of a caption (statements are separated by ``;``, ``.`` or new lines),
