@@ -7,7 +7,7 @@ Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``. B
   goes through the tokenizer's chat template); concurrent requests are batched.
 - ``clarifier``: a :class:`acrl.backends.tiny.TinyCaptioner` checkpoint answering clarification questions; the
   image comes as a base64 ``image_url`` data URL, the question from the text part
-  (``acrl.rollout.episode.clarify_prompt``
+  (``acrl.rollout.prompts.clarify_prompt``
   format, or the bare question).
 
 Fault injection (for testing clients): a fraction of chat requests answers HTTP 500 (``fail_rate``), sleeps past

@@ -1,4 +1,4 @@
-"""A local Hugging Face text LLM as the reasoner (``acrl.rollout.episode.Reasoner``), without a server.
+"""A local Hugging Face text LLM as the reasoner (``acrl.rollout.protocols.Reasoner``), without a server.
 
 ``AutoTokenizer`` + ``AutoModelForCausalLM``; each prompt is one user message rendered through the tokenizer's chat
 template when it has one (otherwise the raw text); prompts are sorted by length and generated in left-padded

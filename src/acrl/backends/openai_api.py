@@ -1,9 +1,9 @@
 """Reasoner and clarifier behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, ``acrl serve``, ...).
 
-- :class:`OpenAIReasoner` implements ``acrl.rollout.episode.Reasoner``: one chat completion per prompt (the prompt is
+- :class:`OpenAIReasoner` implements ``acrl.rollout.protocols.Reasoner``: one chat completion per prompt (the prompt is
   the single user message), all requests of a call issued concurrently, at most ``concurrency`` in flight.
-- :class:`OpenAIClarifier` implements ``acrl.rollout.episode.Clarifier``: the image travels as a base64 PNG
-  ``image_url`` data URL next to the text of ``acrl.rollout.episode.clarify_prompt(question)`` (the format vLLM's VLM
+- :class:`OpenAIClarifier` implements ``acrl.rollout.protocols.Clarifier``: the image travels as a base64 PNG
+  ``image_url`` data URL next to the text of ``acrl.rollout.prompts.clarify_prompt(question)`` (the format vLLM's VLM
   servers accept).
 
 Failure handling: connection errors, timeouts, HTTP 429, HTTP 5xx and malformed bodies are retried with exponential
@@ -395,12 +395,12 @@ class _ChatClient:
 
 
 class OpenAIReasoner(_ChatClient):
-    """``acrl.rollout.episode.Reasoner`` over ``/v1/chat/completions``.
+    """``acrl.rollout.protocols.Reasoner`` over ``/v1/chat/completions``.
 
     ``think``: ``strip`` removes ``<think>...</think>`` (and a reasoning parser's separate reasoning field) from the
     returned text; ``keep`` returns it (the episode parser ignores thinking either way). ``system``: an optional
     system message sent before each prompt. ``few_shot``: that many worked demonstrations of the protocol
-    (:func:`acrl.rollout.episode.few_shot_messages`) as earlier turns.
+    (:func:`acrl.rollout.prompts.few_shot_messages`) as earlier turns.
     """
 
     what = "reasoner service"
@@ -439,7 +439,7 @@ def image_data_url(image) -> str:
 
 
 class OpenAIClarifier(_ChatClient):
-    """``acrl.rollout.episode.Clarifier`` over a VLM's ``/v1/chat/completions``: image part + ``clarify_prompt``
+    """``acrl.rollout.protocols.Clarifier`` over a VLM's ``/v1/chat/completions``: image part + ``clarify_prompt``
     text."""
 
     what = "clarifier service"

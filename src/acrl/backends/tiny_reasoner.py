@@ -1,17 +1,15 @@
 """The embedded world's trainable reasoner: a small text-only transformer that writes the reply protocol.
 
-It reads the same prompts as every reasoner (``acrl.rollout.episode``): the prompt's sections (question, description,
-the
-clarifications asked and answered) are recovered with :func:`acrl.rollout.episode.parse_prompt` and encoded with the
-world
-captioner's word vocabulary, extended by section markers, two mode tokens (``<decide>``: it may ask, ``<solve>``:
+It reads the same prompts as every reasoner (``acrl.rollout.prompts``): the prompt's sections (question,
+description, the clarifications asked and answered) are recovered with :func:`acrl.rollout.prompts.parse_prompt` and
+encoded with the world captioner's word vocabulary, extended by section markers, two mode tokens (``<decide>``: it may ask, ``<solve>``:
 it must answer) and the reply's own tokens (``SOLVED``, ``NEED MORE INFO``, ``\\boxed{``, ``}``, ``+ * / =``, the
 option letters and the half numbers ``0.5`` .. ``99.5``). It writes, token by token,
 
     SOLVED red bar = 7 ; blue bar = 3 ; 7 + 3 = 10 \\boxed{10}      or    NEED MORE INFO
                                                                        what is the height of the red bar ?
 
-which :func:`acrl.rollout.episode.parse_reply` reads like any LLM's reply. The working before the box is what the model
+which :func:`acrl.rollout.replies.parse_reply` reads like any LLM's reply. The working before the box is what the model
 has to do itself: restate each needed fact with the value it found in the description or the clarification,
 then the arithmetic, one operation per step (partial sums, ``w + h`` then ``* 2``, ``b * h`` then ``/ 2``).
 

@@ -28,7 +28,7 @@ from acrl.world import language
 
 
 class WorldReasoner:
-    """Implements ``acrl.rollout.episode.Reasoner`` for world questions."""
+    """Implements ``acrl.rollout.protocols.Reasoner`` for world questions."""
 
     def __init__(self, read_budget: int = 6, noise: float = 0.0, seed: int = 0):
         if not 0.0 <= noise <= 1.0:
