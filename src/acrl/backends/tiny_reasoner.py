@@ -3,8 +3,8 @@
 It reads the same prompts as every reasoner (``acrl.rollout.prompts``): the prompt's sections (question,
 description, the clarifications asked and answered) are recovered with :func:`acrl.rollout.prompts.parse_prompt` and
 encoded with the world captioner's word vocabulary, extended by section markers, two mode tokens (``<decide>``: it
-may ask, ``<solve>``: it must answer) and the reply's own tokens (``SOLVED``, ``NEED MORE INFO``, ``\\boxed{``, ``}``, ``+ * / =``, the
-option letters and the half numbers ``0.5`` .. ``99.5``). It writes, token by token,
+may ask, ``<solve>``: it must answer) and the reply's own tokens (``SOLVED``, ``NEED MORE INFO``, ``\\boxed{``,
+``}``, ``+ * / =``, the option letters and the half numbers ``0.5`` .. ``99.5``). It writes, token by token,
 
     SOLVED red bar = 7 ; blue bar = 3 ; 7 + 3 = 10 \\boxed{10}      or    NEED MORE INFO
                                                                        what is the height of the red bar ?
