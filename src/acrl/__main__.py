@@ -1,3 +1,3 @@
-from acrl.app.cli import main
+from acrl.launch import main
 
 raise SystemExit(main())

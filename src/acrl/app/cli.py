@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from acrl import outdir
+from acrl import outdir, sigterm
 from acrl.app.assemble import (
     EVAL_SEED,
     build_clarifier,
@@ -244,11 +244,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _terminated(signum, frame):
-    print("acrl: terminated (SIGTERM)", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="acrl", description="Adaptive-Clarification RL: train a vision-language captioner to write what a "
@@ -373,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if threading.current_thread() is threading.main_thread():   # SIGTERM (what schedulers send): a clean exit
-        signal.signal(signal.SIGTERM, _terminated)
+        sigterm.install()
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
