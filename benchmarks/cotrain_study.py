@@ -36,7 +36,7 @@ from acrl.app.assemble import build_clarifier, build_policy, captioner_path
 from acrl.backends.tiny_reasoner import TinyReasoner
 from acrl.config import SHIPPED_REASONER, load_config
 from acrl.eval.evaluate import evaluate
-from acrl.train.learner import question_quality
+from acrl.eval.metrics import question_quality
 from acrl.world import make_problems
 from acrl.world.reasoner import WorldReasoner
 

@@ -159,7 +159,7 @@ def test_the_reasoner_update_trains_only_the_hf_adapter_and_resumes(tmp_path, ti
 
 
 def test_question_quality_counts_questions_about_missing_and_answerable_facts():
-    from acrl.train.learner import question_quality
+    from acrl.eval.metrics import question_quality
 
     p = next(p for p in make_problems("val", 50) if p.family == "bars" and len(p.needed) == 2)
     a, b = p.needed

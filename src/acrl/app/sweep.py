@@ -37,8 +37,8 @@ from acrl import outdir
 from acrl.app.assemble import CURVE_KEYS, evaluators, make_run, views
 from acrl.config import load_config, to_dict
 from acrl.eval.evaluate import evaluate
+from acrl.eval.metrics import question_quality
 from acrl.train.guard import Interrupted
-from acrl.train.learner import question_quality
 from acrl.train.loop import train
 from acrl.train.warmstart import evaluate_reading
 from acrl.world import make_problems

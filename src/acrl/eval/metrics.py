@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from acrl.eval.evaluate import group_metrics
 from acrl.problem import Problem
+from acrl.world import language
 
 __all__ = ["aggregate_dynamath", "breakdown_table", "parse_dynamath_id", "summarize_by", "wemath_metrics"]
 
@@ -227,3 +228,37 @@ def breakdown_table(groups: Mapping[str, Mapping[str, Any]], title: str = "", la
         cells = [name or "(none)"] + [_fmt(m.get(c, float("nan"))) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def question_quality(items: Sequence[dict], problems: Sequence[Problem]) -> dict:
+    """How good the reasoner's clarification questions are, from evaluation items (``acrl.eval.evaluate``) of world
+    problems (others have no facts and are skipped):
+
+    - ``question_about_missing``: share of the questions asked that are about a needed fact the caption does not
+      state correctly (missing or wrong): the question that helps;
+    - ``question_answerable``: share of the questions about a fact of the scene (π_ref can answer them; a question
+      the world's language cannot name, or about a bar that is not there, cannot be answered);
+    - ``asks_when_missing``: among the captions that miss a needed fact, the share where the reasoner asked about
+      one of the missing facts.
+    """
+    by_id = {p.id: p for p in problems}
+    asked = missing_q = answerable = lacking = helped = 0
+    for it in items:
+        p = by_id.get(it["id"])
+        if p is None or not p.facts:
+            continue
+        stated = dict(language.parse_facts(it.get("caption") or ""))
+        missing = {k for k in p.needed if stated.get(k) != p.facts[k]}
+        key = language.parse_clarification_question(it.get("clarification_question") or "") if it.get("asked") \
+            else None
+        if it.get("asked"):
+            asked += 1
+            missing_q += key in missing
+            answerable += key in p.facts
+        if missing:
+            lacking += 1
+            helped += key in missing
+    nan = float("nan")
+    return {"question_about_missing": missing_q / asked if asked else nan,
+            "question_answerable": answerable / asked if asked else nan,
+            "asks_when_missing": helped / lacking if lacking else nan}
