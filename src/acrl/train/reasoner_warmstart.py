@@ -23,7 +23,6 @@ agreement with the world reasoner.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -39,7 +38,7 @@ from acrl.data.answers import grade_problem
 from acrl.rollout.prompts import decision_prompt, deny_prompt, final_prompt, parse_prompt, single_pass_prompt
 from acrl.rollout.replies import parse_reply
 from acrl.train import checkpoint
-from acrl.train.warmstart import drop_checkpoints, load_state, open_output, save_state
+from acrl.train.warmstart import drop_checkpoints, load_state, lr_at, open_output, save_state
 from acrl.world import WorldConfig, language, make_problems, oracle_caption_for
 from acrl.world.reasoner import WorldReasoner
 
@@ -269,12 +268,6 @@ def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: World
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     teacher = WorldReasoner(read_budget=cfg.read_budget)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
     rng = random.Random(cfg.seed)
     log_path = os.path.join(out, "warmstart_log.jsonl")
     first, running, before = load_state(out, model, opt, rng, log_path, log) if how == "resume" else (0, None, 0.0)
@@ -285,7 +278,7 @@ def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: World
                                    "parameters": reasoner.num_parameters()}) + "\n")
         for step in range(first, cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = lr_at(cfg, step)
             prompts, targets = training_batch(reasoner, world_cfg, cfg, step, rng, teacher)
             loss = reasoner.supervised_loss(prompts, targets)
             opt.zero_grad(set_to_none=True)

@@ -161,6 +161,15 @@ def evaluate_reading(cap: TinyCaptioner, world: WorldConfig, n: int = 200, polic
     }
 
 
+def lr_at(cfg, step: int) -> float:
+    """The warm starts' learning rate at ``step``: linear warm-up over ``cfg.warmup`` steps, then cosine decay to
+    a tenth of ``cfg.lr`` at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: TinyVLMConfig | None = None,
                log=print, resume: bool = False, overwrite: bool = True) -> TinyCaptioner:
     """Train the world captioner from scratch and save it to ``out`` (``out/model.pt`` appears only when it has
@@ -178,12 +187,6 @@ def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: Ti
     model = cap.model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
     rng = random.Random(cfg.seed)
     log_path = os.path.join(out, "warmstart_log.jsonl")
     first, running, before = load_state(out, model, opt, rng, log_path, log) if how == "resume" else (0, None, 0.0)
@@ -193,7 +196,7 @@ def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: Ti
     with open(log_path, "a" if first else "w") as logf:
         for step in range(first, cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = lr_at(cfg, step)
             pixels, prompt, targets = _batch(cap, world, cfg, step, rng)
             loss = cap.supervised_loss(pixels, prompt, targets)
             opt.zero_grad(set_to_none=True)
