@@ -156,3 +156,14 @@ def test_eval_sets_and_turns_through_the_cli(tmp_path, micro_captioner):
     p = run_cli("eval", "--config", MICRO, "--captioner", micro_captioner, "--eval-set", "nope",
                 "--out", tmp_path / "bad", check=False)
     assert p.returncode == 2 and "nope" in p.stderr and "eval.sets" in p.stderr
+
+
+def test_config_prints_what_a_run_would_use_and_reads_back(tmp_path):
+    out = run_cli("config", "--config", MICRO, "--set", "train.lr=5e-4", "--docs").stdout
+    assert "  lr: 0.0005" in out and "# AdamW learning rate" in out
+    (tmp_path / "printed.yaml").write_text(out)
+    again = run_cli("config", "--config", tmp_path / "printed.yaml", "--out", tmp_path / "again.yaml")
+    assert again.stdout == "" and (tmp_path / "again.yaml").read_text() == run_cli(
+        "config", "--config", MICRO, "--set", "train.lr=5e-4").stdout
+    bad = run_cli("config", "--set", "train.lr=-1", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "train.lr" in bad.stderr

@@ -1,5 +1,5 @@
-"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, serve, export, make-tiny, convert-gguf,
-report, sweep."""
+"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, config, serve, export, make-tiny,
+convert-gguf, report, sweep."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from acrl.app.sweep import add_sweep_parser
 from acrl.backends.hf import export_merged
 from acrl.backends.hf_reasoner import convert_gguf, packaged_gguf
 from acrl.backends.hf_tiny import make_tiny
-from acrl.config import eval_view, load_config, to_dict
+from acrl.config import eval_view, load_config, to_dict, to_yaml
 from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
 from acrl.train import checkpoint
 from acrl.train import run as runinfo
@@ -239,6 +239,15 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    text = to_yaml(_cfg(args), docs=args.docs)
+    if args.out:
+        outdir.write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_demo(args) -> int:
     run_demo(_cfg(args), args.out, full=args.full, warmstart=args.warmstart)
     return 0
@@ -337,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="also run the sparse and noisy-clarifier regimes")
     p.add_argument("--warmstart", action="store_true", help="re-run the warm start instead of the shipped one")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("config", help="print the config a command would run with (after --config and --set), as "
+                                      "YAML that --config reads back")
+    _add_config(p)
+    p.add_argument("--docs", action="store_true", help="each field's documentation as a comment above it")
+    p.add_argument("--out", help="write to this file instead of standard output")
+    p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser("export", help="write a stand-alone HF checkpoint from a trained hf captioner")
     p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
