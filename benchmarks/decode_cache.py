@@ -41,7 +41,7 @@ def main() -> None:
 
     import acrl.backends.hf as hf
     from acrl.backends.hf_tiny import make_tiny
-    from acrl.backends.tiny import LoraSettings
+    from acrl.config import LoraSettings
     from acrl.rollout.prompts import captioner_prompt
     from acrl.world import make_problems
 

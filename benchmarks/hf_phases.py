@@ -42,7 +42,7 @@ def main() -> None:
 
     from acrl.backends.hf import HFCaptioner, HFSettings
     from acrl.backends.hf_tiny import make_tiny
-    from acrl.backends.tiny import LoraSettings
+    from acrl.config import LoraSettings
     from acrl.world import make_problems
 
     path = make_tiny(args.family, tempfile.mkdtemp() + "/model")

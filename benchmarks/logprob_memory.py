@@ -53,7 +53,7 @@ def cell(rows: int, tokens: int, chunk: int, baseline: bool) -> dict:
 
     from acrl.backends import hf_tiny
     from acrl.backends.hf import HFCaptioner, HFContext, HFSettings, _ban
-    from acrl.backends.tiny import LoraSettings
+    from acrl.config import LoraSettings
     from acrl.rollout.prompts import captioner_prompt
     from acrl.rollout.protocols import Rollout
 

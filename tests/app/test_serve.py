@@ -19,7 +19,8 @@ from conftest import MICRO, ROOT
 
 from acrl.app.serve import HFBackend, WorldBackend, add_serve_parser, build_backend, start_server
 from acrl.backends.openai_api import OpenAIReasoner
-from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+from acrl.backends.tiny import TinyCaptioner
+from acrl.config import TinyVLMConfig
 from acrl.rollout.episode import EpisodeConfig, run_episodes
 from acrl.rollout.metrics import episode_metrics
 from acrl.rollout.prompts import decision_prompt

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from acrl.app.assemble import world_source
-from acrl.backends.tiny import LoraSettings, TinyCaptioner
-from acrl.config import SHIPPED_CAPTIONER, load_config
+from acrl.backends.tiny import TinyCaptioner
+from acrl.config import SHIPPED_CAPTIONER, LoraSettings, load_config
 from acrl.train.loop import Run, train
 from acrl.world import make_problems
 

@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from acrl.backends import hf_tiny
 from acrl.backends.hf import HFCaptioner, HFSettings, _language_model_prefix, _with_room, export_merged
-from acrl.backends.tiny import LoraSettings
+from acrl.config import LoraSettings
 
 LORA = LoraSettings(enabled=True, r=4, alpha=8)
 QUESTIONS = ["What is the height of the red bar?", "How many circles are there?"]

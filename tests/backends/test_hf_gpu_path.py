@@ -24,7 +24,7 @@ from acrl.backends.hf import (  # noqa: E402
     device_scope,
     resolve_device,
 )
-from acrl.backends.tiny import LoraSettings  # noqa: E402
+from acrl.config import LoraSettings  # noqa: E402
 
 LORA = LoraSettings(enabled=True, r=4, alpha=8)
 ALL = LoraSettings(enabled=True, r=4, alpha=8, targets="all-linear")

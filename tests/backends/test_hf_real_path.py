@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 from acrl.backends import hf_tiny  # noqa: E402
 from acrl.backends.hf import HFCaptioner, HFSettings, export_merged, row_chunks, token_logprobs  # noqa: E402
-from acrl.backends.tiny import LoraSettings  # noqa: E402
+from acrl.config import LoraSettings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER = {"internvl": "internvl-2b.yaml"}   # every other family: the Qwen2.5-VL-3B config

@@ -4,7 +4,7 @@ built from a config (no downloads)."""
 import pytest
 import torch
 
-from acrl.backends.tiny import LoraSettings
+from acrl.config import LoraSettings
 from acrl.rollout.episode import EpisodeConfig, run_episodes
 from acrl.rollout.prompts import decision_prompt
 from acrl.rollout.protocols import concat

@@ -213,7 +213,8 @@ def test_works_from_threads_from_a_running_loop_and_async(world, prompts):
 
 
 def test_clarifier_sends_the_image_and_matches_in_process_answers(tmp_path, problems):
-    from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+    from acrl.backends.tiny import TinyCaptioner
+    from acrl.config import TinyVLMConfig
 
     cap = TinyCaptioner.create(TinyVLMConfig(d_model=32, n_heads=2, n_layers=1, cnn_width=8, max_new_tokens=8))
     cap.save(str(tmp_path / "ref"))

@@ -20,7 +20,6 @@ pytest.importorskip("peft")
 
 from acrl.backends import hf_tiny  # noqa: E402
 from acrl.backends.hf import HFCaptioner, HFSettings  # noqa: E402
-from acrl.backends.tiny import LoraSettings  # noqa: E402
 from acrl.backends.vllm_engine import (  # noqa: E402
     NEUTRAL_SAMPLING,
     PROBE_QUESTION,
@@ -37,6 +36,7 @@ from acrl.backends.vllm_engine import (  # noqa: E402
     samples_from_outputs,
 )
 from acrl.backends.vllm_engine import probe_image as engine_probe_image  # noqa: E402
+from acrl.config import LoraSettings  # noqa: E402
 
 LORA = LoraSettings(enabled=True, r=4, alpha=8)
 QUESTIONS = ["What is the height of the red bar?", "How many circles are there?"]

@@ -1,6 +1,7 @@
 import json
 
-from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+from acrl.backends.tiny import TinyCaptioner
+from acrl.config import TinyVLMConfig
 from acrl.eval.evaluate import evaluate, markdown_table
 from acrl.world import make_problems
 from acrl.world.reasoner import OracleClarifier, WorldReasoner

@@ -4,7 +4,8 @@ without a decision (counted apart from accuracy)."""
 import pytest
 
 from acrl.backends.openai_api import OpenAIReasoner
-from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+from acrl.backends.tiny import TinyCaptioner
+from acrl.config import TinyVLMConfig
 from acrl.eval.evaluate import evaluate, markdown_table
 from acrl.rollout.prompts import (
     decision_prompt,

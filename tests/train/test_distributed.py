@@ -26,8 +26,9 @@ from conftest import MICRO as MICRO_YAML
 from conftest import ROOT
 from PIL import Image
 
-from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig, _Context
-from acrl.config import Config
+from acrl.backends.tiny import TinyCaptioner
+from acrl.backends.tiny.captioner import _Context
+from acrl.config import Config, TinyVLMConfig
 from acrl.problem import Problem
 from acrl.rollout.prompts import parse_prompt
 from acrl.rollout.protocols import Rollout

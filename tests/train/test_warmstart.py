@@ -4,8 +4,7 @@ import os
 
 import pytest
 
-from acrl.backends.tiny import TinyVLMConfig
-from acrl.backends.tiny_reasoner import TinyReasonerConfig
+from acrl.config import TinyReasonerConfig, TinyVLMConfig
 from acrl.train.reasoner_warmstart import ReasonerWarmStartConfig, warm_start_reasoner
 from acrl.train.warmstart import WarmStartConfig, warm_start
 from acrl.world import WorldConfig

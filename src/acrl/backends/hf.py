@@ -63,8 +63,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from acrl.backends.tiny import LoraSettings
-from acrl.config import HFSettings
+from acrl.config import HFSettings, LoraSettings
 from acrl.rollout.prompts import captioner_prompt, clarify_prompt
 from acrl.rollout.protocols import Rollout
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from acrl.backends.hf import _on_device, _plain_generation_config, enable_checkpointing, row_chunks, token_logprobs
 from acrl.backends.hf_reasoner import HFReasoner
-from acrl.backends.tiny import LoraSettings
+from acrl.config import LoraSettings
 from acrl.rollout.protocols import ReplyBatch
 
 META = "trainable_reasoner.json"

@@ -26,8 +26,9 @@ from dataclasses import asdict
 import torch
 
 from acrl import outdir
-from acrl.backends.tiny import ANSWER, CAPTION, TinyCaptioner, TinyVLMConfig, images_to_tensor
-from acrl.config import WarmStartConfig
+from acrl.backends.tiny import TinyCaptioner, images_to_tensor
+from acrl.backends.tiny.nn import ANSWER, CAPTION
+from acrl.config import TinyVLMConfig, WarmStartConfig
 from acrl.train import checkpoint
 from acrl.train.run import truncate_jsonl
 from acrl.world import WorldConfig, clarification_pairs, human_caption_for, language, make_problems
