@@ -212,6 +212,7 @@ def make_run(cfg: Config, out: str, captioner: str | None = None, data: str | No
     reference = cfg.train.reference or base   # π_ref: answers clarifications, anchors the KL
     data = data or (stored or {}).get("data")
     found = prepare(out, cfg, base, data, stored, resume, overwrite, allow_change, dist)
+    checkpoint.set_seed(cfg.train.seed)   # a new adapter's init: the same on every rank and in every process
     policy = build_policy(cfg, path=os.path.join(found, "policy") if found else base, reference=reference)
     clarifier = build_clarifier(cfg, policy, cfg.train.clarifier_noise, cfg.train.seed + dist.rank)
     colearner = build_learner(cfg, found) if cfg.train.cotrain else None
