@@ -3,7 +3,7 @@
 
 The loop owns the output directory (one owner; refused, resumed or replaced), AdamW with the learning-rate schedule
 (:func:`lr_at`) and gradient clipping, the running loss, the held-out checks and their log, resumable checkpoints,
-and the publication of the finished model. A warm start supplies a :class:`Task`: its learner, the
+stop signals and the publication of the finished model. A warm start supplies a :class:`Task`: its learner, the
 loss of a step's batch, its held-out check and what else it writes.
 
 ``OUT`` while it runs: ``warmstart_log.jsonl`` (one record per check), ``progress/`` (the model of the latest
@@ -28,6 +28,7 @@ import torch
 
 from acrl import outdir
 from acrl.train import checkpoint
+from acrl.train.guard import Abandon, Interrupted, StopSignals
 from acrl.train.run import truncate_jsonl
 
 LOG = "warmstart_log.jsonl"
@@ -143,13 +144,24 @@ def drop_checkpoints(out: str) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _abandonable(stop: StopSignals, step: int):
+    """A second signal during a step's computation ends the run at once; the newest checkpoint holds."""
+    try:
+        with stop.armed():
+            yield
+    except Abandon:
+        raise Interrupted(stop.signum, step, None) from None
+
+
 def train(out: str, cfg, task: Task, resume: bool = False, log=print) -> None:
     """Train ``task.learner`` for ``cfg.steps`` steps into ``out`` (claimed by :func:`open_output`); ``resume``:
     continue from its newest checkpoint. ``cfg``: the warm start's settings (``steps``, ``lr``, ``warmup``,
     ``weight_decay``, ``grad_clip``, ``eval_every``, ``checkpoint_every``, ``seed``).
 
     A held-out check every ``cfg.eval_every`` steps and after the last; a checkpoint every
-    ``cfg.checkpoint_every``."""
+    ``cfg.checkpoint_every``. SIGINT / SIGTERM stop it after the current step with a checkpoint of that step (a
+    second signal abandons the step): :class:`acrl.train.guard.Interrupted`."""
     learner, model, params = task.learner, task.learner.model, task.learner.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
@@ -157,23 +169,24 @@ def train(out: str, cfg, task: Task, resume: bool = False, log=print) -> None:
     t0 = time.time() - before
     if task.save_every and first == 0:
         learner.save(os.path.join(out, "step-0"))
-    with open(os.path.join(out, LOG), "a" if first else "w") as logf:
+    with open(os.path.join(out, LOG), "a" if first else "w") as logf, StopSignals() as stop:
         if task.header is not None and not first:
             logf.write(json.dumps(task.header) + "\n")
         for step in range(first, cfg.steps):
             done, last = step + 1, step + 1 == cfg.steps
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            loss = task.loss(step, rng)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            stats = None
-            if (cfg.eval_every and done % cfg.eval_every == 0) or last:
-                learner.ref_model.load_state_dict(model.state_dict())
-                stats = task.evaluate()
+            with _abandonable(stop, step):
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(cfg, step)
+                loss = task.loss(step, rng)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+                stats = None
+                if (cfg.eval_every and done % cfg.eval_every == 0) or last:
+                    learner.ref_model.load_state_dict(model.state_dict())
+                    stats = task.evaluate()
             if task.save_every and done % task.save_every == 0 and not last:
                 learner.save(os.path.join(out, f"step-{done}"))
             if stats is not None:
@@ -184,8 +197,11 @@ def train(out: str, cfg, task: Task, resume: bool = False, log=print) -> None:
                     f"({time.time() - t0:.0f}s)")
                 if not last:   # the check's model, apart: OUT/model.pt means a finished warm start
                     learner.save(os.path.join(out, PROGRESS))
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and not last:
-                save_state(out, done, model, opt, rng, running, time.time() - t0)
+            due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and not last
+            if due or stop.signum:   # a stop: this step's checkpoint (the last's too: a resume publishes it)
+                saved = save_state(out, done, model, opt, rng, running, time.time() - t0)
+                if stop.signum:
+                    raise Interrupted(stop.signum, done, saved)
     learner.ref_model.load_state_dict(model.state_dict())
     if task.finish is not None:
         task.finish(out)
