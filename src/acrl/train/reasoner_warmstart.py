@@ -258,13 +258,15 @@ def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: World
         return TinyReasoner.load(out)
     reasoner = TinyReasoner.create(model_cfg, seed=cfg.seed)
     teacher = WorldReasoner(read_budget=cfg.read_budget)
-    task = supervised.Task(
-        reasoner, loss=lambda step, rng: reasoner.supervised_loss(*training_batch(
-            reasoner, world_cfg, cfg, step, rng, teacher)),
-        evaluate=lambda: evaluate_reasoner(reasoner, world_cfg, cfg.eval_n, cfg.read_budget), summary=_summary,
-        name="reasoner warmstart", header={"config": asdict(cfg), "world": asdict(world_cfg),
-                                           "model": asdict(reasoner.cfg), "parameters": reasoner.num_parameters()},
-        finish=lambda d: write_heldout(d, reasoner, world_cfg, cfg.read_budget))
+
+    def loss(step: int, rng: random.Random):
+        return reasoner.supervised_loss(*training_batch(reasoner, world_cfg, cfg, step, rng, teacher))
+
+    header = {"config": asdict(cfg), "world": asdict(world_cfg), "model": asdict(reasoner.cfg),
+              "parameters": reasoner.num_parameters()}
+    task = supervised.Task(reasoner, loss, lambda: evaluate_reasoner(reasoner, world_cfg, cfg.eval_n, cfg.read_budget),
+                           _summary, name="reasoner warmstart", header=header,
+                           finish=lambda d: write_heldout(d, reasoner, world_cfg, cfg.read_budget))
     supervised.train(out, cfg, task, resume=how == "resume", log=log)
     return reasoner
 

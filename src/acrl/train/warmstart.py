@@ -92,8 +92,11 @@ def warm_start(out: str, cfg: WarmStartConfig, world: WorldConfig, model_cfg: Ti
     if how == "finished":
         return TinyCaptioner.load(out)
     cap = TinyCaptioner.create(model_cfg, seed=cfg.seed)
-    task = supervised.Task(cap, loss=lambda step, rng: cap.supervised_loss(*_batch(cap, world, cfg, step, rng)),
-                           evaluate=lambda: evaluate_reading(cap, world, cfg.eval_n), summary=_summary,
+
+    def loss(step: int, rng: random.Random):
+        return cap.supervised_loss(*_batch(cap, world, cfg, step, rng))
+
+    task = supervised.Task(cap, loss, lambda: evaluate_reading(cap, world, cfg.eval_n), _summary,
                            save_every=cfg.save_every)
     supervised.train(out, cfg, task, resume=how == "resume", log=log)
     return cap
