@@ -84,7 +84,6 @@ def _world_parser(sub) -> None:
 def cmd_warmstart(args) -> int:
     import torch
 
-
     _positive(args, "--steps")
     cfg = _cfg(args)
     ws = cfg.reasoner_warmstart if args.reasoner else cfg.warmstart
@@ -94,14 +93,23 @@ def cmd_warmstart(args) -> int:
         ws.seed = args.seed
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if args.reasoner:
-        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model, resume=args.resume,
-                            overwrite=args.overwrite)
-        print(f"warm-started reasoner written to {args.out}")
-        return 0
-    warm_start(args.out, ws, cfg.world, cfg.model, resume=args.resume, overwrite=args.overwrite)
-    print(f"warm-started captioner written to {args.out}")
+    what = "reasoner" if args.reasoner else "captioner"
+    try:
+        if args.reasoner:
+            warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model, resume=args.resume,
+                                overwrite=args.overwrite)
+        else:
+            warm_start(args.out, ws, cfg.world, cfg.model, resume=args.resume, overwrite=args.overwrite)
+    except Interrupted as e:
+        print(f"acrl warmstart: {_stopped(e)}; continue it with the same command and --resume", file=sys.stderr)
+        return 128 + e.signum
+    print(f"warm-started {what} written to {args.out}")
     return 0
+
+
+def _stopped(e: Interrupted) -> str:
+    where = f"its checkpoint is {e.checkpoint}" if e.checkpoint else "abandoned mid-step; its newest checkpoint holds"
+    return f"stopped by {signal.Signals(e.signum).name} at step {e.step}; {where}"
 
 
 def _warmstart_parser(sub) -> None:
@@ -412,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"acrl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Interrupted as e:   # a warm start inside another command (acrl demo)
+        print(f"acrl {args.command}: {_stopped(e)}", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

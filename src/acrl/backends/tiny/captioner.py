@@ -319,10 +319,6 @@ class TinyCaptioner(PolicyHooks):
         with model_of(self.model, self.ref_model, use_reference=True) as ref:
             return self._answers(ref, images, questions)
 
-    def policy_answer(self, images, questions) -> list[str]:
-        """Answers by the current policy (diagnostics; training uses the reference's answers)."""
-        return self._answers(self.model, images, questions)
-
     # --- log-probs --------------------------------------------------------------------------------------------
     def _token_logprobs(self, model, pixels, prompt, tokens, temperature, n=1, first=0):
         """Log-probs of ``tokens`` rows; image/prompt row ``(first + r) // n`` conditions token row ``r``."""
