@@ -1,0 +1,20 @@
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """``get(family)``: the directory of a tiny random checkpoint of ``family`` (built once per session, no
+    downloads); skips the test when the installed transformers cannot build the family."""
+    from acrl.backends.hf import tiny
+
+    root = tmp_path_factory.mktemp("hf-tiny")
+    cache = {}
+
+    def get(family):
+        if tiny.unavailable(family):
+            pytest.skip(tiny.unavailable(family))
+        if family not in cache:
+            cache[family] = tiny.make_tiny(family, str(root / family), seed=0)
+        return cache[family]
+
+    return get
