@@ -20,7 +20,7 @@ from .fixtures import LORA, shaped_images  # noqa: E402
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_batches_equal_the_processors_own_and_bos_appears_once(family, tiny_dirs):
-    """Per-problem encodings batched by ``_collate`` equal the processor's batch of the same prompts with left
+    """Per-problem encodings batched by ``collate`` equal the processor's batch of the same prompts with left
     padding (Idefics3's padded tiles and pixel mask, LLaVA-OneVision's padded patches, Qwen's patch lists), and a
     template that writes BOS does not get a second one from the processor."""
     cap = HFCaptioner.load(tiny_dirs(family), lora=LORA, settings=HFSettings(device="cpu", self_test=False))
