@@ -245,7 +245,7 @@ def _tiny_llama(path):
 
 
 def test_hf_reasoner_in_process_and_served(world, tmp_path):
-    from acrl.backends.hf_reasoner import HFReasoner
+    from acrl.backends.hf.reasoner import HFReasoner
 
     _tiny_llama(tmp_path / "llm")
     hf = HFReasoner(str(tmp_path / "llm"), max_new_tokens=6, batch_size=4)

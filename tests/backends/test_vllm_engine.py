@@ -18,8 +18,8 @@ from PIL import Image
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from acrl.backends import hf_tiny  # noqa: E402
-from acrl.backends.hf import HFCaptioner, HFSettings  # noqa: E402
+from acrl.backends.hf.captioner import HFCaptioner  # noqa: E402
+from acrl.backends.hf.tiny import make_tiny  # noqa: E402
 from acrl.backends.vllm_engine import (  # noqa: E402
     NEUTRAL_SAMPLING,
     PROBE_QUESTION,
@@ -36,7 +36,7 @@ from acrl.backends.vllm_engine import (  # noqa: E402
     samples_from_outputs,
 )
 from acrl.backends.vllm_engine import probe_image as engine_probe_image  # noqa: E402
-from acrl.config import LoraSettings  # noqa: E402
+from acrl.config import HFSettings, LoraSettings  # noqa: E402
 
 LORA = LoraSettings(enabled=True, r=4, alpha=8)
 QUESTIONS = ["What is the height of the red bar?", "How many circles are there?"]
@@ -106,7 +106,7 @@ def test_lora_rank_rounds_up_to_a_supported_size():
 # --- the engines, through stand-ins -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def captioner(tmp_path_factory):
-    path = hf_tiny.make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen") / "base"), seed=0)
+    path = make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen") / "base"), seed=0)
     torch.manual_seed(0)
     return HFCaptioner.load(path, lora=LORA, settings=HFSettings(device="cpu"))
 
@@ -511,7 +511,7 @@ def test_engine_is_sized_from_the_run_and_adapters_go_to_shared_memory_in_the_en
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the vLLM engine needs a CUDA GPU (none here)")
 def test_real_vllm_engine_on_a_tiny_checkpoint(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[gpu]')")
-    path = hf_tiny.make_tiny("qwen2-vl", str(tmp_path / "base"), seed=0)
+    path = make_tiny("qwen2-vl", str(tmp_path / "base"), seed=0)
     cap = HFCaptioner.load(path, lora=LORA, settings=HFSettings(device="cuda", dtype="fp32"))
     engine = VLLMRolloutEngine(cap, VLLMSettings(gpu_memory_utilization=0.2, enforce_eager=True,
                                                  adapter_dir=str(tmp_path)))
@@ -537,7 +537,7 @@ class ModelLLM(FakeLLM):
         super().__init__(**kw)
         from transformers import AutoModelForImageTextToText
 
-        from acrl.backends.hf import load_processor
+        from acrl.backends.hf.loading import load_processor
 
         self.base = AutoModelForImageTextToText.from_pretrained(kw["model"]).eval()
         self.processor = load_processor(kw["model"])
@@ -610,7 +610,7 @@ def model_vllm(fake_vllm):
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    return hf_tiny.make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen-base") / "base"), seed=0)
+    return make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen-base") / "base"), seed=0)
 
 
 def test_engine_samples_what_the_trainer_recomputes_after_every_update(tiny_base, model_vllm, tmp_path):

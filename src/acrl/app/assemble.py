@@ -14,13 +14,13 @@ import os
 
 import torch
 
-from acrl.backends.hf import HFCaptioner, HFSettings
-from acrl.backends.hf_reasoner import HFReasoner
-from acrl.backends.hf_trainable import HFTrainableReasoner, is_trainable_checkpoint
+from acrl.backends.hf.captioner import HFCaptioner
+from acrl.backends.hf.reasoner import HFReasoner
+from acrl.backends.hf.trainable import HFTrainableReasoner, is_trainable_checkpoint
 from acrl.backends.openai_api import OpenAIClarifier, OpenAIReasoner
 from acrl.backends.tiny import TinyCaptioner, TinyReasoner
 from acrl.backends.vllm_engine import RunShapes, make_engine
-from acrl.config import SHIPPED_CAPTIONER, SHIPPED_REASONER, Config, eval_view
+from acrl.config import SHIPPED_CAPTIONER, SHIPPED_REASONER, Config, HFSettings, eval_view
 from acrl.data import load_training_set
 from acrl.eval.evaluate import evaluate
 from acrl.problem import Problem

@@ -27,9 +27,9 @@ from acrl.app.demo import run_demo
 from acrl.app.report import add_report_parser
 from acrl.app.serve import add_serve_parser
 from acrl.app.sweep import add_sweep_parser
-from acrl.backends.hf import export_merged
-from acrl.backends.hf_reasoner import convert_gguf, packaged_gguf
-from acrl.backends.hf_tiny import make_tiny
+from acrl.backends.hf.checkpoint import export_merged
+from acrl.backends.hf.reasoner import convert_gguf, packaged_gguf
+from acrl.backends.hf.tiny import make_tiny
 from acrl.config import eval_view, load_config, to_dict, to_yaml
 from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
 from acrl.train import checkpoint

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from acrl.backends.hf import HFContext
+from acrl.backends.hf.inputs import HFContext
 from acrl.backends.openai_api import image_data_url
 from acrl.config import VLLMSettings
 from acrl.rollout.prompts import captioner_prompt, clarify_prompt
