@@ -130,3 +130,9 @@ def test_a_bad_override_names_its_key():
     with pytest.raises(ValueError, match="train.lr"):
         load_config(None, ["train.lr=-1"])
     assert isinstance(load_config(None, []), Config)
+
+
+def test_an_evaluation_set_may_read_with_a_reasoner_that_co_training_could_not_train():
+    cfg = load_config(None, ["train.cotrain=true", "reasoner.backend=tiny",
+                             "eval.sets={world-reasoner: {reasoner: {backend: world}}}"])
+    assert config.eval_view(cfg, "world-reasoner").reasoner.backend == "world"

@@ -708,8 +708,9 @@ def validate(cfg: Config) -> Config:
     return _checked(_build(Config, to_dict(cfg), ""))
 
 
-def _checked(cfg: Config) -> Config:
-    """The rules that tie fields together (each field's own rule is beside it); a one-line error naming them."""
+def _checked(cfg: Config, view: bool = False) -> Config:
+    """The rules that tie fields together (each field's own rule is beside it); a one-line error naming them.
+    ``view``: an evaluation set's config, which trains nothing (its reasoner is only read)."""
     t, rc = cfg.train, cfg.reasoner
     if t.turn_rewards and len(t.turn_rewards) < t.max_clarifications + 1:
         raise ValueError(f"config train.turn_rewards needs train.max_clarifications + 1 = {t.max_clarifications + 1} "
@@ -721,10 +722,10 @@ def _checked(cfg: Config) -> Config:
                                              or t.alpha_schedule != "constant"):
         raise ValueError("config train.advantage=bnpo_decomposed is defined for the paper's reward (one "
                          "clarification, constant alpha)")
-    if t.cotrain and rc.backend not in ("tiny", "hf"):
+    if t.cotrain and not view and rc.backend not in ("tiny", "hf"):
         raise ValueError(f"config train.cotrain=true trains the reasoner: reasoner.backend must be tiny or hf, "
                          f"got {rc.backend!r}")
-    if t.cotrain and rc.backend == "hf" and not cfg.reasoner_train.lora.enabled:
+    if t.cotrain and not view and rc.backend == "hf" and not cfg.reasoner_train.lora.enabled:
         raise ValueError("config train.cotrain=true with reasoner.backend=hf trains a LoRA adapter: "
                          "reasoner_train.lora.enabled must be true")
     if rc.backend == "hf" and not rc.model:
@@ -752,7 +753,7 @@ def eval_view(cfg: Config, name: str) -> Config:
             raise ValueError(f"config eval.sets.{name}.{section} must be a mapping, got {type(values).__name__}")
         data[section] = {**data[section], **copy.deepcopy(values)}
     try:
-        return _checked(_build(Config, data, ""))
+        return _checked(_build(Config, data, ""), view=True)
     except ValueError as e:
         raise ValueError(f"config eval.sets.{name}: {e}") from None
 

@@ -84,8 +84,8 @@ class SharedSampling:
         assert prompts == [p.question_with_choices() for p in whole[g]], "the trainer's shard is not contiguous"
         r = slice(g.start * n, g.stop * n)
         ctx = roll.context
-        return Rollout(roll.texts[g], roll.tokens[r], roll.mask[r], roll.logprobs[r], roll.temperature,
-                       _Context(ctx.pixels[g], ctx.prompt[g], n))
+        return Rollout(roll.tokens[r], roll.mask[r], roll.logprobs[r], roll.temperature, texts=roll.texts[g],
+                       context=_Context(ctx.pixels[g], ctx.prompt[g], n))
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -151,7 +151,8 @@ class HFTrainableReasoner(HFReasoner):
             gen, keep = self._cut(gen[:, ids.shape[1]:].cpu())
             tokens[s:s + len(gen), :gen.shape[1]], mask[s:s + len(gen), :gen.shape[1]] = gen, keep
         temp = 1.0 if greedy else temperature
-        batch = ReplyBatch(list(prompts), [], tokens, mask, torch.zeros_like(mask), temp, prompt_ids, self.pad_id)
+        batch = ReplyBatch(tokens, mask, torch.zeros_like(mask), temp, prompts=list(prompts),
+                           prompt_ids=prompt_ids, pad_id=self.pad_id)
         batch.logprobs = torch.cat([self._logprobs(self.model, batch, i, min(i + self.batch_size, len(prompts)))
                                     for i in range(0, len(prompts), self.batch_size)]) if prompts else mask
         tok = self.tokenizer

@@ -232,13 +232,14 @@ class TinyReasoner:
         prompt_ids = self.encode(prompts)
         if not prompts:
             empty = torch.zeros(0, self.cfg.max_new_tokens)
-            return ReplyBatch([], [], empty.long(), empty, empty, 1.0, [], PAD)
+            return ReplyBatch(empty.long(), empty, empty, 1.0, pad_id=PAD)
         self.model.train()
         ids, valid = left_pad(prompt_ids)
         tokens, mask, lps = sample(self.model.stepper(valid), ids, self.cfg.max_new_tokens, self.tokenizer.banned,
                                    temperature, greedy)
         texts = [self.tokenizer.render(r) for r in tokens.tolist()]
-        return ReplyBatch(list(prompts), texts, tokens, mask, lps, 1.0 if greedy else temperature, prompt_ids, PAD)
+        return ReplyBatch(tokens, mask, lps, 1.0 if greedy else temperature, prompts=list(prompts), texts=texts,
+                          prompt_ids=prompt_ids, pad_id=PAD)
 
     def complete(self, prompts: list[str]) -> list[str]:
         """The ``Reasoner`` protocol: replies at ``self.temperature`` (0: greedy)."""
