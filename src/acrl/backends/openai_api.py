@@ -229,7 +229,7 @@ class _ChatClient:
                            timeout=self.check_timeout) as client:
             try:
                 try:
-                    models = {m.id: m for m in client.models.list().data}
+                    models = {m.id: m for m in client.models.list().data if isinstance(getattr(m, "id", None), str)}
                 except openai.NotFoundError:
                     url = self.base_url + "/health"
                     client.get(url, cast_to=httpx2.Response)
