@@ -150,8 +150,7 @@ def test_faults_and_a_restart_are_survived_with_retries(world):
     state: dict = {}
     watcher = threading.Thread(target=_restart_mid_run, args=(server, server.server_address[1], 40, 0.3, state))
     watcher.start()
-    reasoner = OpenAIReasoner(url, "world", concurrency=8, timeout=1.0, max_retries=10, backoff=0.05,
-                              backoff_max=0.3)
+    reasoner = OpenAIReasoner(url, "world", concurrency=8, timeout=1.0, max_retries=10)
     try:
         groups = run_episodes(problems, captions, reasoner, clarifier, cfg)
         done = time.perf_counter()
@@ -210,7 +209,7 @@ def test_serve_command_line(tmp_path):
         url = line.split(" at ")[-1].strip()
         p = make_problems("test", 3)
         prompts = [decision_prompt(x.question_with_choices(), oracle_caption_for(x)) for x in p]
-        r = OpenAIReasoner(url, "world", backoff=0.01)
+        r = OpenAIReasoner(url, "world")
         assert r.complete(prompts) == WorldReasoner().complete(prompts)
     finally:
         proc.terminate()

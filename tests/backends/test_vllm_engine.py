@@ -4,12 +4,14 @@ runs where vLLM and a CUDA GPU are present."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 import types
 from types import SimpleNamespace as NS
 
+import httpx2
 import numpy as np
 import pytest
 import torch
@@ -238,37 +240,37 @@ def test_engine_needs_a_lora_captioner(tmp_path):
 
 
 class FakeHTTP:
-    """An httpx.Client stand-in for a vLLM server: records requests, answers chat completions from a queue.
-    ``max_model_len``: what ``/v1/models`` reports; ``dev_mode``: whether ``/is_sleeping`` exists."""
+    """A vLLM server behind an ``httpx2.MockTransport`` (``client`` goes to the engine): records each POST as
+    ``(url, json body or None)``, answers chat completions from a queue. ``max_model_len``: what ``/v1/models``
+    reports; ``dev_mode``: whether ``/is_sleeping`` exists; ``errors``: ``(url suffix, status)`` answered to the next
+    POSTs to such URLs."""
 
     def __init__(self, max_model_len=4096, dev_mode=True):
-        self.posts, self.replies, self.closed = [], [], False
+        self.posts, self.replies, self.errors = [], [], []
         self.max_model_len, self.dev_mode = max_model_len, dev_mode
+        self.client = httpx2.Client(transport=httpx2.MockTransport(self.handle))
 
-    def _response(self, data, json_body=True, status=200):
-        return NS(status_code=status, text=str(data), json=lambda: data,
-                  headers={"content-type": "application/json" if json_body else "text/plain"},
-                  raise_for_status=lambda: None)
-
-    def get(self, url):
-        if url.endswith("/is_sleeping"):
-            return self._response({"is_sleeping": False}) if self.dev_mode else self._response("", status=404)
-        return self._response({"data": [{"id": "base-model", "max_model_len": self.max_model_len}]})
-
-    def close(self):
-        self.closed = True
-
-    def post(self, url, json=None):
-        self.posts.append((url, json))
+    def handle(self, request):
+        url = str(request.url)
+        if request.method == "GET":
+            if url.endswith("/is_sleeping"):
+                return httpx2.Response(200 if self.dev_mode else 404, json={"is_sleeping": False})
+            return httpx2.Response(200, json={"data": [{"id": "base-model", "max_model_len": self.max_model_len}]})
+        self.posts.append((url, json.loads(request.content) if request.content else None))
+        error = next((e for e in self.errors if url.endswith(e[0])), None)
+        if error:
+            self.errors.remove(error)
+            return httpx2.Response(error[1], json={"error": {"message": "unavailable"}})
         if url.endswith("/chat/completions"):
-            return self._response(self.replies.pop(0))
-        return self._response("ok", json_body=False)
+            return httpx2.Response(200, json=self.replies.pop(0))
+        return httpx2.Response(200, text="ok")
 
 
 def test_server_engine_loads_adapters_and_samples_over_http(captioner, tmp_path):
     http = FakeHTTP()
     engine = VLLMServerEngine(captioner, VLLMSettings(mode="server", base_url="http://srv:8000/v1",
-                                                      adapter_dir=str(tmp_path), self_check=False), client=http)
+                                                      adapter_dir=str(tmp_path), self_check=False),
+                              http_client=http.client)
     url, body = http.posts[-1]
     assert url == "http://srv:8000/v1/load_lora_adapter" and body["lora_name"] == engine.lora_name
     assert os.path.exists(os.path.join(body["lora_path"], "adapter_config.json")) and engine.base_name == "base-model"
@@ -350,7 +352,8 @@ def _chat_reply(*choices, logprobs=None):
 
 
 def _server(captioner, tmp_path, http, **settings):
-    return VLLMServerEngine(captioner, VLLMSettings(mode="server", adapter_dir=str(tmp_path), **settings), client=http)
+    return VLLMServerEngine(captioner, VLLMSettings(mode="server", adapter_dir=str(tmp_path), **settings),
+                            http_client=http.client)
 
 
 def test_request_seeds_are_n_apart_so_no_two_samples_share_one(captioner, fake_vllm, tmp_path):
@@ -480,6 +483,25 @@ def test_close_stops_the_engine_and_unloads_the_servers_adapter(captioner, fake_
     name = server.lora_name
     server.close()
     assert http.posts[-1] == ("http://127.0.0.1:8000/v1/unload_lora_adapter", {"lora_name": name})
+
+
+def test_server_chat_requests_are_retried_and_adapter_loads_are_not(captioner, tmp_path):
+    """Chat requests are seeded, so the SDK retries them (503: a server still loading); loading an adapter twice
+    would fail, so a failed load is reported at once."""
+    http = FakeHTTP()
+    engine = _server(captioner, tmp_path, http, self_check=False)
+    http.errors.append(("/chat/completions", 503))
+    http.replies.append(_chat_reply([5, EOS]))
+    assert engine.answer(_images(1), ["How tall?"]) == ["c0"]
+    chats = [b for u, b in http.posts if u.endswith("/chat/completions")]
+    assert len(chats) == 2 and chats[0] == chats[1]
+    http.errors.append(("/load_lora_adapter", 500))
+    with pytest.raises(RuntimeError, match="load_lora_adapter: HTTP 500"):
+        engine.push_adapter()
+    assert sum(u.endswith("/load_lora_adapter") for u, _ in http.posts) == 2   # the first push and this one
+    http.errors.append(("/chat/completions", 400))
+    with pytest.raises(RuntimeError, match="chat/completions: HTTP 400"):
+        engine.answer(_images(1), ["How tall?"])
 
 
 def test_engine_is_sized_from_the_run_and_adapters_go_to_shared_memory_in_the_engine_dtype(tiny_base, fake_vllm,
