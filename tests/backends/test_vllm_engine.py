@@ -274,6 +274,7 @@ def test_server_engine_loads_adapters_and_samples_over_http(captioner, tmp_path)
     url, body = http.posts[-1]
     assert url == "http://srv:8000/v1/load_lora_adapter" and body["lora_name"] == engine.lora_name
     assert os.path.exists(os.path.join(body["lora_path"], "adapter_config.json")) and engine.base_name == "base-model"
+    assert os.path.commonpath([body["lora_path"], str(tmp_path)]) == str(tmp_path)   # in adapter_dir, nowhere else
 
     def reply(*choices):
         return {"choices": [{"index": i, "message": {"content": f"c{i}"}, "token_ids": ids,

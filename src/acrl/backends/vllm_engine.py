@@ -453,8 +453,8 @@ class VLLMServerEngine(_Engine):
                  shapes: RunShapes | None = None):
         super().__init__(captioner, settings or VLLMSettings(mode="server"), shapes)
         s = self.settings
-        self.root = normalize_base_url(s.base_url)
-        self.url = self.root + "/v1"
+        self.server = normalize_base_url(s.base_url)   # vLLM's own endpoints (/sleep, ...) are outside /v1
+        self.url = self.server + "/v1"
         self.own_client = http_client is None
         self.client = openai.OpenAI(base_url=self.url, api_key=api_key_from(None, s.api_key_env), timeout=s.timeout,
                                     max_retries=CHAT_RETRIES, http_client=http_client)
@@ -469,7 +469,7 @@ class VLLMServerEngine(_Engine):
 
     def _post(self, path: str, body: dict | None = None, root: bool = False) -> Any:
         """POST to one of vLLM's own endpoints (``root``: outside ``/v1``), once: loading an adapter twice fails."""
-        url = (self.root if root else self.url) + path
+        url = (self.server if root else self.url) + path
         try:
             r = self.client.post(url, cast_to=httpx2.Response, body=body, options={"max_retries": 0})
         except openai.APIStatusError as e:
@@ -502,7 +502,7 @@ class VLLMServerEngine(_Engine):
 
     def _check_sleep_endpoint(self) -> None:
         try:
-            self.client.get(self.root + "/is_sleeping", cast_to=httpx2.Response)
+            self.client.get(self.server + "/is_sleeping", cast_to=httpx2.Response)
         except openai.NotFoundError:
             raise ValueError(f"captioner.vllm.sleep_level={self.settings.sleep_level}: the vLLM server at {self.url} "
                              f"has no /sleep endpoint; start it with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, "
