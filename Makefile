@@ -124,7 +124,7 @@ LOWER := $(VENV)/lower-transformers
 test-lower: $(STAMP)
 	$(BIN)/pip install -q --no-deps --upgrade --target $(LOWER) transformers==5.17.0 huggingface-hub==1.33.0
 	PYTHONPATH=$(abspath $(LOWER)) $(BIN)/python -c "import transformers; assert transformers.__version__ == '5.17.0'"
-	PYTHONPATH=$(abspath $(LOWER)) $(BIN)/python -m pytest -q tests/backends/test_hf.py tests/backends/test_hf_tiny.py \
+	PYTHONPATH=$(abspath $(LOWER)) $(BIN)/python -m pytest -q tests/backends/hf \
 	    tests/backends/test_vllm_engine.py tests/backends/test_openai_api.py
 
 # Rewrite the lock files from the environments the suites just passed in (local version labels such as +cpu are

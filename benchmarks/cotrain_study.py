@@ -33,7 +33,7 @@ import time
 import torch
 
 from acrl.app.assemble import build_clarifier, build_policy, captioner_path
-from acrl.backends.tiny_reasoner import TinyReasoner
+from acrl.backends.tiny import TinyReasoner
 from acrl.config import SHIPPED_REASONER, load_config
 from acrl.eval.evaluate import evaluate
 from acrl.eval.metrics import question_quality

@@ -1,8 +1,8 @@
-"""The caption decode loop with and without room in the KV cache (``acrl.backends.hf._with_room``), same process.
+"""The caption decode loop with and without room in the KV cache (``acrl.backends.hf.sampler.with_room``), same process.
 
     python benchmarks/decode_cache.py [--size 5M] [--image-size 448] [--problems 4] [--samples 8] [--max-new-tokens 128]
 
-On a random Qwen2-VL of ``benchmarks/vs_trl.py``'s ``SIZES``: ``HFCaptioner._sample_shared`` (one prefill per
+On a random Qwen2-VL of ``benchmarks/vs_trl.py``'s ``SIZES``: ``sampler.sample_shared`` (one prefill per
 problem, then the decode loop over the expanded cache), alternating the cache given room for the caption (what the
 sampler does) with the stock ``DynamicCache`` layers (which concatenate the whole cache of every layer at each
 step), ``--repeats`` times each, same seed (the same tokens). Reports the best and median seconds of each and
@@ -39,9 +39,10 @@ def main() -> None:
     sys.path.insert(0, HERE)
     import vs_trl
 
-    import acrl.backends.hf as hf
-    from acrl.backends.hf_tiny import make_tiny
-    from acrl.backends.tiny import LoraSettings
+    from acrl.backends.hf import sampler
+    from acrl.backends.hf.captioner import HFCaptioner
+    from acrl.backends.hf.tiny import make_tiny
+    from acrl.config import HFSettings, LoraSettings
     from acrl.rollout.prompts import captioner_prompt
     from acrl.world import make_problems
 
@@ -50,22 +51,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         path = make_tiny("qwen2-vl", os.path.join(work, "model"), image_size=args.image_size,
                          **vs_trl.SIZES[args.size])
-        cap = hf.HFCaptioner.load(path, lora=LoraSettings(enabled=True, r=8, alpha=16),
-                                  settings=hf.HFSettings(device="cpu", dtype="fp32"))
+        cap = HFCaptioner.load(path, lora=LoraSettings(enabled=True, r=8, alpha=16),
+                               settings=HFSettings(device="cpu", dtype="fp32"))
     problems = make_problems("train", args.problems)
     encs = [cap.encode(p.image, captioner_prompt(p.question_with_choices())) for p in problems]
     rows_of = [g for g in range(len(encs)) for _ in range(args.samples)]
-    with_room = hf._with_room
+    with_room = sampler.with_room
 
     def sample(room: bool):
-        hf._with_room = with_room if room else (lambda cache, n: None)
+        sampler.with_room = with_room if room else (lambda cache, n: None)
         torch.manual_seed(0)
         t = time.perf_counter()
         try:
             with torch.no_grad():
-                tok, lp = cap._sample_shared(cap.base_model(), encs, rows_of, 1.0, args.max_new_tokens, False, 1.0)
+                tok, lp = sampler.sample_shared(cap.base_model(), cap.feed, encs, rows_of, 1.0, args.max_new_tokens,
+                                                False, 1.0)
         finally:
-            hf._with_room = with_room
+            sampler.with_room = with_room
         return time.perf_counter() - t, tok, lp
 
     sample(True)                                            # warm-up
@@ -82,7 +84,7 @@ def main() -> None:
     if not same_tokens or not torch.equal(fin, torch.isfinite(b)):
         raise SystemExit("the two caches sampled different tokens")
     diff = float((a[fin] - b[fin]).abs().max())
-    res = {"what": "HFCaptioner._sample_shared: KV cache with room for the caption vs stock DynamicCache layers",
+    res = {"what": "sampler.sample_shared: KV cache with room for the caption vs stock DynamicCache layers",
            "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "model_parameters": cap.num_parameters(),
                         "prompt_tokens": [int(e["input_ids"].shape[1]) for e in encs],
                         "steps": int(outs["room"][0].shape[1])},

@@ -10,7 +10,7 @@ locally built processor whose images give about 1k visual tokens (Qwen: 896x896 
 a thumbnail of 256 tokens). It then runs, with LoRA r 128 on every linear layer of the language model, gradient
 checkpointing and micro-batch 8 (the paper configs):
 
-* ``load``: the captioner and its start-up self-test (:meth:`acrl.backends.hf.HFCaptioner.self_test`);
+* ``load``: the captioner and its start-up self-test (:meth:`acrl.backends.hf.captioner.HFCaptioner.self_test`);
 * ``generation``: ``problems`` x ``samples`` captions of up to ``max_new_tokens`` tokens with the one sampler,
   plus the old log-probs from the teacher-forced pass;
 * ``reference``: π_ref's log-probs (the adapter disabled);
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))   # run from a checkout: this tree
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "gpu_check.json")
 PAPER = {"qwen2.5-vl-3b": "qwen2.5-vl-3b.yaml", "internvl-2b": "internvl-2b.yaml"}
-FAMILY = {"qwen2.5-vl-3b": "qwen2.5-vl", "internvl-2b": "internvl"}   # the hf_tiny family (processor, tokenizer)
+FAMILY = {"qwen2.5-vl-3b": "qwen2.5-vl", "internvl-2b": "internvl"}   # the hf.tiny family (processor, tokenizer)
 QWEN_IMAGE = 896                 # (896 / 28)^2 = 1,024 visual tokens
 INTERNVL_TILES = 4               # 4 tiles + a thumbnail, 256 tokens each
 
@@ -48,11 +48,11 @@ INTERNVL_TILES = 4               # 4 tiles + a thumbnail, 256 tokens each
 def real_config(name: str):
     """The transformers config of ``name`` with the published dimensions (config.json of
     Qwen/Qwen2.5-VL-3B-Instruct and OpenGVLab/InternVL3-2B-hf), token ids from the local tokenizer."""
-    from acrl.backends import hf_tiny
+    from acrl.backends.hf.tiny import build_tokenizer
 
     if name not in PAPER:
         raise ValueError(f"unknown family {name!r} (available: {', '.join(PAPER)})")
-    tok = hf_tiny.build_tokenizer(FAMILY[name])
+    tok = build_tokenizer(FAMILY[name])
     ids = tok.convert_tokens_to_ids
     if name == "qwen2.5-vl-3b":
         from transformers import Qwen2_5_VLConfig
@@ -92,10 +92,10 @@ def meta_parameters(name: str) -> int:
 
 def real_processor(name: str):
     """The family's processor at the paper's image size (~1k visual tokens), with the local tokenizer."""
-    from acrl.backends import hf_tiny
-    from acrl.backends.hf import no_video_processor_class
+    from acrl.backends.hf.loading import no_video_processor_class
+    from acrl.backends.hf.tiny import build_tokenizer
 
-    tok = hf_tiny.build_tokenizer(FAMILY[name])
+    tok = build_tokenizer(FAMILY[name])
     if name == "qwen2.5-vl-3b":
         from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 
@@ -148,13 +148,13 @@ def build_captioner(name: str, dry: bool, cfg):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from acrl.backends import hf_tiny
-    from acrl.backends.hf import HFCaptioner
+    from acrl.backends.hf.captioner import HFCaptioner
+    from acrl.backends.hf.tiny import build
     from acrl.config import HFSettings
 
     c = cfg.captioner
     if dry:
-        model, proc = hf_tiny.build(FAMILY[name], seed=0)
+        model, proc = build(FAMILY[name], seed=0)
         size = 64
     else:
         with torch.device("cuda"):

@@ -40,9 +40,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from acrl.backends.hf import HFCaptioner, HFSettings
-    from acrl.backends.hf_tiny import make_tiny
-    from acrl.backends.tiny import LoraSettings
+    from acrl.backends.hf.captioner import HFCaptioner
+    from acrl.backends.hf.tiny import make_tiny
+    from acrl.config import HFSettings, LoraSettings
     from acrl.world import make_problems
 
     path = make_tiny(args.family, tempfile.mkdtemp() + "/model")

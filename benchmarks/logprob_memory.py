@@ -4,7 +4,7 @@ Qwen's 151,936-token vocabulary, at 32, 64, 128 and 256 rows x 256 caption token
     python benchmarks/logprob_memory.py [--rows 32 64 128 256] [--tokens 256] [--chunk 8] [--baseline-rows 4 8]
 
 Each cell runs in a fresh subprocess (``--cell``): it builds a tiny random Qwen2-VL with a 151,936-row output
-head (``hf_tiny.build(vocab_size=...)``), a rollout of ``rows`` captions of ``tokens`` tokens (8 samples per
+head (``hf.tiny.build(vocab_size=...)``), a rollout of ``rows`` captions of ``tokens`` tokens (8 samples per
 problem), resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` ← 5) and reads ``VmHWM`` after
 ``HFCaptioner.logprobs`` ran under ``no_grad`` in the policy's mode, i.e. exactly the recompute. The pass's peak is
 ``VmHWM`` minus the resident size before it. ``--baseline-rows``: the same cells through the old one-shot path (all
@@ -51,14 +51,16 @@ def cell(rows: int, tokens: int, chunk: int, baseline: bool) -> dict:
     import torch
     from PIL import Image
 
-    from acrl.backends import hf_tiny
-    from acrl.backends.hf import HFCaptioner, HFContext, HFSettings, _ban
-    from acrl.backends.tiny import LoraSettings
+    from acrl.backends.hf.captioner import HFCaptioner
+    from acrl.backends.hf.inputs import HFContext
+    from acrl.backends.hf.logprobs import ban, caption_logits
+    from acrl.backends.hf.tiny import make_tiny
+    from acrl.config import HFSettings, LoraSettings
     from acrl.rollout.prompts import captioner_prompt
     from acrl.rollout.protocols import Rollout
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    path = hf_tiny.make_tiny("qwen2-vl", os.path.join(tempfile.mkdtemp(), "m"), seed=0, vocab_size=VOCAB)
+    path = make_tiny("qwen2-vl", os.path.join(tempfile.mkdtemp(), "m"), seed=0, vocab_size=VOCAB)
     cap = HFCaptioner.load(path, lora=LoraSettings(enabled=True, r=8, alpha=16),
                            settings=HFSettings(device="cpu", dtype="fp32", logprob_batch_size=chunk))
     n = 8
@@ -77,9 +79,9 @@ def cell(rows: int, tokens: int, chunk: int, baseline: bool) -> dict:
     t = time.perf_counter()
     with torch.no_grad(), cap._policy_mode() as model:
         if baseline:   # the old path: every row in one forward, full-vocabulary fp32 log_softmax
-            logits = cap._caption_logits(model, encs, [r // n for r in range(rows)], toks, cap._shares_prompt())
+            logits = caption_logits(model, cap.feed, encs, [r // n for r in range(rows)], toks, cap._shares_prompt())
             logits = torch.cat(logits, 1) if isinstance(logits, list) else logits
-            logp = torch.log_softmax(_ban(logits.float(), cap.banned) / roll.temperature, -1)
+            logp = torch.log_softmax(ban(logits.float(), cap.banned) / roll.temperature, -1)
             lp = logp.gather(-1, toks[..., None])[..., 0]
         else:
             lp = cap._logprobs(model, roll, 0, rows)

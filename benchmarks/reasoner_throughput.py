@@ -22,6 +22,7 @@ import sys
 import time
 
 import httpx
+import openai
 
 from acrl.backends.openai_api import OpenAIReasoner
 from acrl.rollout.prompts import decision_prompt
@@ -119,7 +120,7 @@ def main() -> None:
         "server": "thread in the client process" if args.in_process else "subprocess",
         "in_process_world_reasoner_prompts_per_second": round(local_rps, 1),
         "results": rows, "max_requests": args.max_requests, "max_seconds": args.max_seconds,
-        "httpx": httpx.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "openai": openai.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
         "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from acrl.backends.tiny_reasoner import TinyReasoner
+from acrl.backends.tiny import TinyReasoner
 from acrl.train.reasoner_warmstart import ReasonerWarmStartConfig, evaluate_reasoner, training_batch
 from acrl.world import WorldConfig
 from acrl.world.reasoner import WorldReasoner

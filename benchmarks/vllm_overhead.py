@@ -37,10 +37,10 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
-from acrl.backends import hf_tiny  # noqa: E402
-from acrl.backends.hf import HFCaptioner, HFSettings  # noqa: E402
+from acrl.backends.hf.captioner import HFCaptioner  # noqa: E402
+from acrl.backends.hf.tiny import make_tiny_for_vllm  # noqa: E402
 from acrl.backends.vllm_engine import RunShapes, VLLMRolloutEngine  # noqa: E402
-from acrl.config import LoraSettings, VLLMSettings  # noqa: E402
+from acrl.config import HFSettings, LoraSettings, VLLMSettings  # noqa: E402
 from acrl.rollout.prompts import captioner_prompt, clarify_prompt  # noqa: E402
 
 SIZES = [{"problems": 4, "samples": 4, "max_new_tokens": 32}, {"problems": 8, "samples": 8, "max_new_tokens": 64}]
@@ -103,7 +103,7 @@ def main() -> None:
     import vllm
 
     work = tempfile.mkdtemp(prefix="acrl-vllm-overhead-")
-    path = hf_tiny.make_tiny_for_vllm("qwen2-vl", os.path.join(work, "base"))
+    path = make_tiny_for_vllm("qwen2-vl", os.path.join(work, "base"))
     torch.manual_seed(0)
     cap = HFCaptioner.load(path, lora=LoraSettings(enabled=True, r=8, alpha=16),
                            settings=HFSettings(device="cpu", dtype="fp32"))

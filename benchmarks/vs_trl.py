@@ -57,7 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LORA_REGEX = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 SCALING = os.path.join(HERE, "results", "vs_trl_scaling.json")
-# the same Qwen2-VL architecture at three sizes (text and vision dims of acrl.backends.hf_tiny.build); the MLP
+# the same Qwen2-VL architecture at three sizes (text and vision dims of acrl.backends.hf.tiny.build); the MLP
 # width is ~5.4x hidden and heads are 64 wide above the tiny size, as in Qwen2-VL-2B / Qwen2.5-VL-3B
 SIZES = {
     "0.2M": {},
@@ -298,8 +298,8 @@ def run_trl(args, model_dir: str, work: str) -> dict:
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from acrl.backends.hf import HFCaptioner, HFSettings, load_model, load_processor
-    from acrl.config import load_config
+    from acrl.backends.hf.loading import load_model, load_processor, lora_target_modules
+    from acrl.config import HFSettings, load_config
     from acrl.integrations.trl import adapter_disabled_clarifier, make_acrl_reward, world_dataset
     from acrl.world import make_problems
 
@@ -310,7 +310,7 @@ def run_trl(args, model_dir: str, work: str) -> dict:
     model = load_model(model_dir, settings)
     proc = load_processor(model_dir)
     proc.tokenizer.padding_side = "left"      # TRL left-pads prompt ids; the processor's per-token fields must match
-    targets = HFCaptioner.lora_target_modules(model, LORA_REGEX, freeze_vision=True)
+    targets = lora_target_modules(model, LORA_REGEX, freeze_vision=True)
     ds = world_dataset(0, problems=make_problems("train", args.problems * steps, wcfg))
     t_reasoner, t_clar, t_gen, t_reward, t_ref, t_score = (Timer() for _ in range(6))
     reward = make_acrl_reward(TimedReasoner(policy_reasoner(), t_reasoner), None, alpha=0.7)
@@ -404,7 +404,7 @@ def run_trl(args, model_dir: str, work: str) -> dict:
 def prompt_tokens(model_dir: str, problems) -> float:
     """Mean prompt length (image tokens + chat template + captioner prompt) of ``problems`` under the checkpoint's
     processor, as both sides encode it."""
-    from acrl.backends.hf import load_processor
+    from acrl.backends.hf.loading import load_processor
     from acrl.rollout.prompts import captioner_prompt
 
     proc = load_processor(model_dir)
@@ -419,7 +419,7 @@ def prompt_tokens(model_dir: str, problems) -> float:
 
 def run_cell(args) -> dict:
     """Both sides on one (size, image size, cap) in this process, in ``args.order``."""
-    from acrl.backends.hf_tiny import make_tiny
+    from acrl.backends.hf.tiny import make_tiny
     from acrl.config import load_config
     from acrl.world import make_problems
 

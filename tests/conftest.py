@@ -48,7 +48,7 @@ def tiny_llm(tmp_path_factory):
     """A tiny random Llama causal LM (with a chat template) built from a config: no downloads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from acrl.backends.hf_tiny import build_tokenizer
+    from acrl.backends.hf.tiny import build_tokenizer
 
     path = tmp_path_factory.mktemp("llm") / "tiny-llama"
     tok = build_tokenizer("qwen2-vl")

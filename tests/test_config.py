@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from acrl import config
 from acrl.config import Config, load_config
@@ -26,12 +27,73 @@ def test_config_imports_nothing_from_acrl_and_loading_does_not_import_torch(tmp_
     assert out.strip() == "['acrl', 'acrl.config']"
 
 
-def test_every_field_is_documented_in_its_class():
+def _settings_classes():
+    return [c for c in vars(config).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]
+
+
+def test_every_field_has_its_documentation_beside_it():
+    tree = ast.parse(SRC.read_text())
     undocumented = []
-    for cls in [c for c in vars(config).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]:
-        doc = "".join(k.__doc__ or "" for k in cls.__mro__)
-        undocumented += [f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls) if f.name not in doc]
+    for node in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
+        for a, b in zip(node.body, node.body[1:] + [None]):
+            if isinstance(a, ast.AnnAssign) and not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+                                                     and len(b.value.value.split()) >= 2):
+                undocumented.append(f"{node.name}.{a.target.id}")
     assert not undocumented
+    docs = config.field_docs()
+    assert {c.__name__ for c in _settings_classes()} <= set(docs)
+    for cls in _settings_classes():   # inherited fields carry their base class's documentation
+        assert set(docs[cls.__name__]) == {f.name for f in dataclasses.fields(cls)}, cls.__name__
+    assert docs["CaptionerConfig"]["top_p"] == docs["HFSettings"]["top_p"]
+
+
+def test_each_rule_sits_beside_its_field_and_names_the_key():
+    ruled = [(cls, f) for cls in _settings_classes() for f in dataclasses.fields(cls) if f.metadata.get("rule")]
+    assert len(ruled) > 100
+    for key, bad in [("captioner.lora.r", 0), ("reasoner_train.lora.r", 0), ("captioner.top_p", 0),
+                     ("train.samples_per_problem", 1), ("world.n_bars", 5), ("reasoner_model.shift", -1),
+                     ("warmstart.seed", -1), ("eval.sets", "{x: {model: {}}}")]:
+        with pytest.raises(ValueError, match=rf"config {key}=.*must be") as e:
+            load_config(None, [f"{key}={bad}"])
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["train.turn_rewards=[1, 0.5]", "train.max_clarifications=2"], "train.turn_rewards needs"),
+    (["train.turn_rewards=[1, 0.5]", "train.alpha_schedule=linear"], "train.alpha_schedule"),
+    (["train.advantage=bnpo_decomposed", "train.max_clarifications=2"], "bnpo_decomposed"),
+    (["train.cotrain=true"], "reasoner.backend must be tiny or hf"),
+    (["reasoner.backend=hf"], "reasoner.model"),
+    (["reasoner.few_shot=2"], "reasoner.few_shot"),
+    (["reasoner.backend=tiny", "reasoner.noise=0.1"], "reasoner.noise"),
+    (["eval.sets={hf: {reasoner: {backend: hf}}}"], "eval.sets.hf: .*reasoner.model"),
+])
+def test_rules_across_fields_are_checked_in_one_place_naming_the_keys(overrides, words):
+    with pytest.raises(ValueError, match=words) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=words):   # a config changed in code is checked the same way
+        cfg = load_config(None, [])
+        for ov in overrides:
+            key, value = ov.split("=", 1)
+            section, *path, name = key.split(".")
+            node = getattr(cfg, section)
+            for p in path:
+                node = getattr(node, p)
+            setattr(node, name, yaml.safe_load(value))
+        config.validate(cfg)
+
+
+def test_the_printed_config_reads_back_as_the_same_config(tmp_path):
+    cfg = load_config(None, ["train.turn_rewards=[1, 0.5]", "world.needed_facts={1: 2, 2: 1}",
+                             "captioner.processor_kwargs={max_pixels: 401408}",
+                             "eval.sets={tri: {world: {families: [tri]}}}",
+                             "reasoner.cache=memory", "train.report_to=''"])
+    for docs in (False, True):
+        text = config.to_yaml(cfg, docs=docs)
+        (tmp_path / "c.yaml").write_text(text)
+        assert load_config(str(tmp_path / "c.yaml")) == cfg
+        assert ("# Problems per step (B)." in text) == docs
 
 
 @pytest.mark.parametrize("text, words", [
@@ -68,3 +130,9 @@ def test_a_bad_override_names_its_key():
     with pytest.raises(ValueError, match="train.lr"):
         load_config(None, ["train.lr=-1"])
     assert isinstance(load_config(None, []), Config)
+
+
+def test_an_evaluation_set_may_read_with_a_reasoner_that_co_training_could_not_train():
+    cfg = load_config(None, ["train.cotrain=true", "reasoner.backend=tiny",
+                             "eval.sets={world-reasoner: {reasoner: {backend: world}}}"])
+    assert config.eval_view(cfg, "world-reasoner").reasoner.backend == "world"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
+import pathlib
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,56 +19,88 @@ from typing import Any, get_type_hints
 import yaml
 
 SCHEDULES = ("constant", "linear", "cosine", "step")   # train.alpha_schedule
+AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum", "token-mean", "seq-mean-token-sum-norm")
 WORLD_FAMILIES = ("bars", "shapes", "rect", "tri")      # world.families
 # Facts a question of each family can need (bar charts: up to world.n_bars); a test checks it against the templates.
 WORLD_FACT_SIZES = {"bars": (1, 2, 3, 4), "shapes": (1, 2), "rect": (1, 2), "tri": (1, 2)}
+EVAL_SECTIONS = ("world", "reasoner", "clarifier", "train")   # what an eval.sets entry may override
+
+
+# Every field is checked against its type (from the annotation) and, where it has limits beyond its type, against
+# the rule given beside it: ``setting(default, rule)``, a rule being (predicate, what the value must be).
+def setting(default: Any, rule: tuple | None = None):
+    """A dataclass field with its value rule in the field's metadata (read by :func:`_build`)."""
+    meta = {"rule": rule} if rule else {}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _ge(lo):
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _gt(lo):
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def _one_of(*names):
+    return (lambda v: v in names), "one of " + ", ".join(repr(n) for n in names)
+
+
+def _csv_of(*names):
+    return (lambda v: all(x in names for x in v.split(",") if x) if v else True), \
+        "empty or a comma-separated list of " + ", ".join(names)
+
+
+_PROB = ((lambda v: 0 <= v <= 1), "in [0, 1]")
+_IN_0_1 = ((lambda v: 0 < v <= 1), "in (0, 1]")
+_CLIP = ((lambda v: 0 <= v < 1), "in [0, 1)")
+_EVAL_SETS = ((lambda v: all(isinstance(o, dict) and set(o) <= set(EVAL_SECTIONS) for o in v.values())),
+              "a mapping of set names to overrides of the sections " + ", ".join(EVAL_SECTIONS))
 
 
 @dataclass
 class HFSettings:
-    """Runtime settings of an :class:`HFCaptioner` (the ``captioner:`` config fields of the ``hf`` backend).
+    """Runtime settings of an :class:`HFCaptioner` (the ``captioner:`` config fields of the ``hf`` backend)."""
 
-    Attributes:
-        dtype: ``auto`` (bf16 on a GPU that supports it, else fp32), ``bf16``, ``fp16`` or ``fp32``.
-        device: ``auto`` (``cuda`` when available), ``cpu``, ``cuda``, ``cuda:1``, ...
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
-        gradient_checkpointing: recompute activations in the backward pass (saves memory on long prompts).
-        max_pixels: downscale images with more pixels than this before the processor (0: processor default).
-        freeze_vision: keep the vision tower and projector frozen (LoRA targets only the language model; a
-            full fine-tune trains only the language model).
-        top_p: nucleus sampling for training captions; every log-prob (sampler, old, new, π_ref) is then of the
-            renormalised nucleus, so the sampling policy and the trained one are the same distribution.
-        generation_batch_size: caption rows per ``generate`` call (0: all rows at once).
-        logprob_batch_size: rows per teacher-forced forward (0: the trainer's ``train.micro_batch`` when the
-            captioner is given it, else 8). Chunks are aligned to multiples of this from row 0, so a micro-batch
-            that is a multiple of it runs exactly the chunks of the recompute.
-        answer_max_new_tokens: length cap of π_ref's clarification answers.
-        share_prompt_cache: the teacher-forced log-prob passes (old, new, π_ref: always one function) run each
-            problem's prompt (image included) once per row chunk and share its KV cache among the chunk's rows
-            (same numbers up to float rounding; 1.6-2.4x faster with n=8 on CPU,
-            ``benchmarks/results/hf_phases_qwen2-vl.json``). ``false``, or under ``gradient_checkpointing``:
-            every row runs prompt + caption. Sampling always shares the prompt.
-        processor_kwargs: extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL
-            tiles) or ``{max_pixels: 401408}`` (Qwen-VL's own resize bound).
-        trust_remote_code: passed to ``from_pretrained`` (not needed for the supported families).
-        self_test: check the loaded checkpoint at start-up (``HFCaptioner.self_test``: incremental decode vs
-            teacher-forced log-probs, LoRA layers present); a failure stops the run with its reason.
-    """
-
-    dtype: str = "auto"
+    dtype: str = setting("auto", _one_of("auto", "bf16", "fp16", "fp32"))
+    """``auto`` (bf16 on a GPU that supports it, else fp32), ``bf16``, ``fp16`` or ``fp32``."""
     device: str = "auto"
-    attn_implementation: str = "sdpa"
+    """``auto`` (``cuda`` when available), ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    attn_implementation: str = setting("sdpa", _one_of("sdpa", "eager", "flash_attention_2"))
+    """``sdpa``, ``eager`` or ``flash_attention_2``."""
     gradient_checkpointing: bool = False
-    max_pixels: int = 0
+    """Recompute activations in the backward pass (saves memory on long prompts)."""
+    max_pixels: int = setting(0, _ge(0))
+    """Downscale images with more pixels than this before the processor (0: processor default)."""
     freeze_vision: bool = True
-    top_p: float = 1.0
-    generation_batch_size: int = 0
-    logprob_batch_size: int = 0
-    answer_max_new_tokens: int = 64
+    """Keep the vision tower and projector frozen (LoRA targets only the language model; a full fine-tune trains
+    only the language model)."""
+    top_p: float = setting(1.0, _IN_0_1)
+    """Nucleus sampling for training captions; every log-prob (sampler, old, new, π_ref) is then of the
+    renormalised nucleus, so the sampling policy and the trained one are the same distribution."""
+    generation_batch_size: int = setting(0, _ge(0))
+    """Caption rows per ``generate`` call (0: all rows at once)."""
+    logprob_batch_size: int = setting(0, _ge(0))
+    """Rows per teacher-forced forward (0: the trainer's ``train.micro_batch`` when the captioner is given it,
+    else 8). Chunks are aligned to multiples of this from row 0, so a micro-batch that is a multiple of it runs
+    exactly the chunks of the recompute."""
+    answer_max_new_tokens: int = setting(64, _ge(1))
+    """Length cap of π_ref's clarification answers."""
     share_prompt_cache: bool = True
+    """The teacher-forced log-prob passes (old, new, π_ref: always one function) run each problem's prompt
+    (image included) once per row chunk and share its KV cache among the chunk's rows (same numbers up to float
+    rounding; 1.6-2.4x faster with n=8 on CPU, ``benchmarks/results/hf_phases_qwen2-vl.json``). ``false``, or
+    under ``gradient_checkpointing``: every row runs prompt + caption. Sampling always shares the prompt."""
     processor_kwargs: dict = field(default_factory=dict)
+    """Extra image-processor arguments for every call, e.g. ``{max_patches: 6}`` (InternVL tiles) or
+    ``{max_pixels: 401408}`` (Qwen-VL's own resize bound)."""
     trust_remote_code: bool = False
+    """Passed to ``from_pretrained`` (not needed for the supported families)."""
     self_test: bool = True
+    """Check the loaded checkpoint at start-up (``HFCaptioner.self_test``: incremental decode vs teacher-forced
+    log-probs, LoRA layers present); a failure stops the run with its reason."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> HFSettings:
@@ -76,219 +112,208 @@ class HFSettings:
 
 @dataclass
 class LoraSettings:
-    """LoRA on the decoder (and optionally encoder) linear layers through PEFT.
-
-    Attributes:
-        enabled: train a LoRA adapter instead of all weights; the reference is the adapter-disabled model.
-        r: rank. alpha: scaling numerator.
-        dropout: LoRA dropout, in [0, 1). Only supervised warm-start passes apply it: the RL log-prob passes run
-            with dropout off (old and new log-probs must be the same function), and the ``hf`` backend refuses a
-            new adapter with dropout > 0 for that reason.
-        targets: regex of module names to adapt.
-    """
+    """LoRA on the decoder (and optionally encoder) linear layers through PEFT."""
 
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    """Train a LoRA adapter instead of all weights; the reference is the adapter-disabled model."""
+    r: int = setting(16, _ge(1))
+    """Rank of the adapter's matrices."""
+    alpha: int = setting(32, _gt(0))
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = setting(0.0, _CLIP)
+    """LoRA dropout, in [0, 1). Only supervised warm-start passes apply it: the RL log-prob passes run with
+    dropout off (old and new log-probs must be the same function), and the ``hf`` backend refuses a new adapter
+    with dropout > 0 for that reason."""
     targets: str = r".*decoder.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
+    """Regex of module names to adapt."""
 
 
 @dataclass
 class TinyVLMConfig:
-    """Size of the tiny captioner.
+    """Size of the tiny captioner."""
 
-    Attributes:
-        vocab_size: filled from the tokenizer.
-        d_model: width of encoder and decoder.
-        n_heads: attention heads.
-        n_layers: decoder layers.
-        enc_layers: transformer layers over the image tokens.
-        cnn_width: channels of the first conv layer (stride 8 overall: 64x64 -> 8x8 tokens).
-        max_prompt_tokens: prompt (mode token + question) length cap.
-        max_new_tokens: longest text the model writes.
-        image_size: input side length in pixels.
-    """
-
-    vocab_size: int = 0
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 2
-    enc_layers: int = 1
-    cnn_width: int = 32
-    max_prompt_tokens: int = 40
-    max_new_tokens: int = 48
-    image_size: int = 64
+    vocab_size: int = setting(0, _ge(0))
+    """Filled from the tokenizer."""
+    d_model: int = setting(128, _ge(1))
+    """Width of encoder and decoder."""
+    n_heads: int = setting(4, _ge(1))
+    """Attention heads."""
+    n_layers: int = setting(2, _ge(1))
+    """Decoder layers."""
+    enc_layers: int = setting(1, _ge(0))
+    """Transformer layers over the image tokens."""
+    cnn_width: int = setting(32, _ge(1))
+    """Channels of the first conv layer (stride 8 overall: 64x64 -> 8x8 tokens)."""
+    max_prompt_tokens: int = setting(40, _ge(1))
+    """Prompt (mode token + question) length cap."""
+    max_new_tokens: int = setting(48, _ge(1))
+    """Longest text the model writes."""
+    image_size: int = setting(64, _ge(8))
+    """Input side length in pixels."""
 
 
 @dataclass
 class TinyReasonerConfig:
-    """Size of the tiny reasoner.
+    """Size of the tiny reasoner."""
 
-    Attributes:
-        vocab_size: filled from the tokenizer.
-        d_model: width. n_heads: attention heads. n_layers: transformer layers.
-        max_prompt_tokens: prompt length cap (the description is cut first).
-        max_new_tokens: longest reply.
-        shift: previous tokens whose embeddings are mixed into each position's input (a causal token shift:
-            "the red bar is 7" puts "red bar is" next to the 7, so one attention step finds a fact by its name);
-            0: none.
-    """
-
-    vocab_size: int = 0
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 4
-    max_prompt_tokens: int = 112
-    max_new_tokens: int = 48
-    shift: int = 3
+    vocab_size: int = setting(0, _ge(0))
+    """Filled from the tokenizer."""
+    d_model: int = setting(128, _ge(1))
+    """Width of the transformer."""
+    n_heads: int = setting(4, _ge(1))
+    """Attention heads."""
+    n_layers: int = setting(4, _ge(1))
+    """Transformer layers."""
+    max_prompt_tokens: int = setting(112, _ge(8))
+    """Prompt length cap (the description is cut first)."""
+    max_new_tokens: int = setting(48, _ge(4))
+    """Longest reply."""
+    shift: int = setting(3, _ge(0))
+    """Previous tokens whose embeddings are mixed into each position's input (a causal token shift: "the red bar
+    is 7" puts "red bar is" next to the 7, so one attention step finds a fact by its name); 0: none."""
 
 
 @dataclass
 class VLLMSettings:
-    """The ``captioner.vllm`` config section (used when ``captioner.rollout_engine: vllm``).
+    """The ``captioner.vllm`` config section (used when ``captioner.rollout_engine: vllm``)."""
 
-    Attributes:
-        mode: ``colocate`` (an engine inside each training process) or ``server`` (a running ``vllm serve``).
-        gpu_memory_utilization: (colocate) share of the GPU's memory vLLM may take (weights + KV cache); the
-            training model, its activations and optimizer state need the rest.
-        max_model_len: (colocate) context length of the engine (0: from the run: the prompt with its image,
-            1024 question tokens and the longest caption or answer, not the model's own 128k).
-        max_lora_rank: largest adapter rank the engine accepts (0: the captioner's rank, rounded up to a size vLLM
-            supports). The server must be started with ``--max-lora-rank`` at least this.
-        sleep_level: 1: offload the weights to host memory and drop the KV cache during each update (colocate:
-            ``llm.sleep``; server: ``POST /sleep``, which needs ``VLLM_SERVER_DEV_MODE=1``); 0: stay awake (a
-            server on its own GPUs).
-        enforce_eager: (colocate) no CUDA graphs (less memory, slower decoding).
-        seed: (colocate) sampling seed of the engine (plus the rank under ``accelerate launch``).
-        base_url: (server) e.g. ``http://127.0.0.1:8000/v1``.
-        model: (server) served name of the base model (``--served-model-name``; empty: the server's first model).
-        api_key_env: (server) environment variable holding the API key (unset: none is sent).
-        adapter_dir: where adapters are written, in the engine's dtype (empty: a temporary directory under
-            /dev/shm where it exists; server: a path it can read).
-        concurrency: (server) chat requests in flight.
-        timeout: (server) seconds per request.
-        engine_kwargs: (colocate) more ``vllm.LLM(...)`` arguments, e.g. ``{max_num_seqs: 256}``.
-        self_check: at start, sample the probe image: captions at temperature 1 must differ and the engine's
-            log-probs must be the training model's (``acrl.backends.vllm_engine._Engine.self_check``).
-        logprob_tolerance: the self-check's largest mean per-token gap between the engine's and the training
-            model's log-probs (bf16 engines differ by about 0.01).
-    """
-
-    mode: str = "colocate"
-    gpu_memory_utilization: float = 0.3
-    max_model_len: int = 0
-    max_lora_rank: int = 0
-    sleep_level: int = 1
+    mode: str = setting("colocate", _one_of("colocate", "server"))
+    """``colocate`` (an engine inside each training process) or ``server`` (a running ``vllm serve``)."""
+    gpu_memory_utilization: float = setting(0.3, _IN_0_1)
+    """(colocate) share of the GPU's memory vLLM may take (weights + KV cache); the training model, its
+    activations and optimizer state need the rest."""
+    max_model_len: int = setting(0, _ge(0))
+    """(colocate) context length of the engine (0: from the run: the prompt with its image, 1024 question tokens
+    and the longest caption or answer, not the model's own 128k)."""
+    max_lora_rank: int = setting(0, _ge(0))
+    """Largest adapter rank the engine accepts (0: the captioner's rank, rounded up to a size vLLM supports).
+    The server must be started with ``--max-lora-rank`` at least this."""
+    sleep_level: int = setting(1, _one_of(0, 1, 2))
+    """1: offload the weights to host memory and drop the KV cache during each update (colocate: ``llm.sleep``;
+    server: ``POST /sleep``, which needs ``VLLM_SERVER_DEV_MODE=1``); 0: stay awake (a server on its own GPUs)."""
     enforce_eager: bool = False
+    """(colocate) no CUDA graphs (less memory, slower decoding)."""
     seed: int = 0
+    """(colocate) sampling seed of the engine (plus the rank under ``accelerate launch``)."""
     base_url: str = "http://127.0.0.1:8000/v1"
+    """(server) e.g. ``http://127.0.0.1:8000/v1``."""
     model: str = ""
+    """(server) served name of the base model (``--served-model-name``; empty: the server's first model)."""
     api_key_env: str = "OPENAI_API_KEY"
+    """(server) environment variable holding the API key (unset: none is sent)."""
     adapter_dir: str = ""
-    concurrency: int = 32
-    timeout: float = 600.0
+    """Where adapters are written, in the engine's dtype (empty: a temporary directory under /dev/shm where it
+    exists; server: a path it can read)."""
+    concurrency: int = setting(32, _ge(1))
+    """(server) chat requests in flight."""
+    timeout: float = setting(600.0, _gt(0))
+    """(server) seconds per request."""
     engine_kwargs: dict = field(default_factory=dict)
+    """(colocate) more ``vllm.LLM(...)`` arguments, e.g. ``{max_num_seqs: 256}``."""
     self_check: bool = True
-    logprob_tolerance: float = 0.05
+    """At start, sample the probe image: captions at temperature 1 must differ and the engine's log-probs must
+    be the training model's (``acrl.backends.vllm_engine._Engine.self_check``)."""
+    logprob_tolerance: float = setting(0.05, _gt(0))
+    """The self-check's largest mean per-token gap between the engine's and the training model's log-probs (bf16
+    engines differ by about 0.01)."""
 
 
 @dataclass
 class WarmStartConfig:
-    """Supervised warm start.
+    """Supervised warm start."""
 
-    Attributes:
-        steps: optimisation steps. batch_size: examples per step (fresh problems each step).
-        lr: peak AdamW learning rate (linear warm-up for ``warmup`` steps, then cosine to 10%).
-        weight_decay: AdamW weight decay. grad_clip: max gradient norm.
-        qa_phase: fraction of steps in the answer-heavy first phase. qa_rate_early / qa_rate_late: share of
-            clarification-answer examples in each phase (the rest are human-style captions).
-        fact_rate: probability that a human caption states each quantity.
-        eval_every: steps between held-out checks (0: only at the end). eval_n: held-out problems per check.
-        seed: seed for model init and data order.
-        save_every: also save the captioner every this many steps to ``OUT/step-<n>/`` (intermediate warm
-            starts, e.g. a partly trained π_ref for the reference-sensitivity study); 0: only the final one.
-        checkpoint_every: save a resumable checkpoint (model, optimiser, data order) every this many steps to
-            ``OUT/checkpoint-<n>/``; ``acrl warmstart --resume`` continues from the newest; 0: none.
-    """
-
-    steps: int = 5000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    qa_phase: float = 0.3
-    qa_rate_early: float = 0.85
-    qa_rate_late: float = 0.5
-    fact_rate: float = 0.3
-    eval_every: int = 500
-    eval_n: int = 200
-    seed: int = 0
-    save_every: int = 0
-    checkpoint_every: int = 200
+    steps: int = setting(5000, _ge(1))
+    """Optimisation steps."""
+    batch_size: int = setting(32, _ge(1))
+    """Examples per step (fresh problems each step)."""
+    lr: float = setting(1e-3, _gt(0))
+    """Peak AdamW learning rate (linear warm-up for ``warmup`` steps, then cosine to 10%)."""
+    warmup: int = setting(100, _ge(0))
+    """Steps of linear learning-rate warm-up."""
+    weight_decay: float = setting(0.01, _ge(0))
+    """AdamW weight decay."""
+    grad_clip: float = setting(1.0, _gt(0))
+    """Max gradient norm."""
+    qa_phase: float = setting(0.3, _PROB)
+    """Fraction of steps in the answer-heavy first phase."""
+    qa_rate_early: float = setting(0.85, _PROB)
+    """Share of clarification-answer examples in the first (``qa_phase``) phase (the rest are human-style
+    captions)."""
+    qa_rate_late: float = setting(0.5, _PROB)
+    """Share of clarification-answer examples after the first phase."""
+    fact_rate: float = setting(0.3, _PROB)
+    """Probability that a human caption states each quantity."""
+    eval_every: int = setting(500, _ge(0))
+    """Steps between held-out checks (0: only at the end)."""
+    eval_n: int = setting(200, _ge(1))
+    """Held-out problems per check."""
+    seed: int = setting(0, _ge(0))
+    """Seed for model init and data order."""
+    save_every: int = setting(0, _ge(0))
+    """Also save the captioner every this many steps to ``OUT/step-<n>/`` (intermediate warm starts, e.g. a
+    partly trained π_ref for the reference-sensitivity study); 0: only the final one."""
+    checkpoint_every: int = setting(200, _ge(0))
+    """Save a resumable checkpoint (model, optimiser, data order) every this many steps to
+    ``OUT/checkpoint-<n>/``; ``acrl warmstart --resume`` continues from the newest; 0: none."""
 
 
 @dataclass
 class ReasonerWarmStartConfig:
-    """Supervised warm start of the tiny reasoner.
+    """Supervised warm start of the tiny reasoner."""
 
-    Attributes:
-        steps: optimisation steps. batch_size: examples per step (fresh problems each step).
-        lr: peak AdamW learning rate (linear warm-up for ``warmup`` steps, then cosine to 10%).
-        weight_decay: AdamW weight decay. grad_clip: max gradient norm.
-        oracle_rate: share of descriptions that state every fact (the rest are human-style captions).
-        final_rate / single_rate: share of final (after one clarification) and single-pass / denied prompts;
-            the rest are decision prompts.
-        read_budget: statements of a description the world reasoner (the teacher) reads.
-        eval_every: steps between held-out checks (0: only at the end). eval_n: held-out problems per check.
-        seed: seed of model init and data.
-        checkpoint_every: save a resumable checkpoint every this many steps (``OUT/checkpoint-<n>/``); 0: none.
-    """
-
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    oracle_rate: float = 0.35
-    final_rate: float = 0.3
-    single_rate: float = 0.2
-    read_budget: int = 6
-    eval_every: int = 150
-    eval_n: int = 150
-    seed: int = 0
-    checkpoint_every: int = 150
+    steps: int = setting(2000, _ge(1))
+    """Optimisation steps."""
+    batch_size: int = setting(64, _ge(1))
+    """Examples per step (fresh problems each step)."""
+    lr: float = setting(2e-3, _gt(0))
+    """Peak AdamW learning rate (linear warm-up for ``warmup`` steps, then cosine to 10%)."""
+    warmup: int = setting(100, _ge(0))
+    """Steps of linear learning-rate warm-up."""
+    weight_decay: float = setting(0.01, _ge(0))
+    """AdamW weight decay."""
+    grad_clip: float = setting(1.0, _gt(0))
+    """Max gradient norm."""
+    oracle_rate: float = setting(0.35, _PROB)
+    """Share of descriptions that state every fact (the rest are human-style captions)."""
+    final_rate: float = setting(0.3, _PROB)
+    """Share of final prompts (the answer after one clarification); the rest, beyond ``single_rate``, are
+    decision prompts."""
+    single_rate: float = setting(0.2, _PROB)
+    """Share of single-pass / denied prompts (answer without asking)."""
+    read_budget: int = setting(6, _ge(1))
+    """Statements of a description the world reasoner (the teacher) reads."""
+    eval_every: int = setting(150, _ge(0))
+    """Steps between held-out checks (0: only at the end)."""
+    eval_n: int = setting(150, _ge(1))
+    """Held-out problems per check."""
+    seed: int = setting(0, _ge(0))
+    """Seed of model init and data."""
+    checkpoint_every: int = setting(150, _ge(0))
+    """Save a resumable checkpoint every this many steps (``OUT/checkpoint-<n>/``); 0: none."""
 
 
 @dataclass
 class WorldConfig:
-    """How problems are drawn.
-
-    Attributes:
-        families: which figure families to draw from (``bars``, ``shapes``, ``rect``, ``tri``), uniformly.
-        n_bars: bars per bar chart (3 or 4).
-        needed_facts: relative weights of questions needing 1, 2, 3, 4 facts. A family without a question of the
-            drawn size uses its nearest size (only bar charts have 3- and 4-fact questions).
-        mc_rate: probability that a question is multiple choice (4 numeric options, gold is a letter).
-        fact_rate: probability that a human-style caption mentions each quantity of the scene.
-        seed: world seed; the same (seed, split, index) always gives the same problem.
-    """
+    """How problems are drawn."""
 
     families: list[str] = field(default_factory=lambda: list(WORLD_FAMILIES))
-    n_bars: int = 3
+    """Which figure families to draw from (``bars``, ``shapes``, ``rect``, ``tri``), uniformly."""
+    n_bars: int = setting(3, _one_of(2, 3, 4))
+    """Bars per bar chart."""
     needed_facts: dict[int, float] = field(default_factory=lambda: {1: 0.15, 2: 0.6, 3: 0.25})
-    mc_rate: float = 0.15
-    fact_rate: float = 0.3
-    seed: int = 0
+    """Relative weights of questions needing 1, 2, 3, 4 facts. A family without a question of the drawn size
+    uses its nearest size (only bar charts have 3- and 4-fact questions)."""
+    mc_rate: float = setting(0.15, _PROB)
+    """Probability that a question is multiple choice (4 numeric options, gold is a letter)."""
+    fact_rate: float = setting(0.3, _PROB)
+    """Probability that a human-style caption mentions each quantity of the scene."""
+    seed: int = setting(0, _ge(0))
+    """World seed; the same (seed, split, index) always gives the same problem."""
 
     def __post_init__(self) -> None:
         bad = [f for f in self.families if f not in WORLD_FAMILIES]
         if bad or not self.families:
             raise ValueError(f"world families {bad or self.families} not in {WORLD_FAMILIES}")
-        if self.n_bars not in (2, 3, 4):
-            raise ValueError(f"n_bars must be 2, 3 or 4, got {self.n_bars}")
         self.needed_facts = {int(k): float(v) for k, v in self.needed_facts.items()}
         if any(w < 0 for w in self.needed_facts.values()) or sum(self.needed_facts.values()) <= 0:
             raise ValueError(f"world.needed_facts weights must be >= 0 with a positive sum, got {self.needed_facts}")
@@ -306,396 +331,291 @@ SHIPPED_REASONER = os.path.join(ASSETS, "world-reasoner")
 
 @dataclass
 class CaptionerConfig(HFSettings):
-    """The trainable captioner (and, through it, the reference π_ref).
+    """The trainable captioner (and, through it, the reference π_ref). The ``hf`` backend's runtime fields
+    (``dtype``, ``device``, ``top_p``, ...) are inherited from :class:`HFSettings`."""
 
-    Attributes:
-        backend: ``tiny`` (the embedded world's PyTorch VLM) or ``hf`` (a Hugging Face VLM: Qwen2-VL, Qwen2.5-VL,
-            InternVL, Llava).
-        path: checkpoint directory (hf: also a hub name or a saved adapter); empty (tiny) = the shipped
-            warm-started world captioner.
-        lora: LoRA settings (``lora.enabled: false`` trains all weights and keeps a frozen copy as π_ref; with LoRA
-            π_ref is the same model with the adapter disabled).
-        temperature: sampling temperature for training captions.
-        max_new_tokens: caption length cap in tokens.
-        (hf) dtype, device, attn_implementation, gradient_checkpointing, max_pixels, freeze_vision, top_p,
-            generation_batch_size, logprob_batch_size, answer_max_new_tokens, processor_kwargs, self_test,
-            trust_remote_code, share_prompt_cache: inherited from and documented in
-            :class:`acrl.backends.hf.HFSettings` (one definition, one set of defaults).
-        rollout_engine: (hf) what samples the captions and π_ref's answers: ``hf`` (the training model itself) or
-            ``vllm`` (a vLLM engine with the base weights and the current LoRA adapter; needs ``lora.enabled``
-            and the ``[gpu]`` extra; see docs/scaling.md).
-        vllm: (hf, ``rollout_engine: vllm``) the engine's settings: ``mode`` (colocate | server),
-            ``gpu_memory_utilization``, ``sleep_level``, ... (:class:`acrl.backends.vllm_engine.VLLMSettings`).
-    """
-
-    backend: str = "tiny"
+    backend: str = setting("tiny", _one_of("tiny", "hf"))
+    """``tiny`` (the embedded world's PyTorch VLM) or ``hf`` (a Hugging Face VLM: Qwen2-VL, Qwen2.5-VL,
+    InternVL, Llava)."""
     path: str = ""
+    """Checkpoint directory (hf: also a hub name or a saved adapter); empty (tiny) = the shipped warm-started
+    world captioner."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-    temperature: float = 1.0
-    max_new_tokens: int = 40
-    rollout_engine: str = "hf"
+    """LoRA settings (``lora.enabled: false`` trains all weights and keeps a frozen copy as π_ref; with LoRA
+    π_ref is the same model with the adapter disabled)."""
+    temperature: float = setting(1.0, (_ge(0.0)[0], ">= 0 (0: greedy)"))
+    """Sampling temperature for training captions."""
+    max_new_tokens: int = setting(40, _ge(1))
+    """Caption length cap in tokens."""
+    rollout_engine: str = setting("hf", _one_of("hf", "vllm"))
+    """(hf) what samples the captions and π_ref's answers: ``hf`` (the training model itself) or ``vllm`` (a
+    vLLM engine with the base weights and the current LoRA adapter; needs ``lora.enabled`` and the ``[gpu]``
+    extra; see docs/scaling.md)."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """(hf, ``rollout_engine: vllm``) the engine's settings: ``mode`` (colocate | server),
+    ``gpu_memory_utilization``, ``sleep_level``, ... (:class:`VLLMSettings`)."""
 
 
 @dataclass
 class ReasonerConfig:
-    """The text-only reasoner (frozen, unless ``train.cotrain``).
+    """The text-only reasoner (frozen, unless ``train.cotrain``)."""
 
-    Attributes:
-        backend: ``world`` (deterministic world reasoner), ``openai`` (any OpenAI-compatible endpoint: vLLM,
-            SGLang, ``acrl serve reasoner``), ``hf`` (a local Hugging Face text LLM, in process; with
-            ``train.cotrain`` it trains a LoRA adapter) or ``tiny`` (the world's small transformer reasoner,
-            trainable; warm-started by ``acrl warmstart --reasoner``).
-        read_budget: (world) statements of a caption the world reasoner reads before it stops reading.
-        base_url: (openai) the server, e.g. ``http://127.0.0.1:8000/v1``.
-        model: (openai) served model name (empty: the server's first); (hf) model directory or hub id, or a
-            co-trained reasoner's checkpoint (``RUN/checkpoint-N/reasoner``); (tiny) checkpoint directory
-            (empty: the shipped warm-started world reasoner).
-        api_key_env: (openai) environment variable holding the API key.
-        concurrency: (openai) requests in flight at once.
-        timeout: (openai) seconds per request. max_retries: (openai) retries on connection errors, 429 and 5xx.
-        temperature: sampling temperature of the reasoner. max_tokens: reply length cap.
-        think: ``strip`` or ``keep`` R1-style ``<think>`` blocks before parsing.
-        cache: (openai) response cache for temperature-0 calls: ``""``, ``memory`` or a ``.jsonl`` path.
-        batch_size: (hf) prompts per generate call.
-        noise: (world) probability that an answer of the reasoner is LLM-like wrong: built on a misread value
-            (one needed fact off), or, when it could answer, a question about a fact it already has.
-        noise_seed: (world) seed of those slips; a slip depends only on (seed, prompt), like a cached
-            temperature-0 LLM.
-        few_shot: (openai, hf) worked demonstrations of the reply protocol sent before each prompt as earlier
-            chat turns (0: none; at most 3 for a decision, 2 for the other turns); helps small LLMs follow it.
-    """
-
-    backend: str = "world"
-    read_budget: int = 6
+    backend: str = setting("world", _one_of("world", "openai", "hf", "tiny"))
+    """``world`` (deterministic world reasoner), ``openai`` (any OpenAI-compatible endpoint: vLLM, SGLang,
+    ``acrl serve reasoner``), ``hf`` (a local Hugging Face text LLM, in process; with ``train.cotrain`` it
+    trains a LoRA adapter) or ``tiny`` (the world's small transformer reasoner, trainable; warm-started by
+    ``acrl warmstart --reasoner``)."""
+    read_budget: int = setting(6, _ge(1))
+    """(world) statements of a caption the world reasoner reads before it stops reading."""
     base_url: str = "http://127.0.0.1:8000/v1"
+    """(openai) the server, e.g. ``http://127.0.0.1:8000/v1``."""
     model: str = ""
+    """(openai) served model name (empty: the server's first); (hf) model directory or hub id, or a co-trained
+    reasoner's checkpoint (``RUN/checkpoint-N/reasoner``); (tiny) checkpoint directory (empty: the shipped
+    warm-started world reasoner)."""
     api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 32
-    timeout: float = 300.0
-    max_retries: int = 4
-    temperature: float = 0.0
-    max_tokens: int = 4096
-    think: str = "strip"
+    """(openai) environment variable holding the API key."""
+    concurrency: int = setting(32, _ge(1))
+    """(openai) requests in flight at once."""
+    timeout: float = setting(300.0, _gt(0))
+    """(openai) seconds per request."""
+    max_retries: int = setting(4, _ge(0))
+    """(openai) retries on connection errors, 429 and 5xx."""
+    temperature: float = setting(0.0, _ge(0.0))
+    """Sampling temperature of the reasoner."""
+    max_tokens: int = setting(4096, _ge(1))
+    """Reply length cap."""
+    think: str = setting("strip", _one_of("strip", "keep"))
+    """``strip`` or ``keep`` R1-style ``<think>`` blocks before parsing."""
     cache: str = ""
-    batch_size: int = 8
-    noise: float = 0.0
-    noise_seed: int = 0
-    few_shot: int = 0
+    """(openai) response cache for temperature-0 calls: ``""``, ``memory`` or a ``.jsonl`` path."""
+    batch_size: int = setting(8, _ge(1))
+    """(hf) prompts per generate call."""
+    noise: float = setting(0.0, _PROB)
+    """(world) probability that an answer of the reasoner is LLM-like wrong: built on a misread value (one
+    needed fact off), or, when it could answer, a question about a fact it already has."""
+    noise_seed: int = setting(0, _ge(0))
+    """(world) seed of those slips; a slip depends only on (seed, prompt), like a cached temperature-0 LLM."""
+    few_shot: int = setting(0, _ge(0))
+    """(openai, hf) worked demonstrations of the reply protocol sent before each prompt as earlier chat turns
+    (0: none; at most 3 for a decision, 2 for the other turns); helps small LLMs follow it."""
 
 
 @dataclass
 class ClarifierConfig:
-    """Who answers clarification questions.
+    """Who answers clarification questions."""
 
-    Attributes:
-        backend: ``reference`` (π_ref in process: the frozen starting captioner) or ``openai`` (a VLM behind an
-            OpenAI-compatible endpoint: vLLM, ``acrl serve clarifier``).
-        base_url, model, api_key_env, concurrency, timeout, max_retries, temperature, max_tokens, cache: as in
-            :class:`ReasonerConfig`.
-    """
-
-    backend: str = "reference"
+    backend: str = setting("reference", _one_of("reference", "openai"))
+    """``reference`` (π_ref in process: the frozen starting captioner) or ``openai`` (a VLM behind an
+    OpenAI-compatible endpoint: vLLM, ``acrl serve clarifier``)."""
     base_url: str = "http://127.0.0.1:8001/v1"
+    """As in :class:`ReasonerConfig`."""
     model: str = ""
+    """As in :class:`ReasonerConfig`."""
     api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 32
-    timeout: float = 60.0
-    max_retries: int = 4
-    temperature: float = 0.0
-    max_tokens: int = 64
+    """As in :class:`ReasonerConfig`."""
+    concurrency: int = setting(32, _ge(1))
+    """As in :class:`ReasonerConfig`."""
+    timeout: float = setting(60.0, _gt(0))
+    """As in :class:`ReasonerConfig`."""
+    max_retries: int = setting(4, _ge(0))
+    """As in :class:`ReasonerConfig`."""
+    temperature: float = setting(0.0, _ge(0.0))
+    """As in :class:`ReasonerConfig`."""
+    max_tokens: int = setting(64, _ge(1))
+    """As in :class:`ReasonerConfig`."""
     cache: str = ""
+    """As in :class:`ReasonerConfig`."""
 
 
 @dataclass
 class TrainConfig:
-    """AC-RL training.
+    """AC-RL training."""
 
-    Attributes:
-        steps: optimisation steps (each: sample problems, M captions each, episodes, one update).
-        problems_per_step: problems per step (B).
-        samples_per_problem: captions per problem (M, the advantage group; 8 in the paper).
-        alpha: reward for a correct answer after one clarification (0.7 in the paper, 0 = binary ablation); after
-            k clarifications ``alpha ** k`` (unless ``turn_rewards``).
-        alpha_schedule: ``constant`` | ``linear`` | ``cosine`` | ``step``: α moves from ``alpha`` at the first step
-            to ``alpha_end`` at the last (``step``: switches at the fraction ``alpha_step_at`` of the run).
-        alpha_end: α at the end of a schedule. alpha_step_at: where a ``step`` schedule switches (0..1).
-        max_clarifications: questions the reasoner may ask in turn (K; 1 = the paper); π_ref answers each.
-        turn_rewards: reward of a correct answer after 0, 1, ..., K clarifications, e.g. ``[1, 0.7, 0.5]``
-            (empty: ``alpha ** k``); needs K + 1 entries and a constant α.
-        reference: π_ref's checkpoint (answers clarifications and anchors the KL); empty: the starting captioner.
-        advantage: ``bnpo`` | ``bnpo_decomposed`` | ``grpo`` | ``rloo`` | ``reinforce``.
-        lr: AdamW learning rate (constant after ``warmup`` steps of linear warm-up).
-        warmup: warm-up steps. weight_decay: AdamW weight decay. grad_clip: max gradient norm.
-        clip_low / clip_high: PPO ratio clip range [1-clip_low, 1+clip_high].
-        kl_beta: weight of the k3 KL penalty to π_ref.
-        aggregation: token aggregation of the loss (``seq-mean-token-mean``, ``seq-mean-token-sum``, ``token-mean``,
-            ``seq-mean-token-sum-norm``).
-        tis_cap: truncated importance sampling between the sampler's log-probs and the trainer's (a vLLM engine
-            captioner): each token's surrogate is weighted by min(π_old / μ, tis_cap);
-            0: off. The gap is logged either way (``sampler_kl``, ``sampler_ratio_max``). TRL's default cap is 2.
-        epochs: optimisation passes over each rollout batch (old log-probs kept for the ratio).
-        micro_batch: caption rows per forward/backward (gradients accumulate over the step).
-        clarifier_noise: probability that π_ref's answer states a wrong value (world regime "noisy clarifier").
-        max_failed_fraction: a step whose share of failed episodes (the reasoner or clarifier service did not
-            answer after its own retries) exceeds this does not count: it is retried whole from the same random
-            state (see ``step_retries``), so a counted step is the step a run without the fault would have taken.
-            Default 0: any failed episode retries the step. Above 0, failed episodes up to this share are masked
-            out of the update and counted (``failed_episodes`` in metrics.jsonl).
-        eval_every: steps between held-out evaluations during training (0: none). eval_n: problems per check.
-        checkpoint_every: steps between checkpoints (the last step, and a stop on SIGINT / SIGTERM or an outage,
-            always write one).
-        keep_checkpoints: how many of the newest checkpoints (``OUT/checkpoint-<step>/``) to keep (0: all).
-        log_episodes: groups per step whose transcripts go to ``episodes.jsonl``.
-        seed: seed of model sampling and data order.
-        threads: torch CPU threads (0: torch's default).
-        cotrain: also train the reasoner on the same episodes (``reasoner_train``; needs ``reasoner.backend``
-            ``tiny`` or ``hf``); default false: the paper's frozen reasoner.
-        report_to: also send step metrics to experiment trackers through accelerate (``tensorboard``, ``wandb``,
-            ``all``; empty: only ``metrics.jsonl``). The tracker's package must be installed.
-        overlap: compute π_ref's log-probs for the KL term while the step's episodes run (in a worker thread),
-            so the reasoner's calls do not wait for them; the results are the same either way.
-        step_retries: times a step whose episodes failed (a service outage) is retried, from the same random
-            state, before the run checkpoints and exits with an error saying how to resume.
-        retry_wait: seconds before the first retry; the wait doubles with each retry (at most 120 s each).
-    """
-
-    steps: int = 100
-    problems_per_step: int = 16
-    samples_per_problem: int = 8
-    alpha: float = 0.7
-    alpha_schedule: str = "constant"
-    alpha_end: float = 0.0
-    alpha_step_at: float = 0.5
-    max_clarifications: int = 1
-    turn_rewards: list[float] = field(default_factory=list)
+    steps: int = setting(100, _ge(1))
+    """Optimisation steps (each: sample problems, M captions each, episodes, one update)."""
+    problems_per_step: int = setting(16, _ge(1))
+    """Problems per step (B)."""
+    samples_per_problem: int = setting(8, (lambda v: v >= 2, ">= 2 (an advantage group needs at least two samples)"))
+    """Captions per problem (M, the advantage group; 8 in the paper)."""
+    alpha: float = setting(0.7, _PROB)
+    """Reward for a correct answer after one clarification (0.7 in the paper, 0 = binary ablation); after k
+    clarifications ``alpha ** k`` (unless ``turn_rewards``)."""
+    alpha_schedule: str = setting("constant", _one_of(*SCHEDULES))
+    """``constant`` | ``linear`` | ``cosine`` | ``step``: α moves from ``alpha`` at the first step to
+    ``alpha_end`` at the last (``step``: switches at the fraction ``alpha_step_at`` of the run)."""
+    alpha_end: float = setting(0.0, _PROB)
+    """α at the end of a schedule."""
+    alpha_step_at: float = setting(0.5, _PROB)
+    """Where a ``step`` schedule switches (0..1)."""
+    max_clarifications: int = setting(1, _ge(1))
+    """Questions the reasoner may ask in turn (K; 1 = the paper); π_ref answers each."""
+    turn_rewards: list[float] = setting([], (lambda v: all(0 <= x <= 1 for x in v), "a list of rewards in [0, 1]"))
+    """Reward of a correct answer after 0, 1, ..., K clarifications, e.g. ``[1, 0.7, 0.5]`` (empty: ``alpha **
+    k``); needs K + 1 entries and a constant α."""
     reference: str = ""
-    advantage: str = "bnpo"
-    lr: float = 3e-4
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_beta: float = 0.02
-    tis_cap: float = 0.0
-    aggregation: str = "seq-mean-token-mean"
-    epochs: int = 1
-    micro_batch: int = 128
-    clarifier_noise: float = 0.0
-    max_failed_fraction: float = 0.0
-    eval_every: int = 0
-    eval_n: int = 200
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_episodes: int = 2
-    seed: int = 0
-    threads: int = 0
+    """π_ref's checkpoint (answers clarifications and anchors the KL); empty: the starting captioner."""
+    advantage: str = setting("bnpo", _one_of("bnpo", "bnpo_decomposed", "grpo", "rloo", "reinforce"))
+    """``bnpo`` | ``bnpo_decomposed`` | ``grpo`` | ``rloo`` | ``reinforce``."""
+    lr: float = setting(3e-4, _gt(0))
+    """AdamW learning rate (constant after ``warmup`` steps of linear warm-up)."""
+    warmup: int = setting(0, _ge(0))
+    """Warm-up steps."""
+    weight_decay: float = setting(0.0, _ge(0))
+    """AdamW weight decay."""
+    grad_clip: float = setting(1.0, _gt(0))
+    """Max gradient norm."""
+    clip_low: float = setting(0.2, _CLIP)
+    """Lower side of the PPO ratio clip range [1-clip_low, 1+clip_high]."""
+    clip_high: float = setting(0.2, _ge(0))
+    """Upper side of the PPO ratio clip range."""
+    kl_beta: float = setting(0.02, _ge(0))
+    """Weight of the k3 KL penalty to π_ref."""
+    tis_cap: float = setting(0.0, _ge(0))
+    """Truncated importance sampling between the sampler's log-probs and the trainer's (a vLLM engine
+    captioner): each token's surrogate is weighted by min(π_old / μ, tis_cap); 0: off. The gap is logged either
+    way (``sampler_kl``, ``sampler_ratio_max``). TRL's default cap is 2."""
+    aggregation: str = setting("seq-mean-token-mean", _one_of(*AGGREGATIONS))
+    """Token aggregation of the loss (``seq-mean-token-mean``, ``seq-mean-token-sum``, ``token-mean``,
+    ``seq-mean-token-sum-norm``)."""
+    epochs: int = setting(1, _ge(1))
+    """Optimisation passes over each rollout batch (old log-probs kept for the ratio)."""
+    micro_batch: int = setting(128, _ge(1))
+    """Caption rows per forward/backward (gradients accumulate over the step)."""
+    clarifier_noise: float = setting(0.0, _PROB)
+    """Probability that π_ref's answer states a wrong value (world regime "noisy clarifier")."""
+    max_failed_fraction: float = setting(0.0, _PROB)
+    """A step whose share of failed episodes (the reasoner or clarifier service did not answer after its own
+    retries) exceeds this does not count: it is retried whole from the same random state (see ``step_retries``),
+    so a counted step is the step a run without the fault would have taken. Default 0: any failed episode
+    retries the step. Above 0, failed episodes up to this share are masked out of the update and counted
+    (``failed_episodes`` in metrics.jsonl)."""
+    eval_every: int = setting(0, _ge(0))
+    """Steps between held-out evaluations during training (0: none)."""
+    eval_n: int = setting(200, _ge(1))
+    """Problems per check."""
+    checkpoint_every: int = setting(50, _ge(1))
+    """Steps between checkpoints (the last step, and a stop on SIGINT / SIGTERM or an outage, always write one)."""
+    keep_checkpoints: int = setting(2, _ge(0))
+    """How many of the newest checkpoints (``OUT/checkpoint-<step>/``) to keep (0: all)."""
+    log_episodes: int = setting(2, _ge(0))
+    """Groups per step whose transcripts go to ``episodes.jsonl``."""
+    seed: int = setting(0, _ge(0))
+    """Seed of model sampling and data order."""
+    threads: int = setting(0, _ge(0))
+    """Torch CPU threads (0: torch's default)."""
     cotrain: bool = False
-    report_to: str = ""
+    """Also train the reasoner on the same episodes (``reasoner_train``; needs ``reasoner.backend`` ``tiny`` or
+    ``hf``); default false: the paper's frozen reasoner."""
+    report_to: str = setting("", _csv_of("tensorboard", "wandb", "all"))
+    """Also send step metrics to experiment trackers through accelerate (``tensorboard``, ``wandb``, ``all``;
+    empty: only ``metrics.jsonl``). The tracker's package must be installed."""
     overlap: bool = True
-    step_retries: int = 6
-    retry_wait: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.turn_rewards and len(self.turn_rewards) < self.max_clarifications + 1:
-            raise ValueError(f"turn_rewards needs max_clarifications + 1 = {self.max_clarifications + 1} entries "
-                             f"(rewards after 0..{self.max_clarifications} clarifications), got "
-                             f"{len(self.turn_rewards)}")
-        if self.turn_rewards and self.alpha_schedule != "constant":
-            raise ValueError("turn_rewards fixes every turn's reward: it cannot be combined with an alpha_schedule")
-        if self.advantage == "bnpo_decomposed" and (self.max_clarifications > 1 or self.turn_rewards
-                                                    or self.alpha_schedule != "constant"):
-            raise ValueError("advantage bnpo_decomposed is defined for the paper's reward (one clarification, "
-                             "constant alpha)")
+    """Compute π_ref's log-probs for the KL term while the step's episodes run (in a worker thread), so the
+    reasoner's calls do not wait for them; the results are the same either way."""
+    step_retries: int = setting(6, _ge(0))
+    """Times a step whose episodes failed (a service outage) is retried, from the same random state, before the
+    run checkpoints and exits with an error saying how to resume."""
+    retry_wait: float = setting(5.0, _ge(0))
+    """Seconds before the first retry; the wait doubles with each retry (at most 120 s each)."""
 
 
 @dataclass
 class ReasonerLoraSettings(LoraSettings):
-    """LoRA of an hf reasoner in co-training (the fields of :class:`acrl.backends.tiny.LoraSettings`): on by
+    """LoRA of an hf reasoner in co-training (the fields of :class:`LoraSettings`): on by
     default, on the attention projections of every layer."""
 
     enabled: bool = True
+    """The adapter is what trains, so it is on by default (and must be on for an hf reasoner)."""
     targets: str = r".*\.(q_proj|k_proj|v_proj|o_proj)$"
+    """Regex of module names to adapt: the attention projections of every layer."""
 
 
 @dataclass
 class ReasonerTrainConfig:
     """The reasoner's side of co-training (``train.cotrain``): its own reward, advantages, optimiser and KL.
 
-    Reward of an episode for the reasoner: 1 for a correct final answer, 0 otherwise, minus ``question_cost`` for
-    every clarification question it asked. Advantages are taken over the same groups of M episodes as the
+    Reward of an episode for the reasoner: 1 for a correct final answer, 0 otherwise, minus ``question_cost``
+    for every clarification question it asked. Advantages are taken over the same groups of M episodes as the
     captioner's; every reply of the reasoner in an episode (the decision, and the answer after the
-    clarification) carries the episode's advantage.
+    clarification) carries the episode's advantage."""
 
-    Attributes:
-        question_cost: reward subtracted per question asked (0: asking is free).
-        temperature: sampling temperature of the reasoner's replies in training episodes (evaluation is greedy).
-        advantage: ``bnpo`` | ``grpo`` | ``rloo`` | ``reinforce``.
-        lr: AdamW learning rate (constant after ``warmup`` steps). warmup, weight_decay, grad_clip: as in ``train``.
-        clip_low / clip_high: PPO ratio clip range. kl_beta: weight of the k3 KL to the reasoner's frozen start.
-        aggregation: token aggregation of the loss (as ``train.aggregation``).
-        micro_batch: reply rows per forward/backward.
-        lora: (hf) the reasoner's LoRA adapter (``enabled`` must be true for hf: the adapter is what trains).
-        gradient_checkpointing: (hf) recompute the reasoner's activations in its gradient pass (prompts of
-            thousands of tokens x ``micro_batch`` rows).
-    """
-
-    question_cost: float = 0.1
-    temperature: float = 1.0
-    advantage: str = "bnpo"
-    lr: float = 1e-4
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_beta: float = 0.02
-    aggregation: str = "seq-mean-token-mean"
-    micro_batch: int = 128
+    question_cost: float = setting(0.1, _ge(0.0))
+    """Reward subtracted per question asked (0: asking is free)."""
+    temperature: float = setting(1.0, _gt(0.0))
+    """Sampling temperature of the reasoner's replies in training episodes (evaluation is greedy)."""
+    advantage: str = setting("bnpo", _one_of("bnpo", "grpo", "rloo", "reinforce"))
+    """``bnpo`` | ``grpo`` | ``rloo`` | ``reinforce``."""
+    lr: float = setting(1e-4, _gt(0))
+    """AdamW learning rate (constant after ``warmup`` steps)."""
+    warmup: int = setting(0, _ge(0))
+    """Steps of linear learning-rate warm-up."""
+    weight_decay: float = setting(0.0, _ge(0))
+    """AdamW weight decay."""
+    grad_clip: float = setting(1.0, _gt(0))
+    """Max gradient norm."""
+    clip_low: float = setting(0.2, _CLIP)
+    """Lower side of the PPO ratio clip range [1-clip_low, 1+clip_high]."""
+    clip_high: float = setting(0.2, _ge(0))
+    """Upper side of the PPO ratio clip range."""
+    kl_beta: float = setting(0.02, _ge(0))
+    """Weight of the k3 KL to the reasoner's frozen start."""
+    aggregation: str = setting("seq-mean-token-mean", _one_of(*AGGREGATIONS))
+    """Token aggregation of the loss (as ``train.aggregation``)."""
+    micro_batch: int = setting(128, _ge(1))
+    """Reply rows per forward/backward."""
     lora: ReasonerLoraSettings = field(default_factory=ReasonerLoraSettings)
+    """(hf) the reasoner's LoRA adapter (``enabled`` must be true for hf: the adapter is what trains)."""
     gradient_checkpointing: bool = False
+    """(hf) recompute the reasoner's activations in its gradient pass (prompts of thousands of tokens x
+    ``micro_batch`` rows)."""
 
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation.
+    """Held-out evaluation."""
 
-    Attributes:
-        split: world split to evaluate on. n: number of problems.
-        batch_size: problems per captioning batch.
-        reference: checkpoint of π_ref that answers clarifications (empty: the shipped warm-started captioner).
-        sets: named evaluation sets beyond the training distribution, each a mapping of section overrides
-            (``world``, ``reasoner``, ``clarifier``, ``train``) applied to this config for that evaluation, e.g.
-            ``{tri: {world: {families: [tri]}}, noisy: {reasoner: {noise: 0.2}}}``
-            (held-out families, question sizes, another reasoner); see :func:`eval_view`.
-    """
-
-    split: str = "test"
-    n: int = 500
-    batch_size: int = 100
+    split: str = setting("test", _one_of("train", "val", "test"))
+    """World split to evaluate on."""
+    n: int = setting(500, _ge(1))
+    """Number of problems."""
+    batch_size: int = setting(100, _ge(1))
+    """Problems per captioning batch."""
     reference: str = ""
-    sets: dict[str, dict] = field(default_factory=dict)
+    """Checkpoint of π_ref that answers clarifications (empty: the shipped warm-started captioner)."""
+    sets: dict[str, dict] = setting({}, _EVAL_SETS)
+    """Named evaluation sets beyond the training distribution, each a mapping of section overrides (``world``,
+    ``reasoner``, ``clarifier``, ``train``) applied to this config for that evaluation, e.g. ``{tri: {world:
+    {families: [tri]}}, noisy: {reasoner: {noise: 0.2}}}`` (held-out families, question sizes, another
+    reasoner); see :func:`eval_view`."""
 
 
 @dataclass
 class Config:
-    """Everything one run needs. Sections: world, captioner, model (tiny captioner size), reasoner, clarifier,
-    warmstart, train, eval; for the trainable world reasoner reasoner_model (its size) and reasoner_warmstart,
-    and for co-training reasoner_train."""
+    """Everything one run needs, one section per field."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
+    """How problems of the embedded world are drawn."""
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    """The trainable captioner."""
     model: TinyVLMConfig = field(default_factory=TinyVLMConfig)
+    """Size of the tiny (world) captioner."""
     reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
+    """The text-only reasoner."""
     clarifier: ClarifierConfig = field(default_factory=ClarifierConfig)
+    """Who answers clarification questions in training and evaluation."""
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """The world captioner's supervised warm start (``acrl warmstart``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """AC-RL training."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
     reasoner_model: TinyReasonerConfig = field(default_factory=TinyReasonerConfig)
+    """Size of the tiny (world) reasoner."""
     reasoner_warmstart: ReasonerWarmStartConfig = field(default_factory=ReasonerWarmStartConfig)
+    """The tiny reasoner's supervised warm start (``acrl warmstart --reasoner``)."""
     reasoner_train: ReasonerTrainConfig = field(default_factory=ReasonerTrainConfig)
-
-
-# --- validation: every field is checked against its type (from the dataclass annotations) and, where it has
-# limits beyond its type, against the rule below. This table is the one place that says what a value may be.
-
-def _ge(lo):
-    return (lambda v: v >= lo), f">= {lo}"
-
-
-def _gt(lo):
-    return (lambda v: v > lo), f"> {lo}"
-
-
-def _within(lo, hi):
-    return (lambda v: lo <= v <= hi), f"in [{lo}, {hi}]"
-
-
-def _one_of(*names):
-    return (lambda v: v in names), "one of " + ", ".join(repr(n) for n in names)
-
-
-def _csv_of(*names):
-    return (lambda v: all(x in names for x in v.split(",") if x) if v else True), \
-        "empty or a comma-separated list of " + ", ".join(names)
-
-
-_PROB = _within(0.0, 1.0)
-EVAL_SECTIONS = ("world", "reasoner", "clarifier", "train")
-RULES: dict[str, tuple] = {
-    "world.mc_rate": _PROB, "world.fact_rate": _PROB, "world.seed": _ge(0),
-    "captioner.backend": _one_of("tiny", "hf"),
-    "captioner.rollout_engine": _one_of("hf", "vllm"),
-    "captioner.temperature": (_ge(0.0)[0], ">= 0 (0: greedy)"),
-    "captioner.max_new_tokens": _ge(1),
-    "captioner.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "captioner.dtype": _one_of("auto", "bf16", "fp16", "fp32"),
-    "captioner.attn_implementation": _one_of("sdpa", "eager", "flash_attention_2"),
-    "captioner.max_pixels": _ge(0), "captioner.generation_batch_size": _ge(0),
-    "captioner.logprob_batch_size": _ge(0), "captioner.answer_max_new_tokens": _ge(1),
-    "captioner.lora.r": _ge(1), "captioner.lora.alpha": _gt(0), "captioner.lora.dropout": (lambda v: 0 <= v < 1,
-                                                                                            "in [0, 1)"),
-    "captioner.vllm.mode": _one_of("colocate", "server"),
-    "captioner.vllm.gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "captioner.vllm.max_model_len": _ge(0), "captioner.vllm.max_lora_rank": _ge(0),
-    "captioner.vllm.sleep_level": _one_of(0, 1, 2), "captioner.vllm.concurrency": _ge(1),
-    "captioner.vllm.timeout": _gt(0), "captioner.vllm.logprob_tolerance": _gt(0),
-    "model.vocab_size": _ge(0), "model.d_model": _ge(1), "model.n_heads": _ge(1), "model.n_layers": _ge(1),
-    "model.enc_layers": _ge(0), "model.cnn_width": _ge(1), "model.max_prompt_tokens": _ge(1),
-    "model.max_new_tokens": _ge(1), "model.image_size": _ge(8),
-    "reasoner.backend": _one_of("world", "openai", "hf", "tiny"), "reasoner.read_budget": _ge(1),
-    "reasoner.concurrency": _ge(1), "reasoner.timeout": _gt(0), "reasoner.max_retries": _ge(0),
-    "reasoner.temperature": _ge(0.0), "reasoner.max_tokens": _ge(1), "reasoner.think": _one_of("strip", "keep"),
-    "reasoner.batch_size": _ge(1), "reasoner.noise": _PROB, "reasoner.noise_seed": _ge(0),
-    "reasoner.few_shot": _ge(0),
-    "clarifier.backend": _one_of("reference", "openai"), "clarifier.concurrency": _ge(1),
-    "clarifier.timeout": _gt(0), "clarifier.max_retries": _ge(0), "clarifier.temperature": _ge(0.0),
-    "clarifier.max_tokens": _ge(1),
-    "warmstart.steps": _ge(1), "warmstart.batch_size": _ge(1), "warmstart.lr": _gt(0), "warmstart.warmup": _ge(0),
-    "warmstart.weight_decay": _ge(0), "warmstart.grad_clip": _gt(0), "warmstart.qa_phase": _PROB,
-    "warmstart.qa_rate_early": _PROB, "warmstart.qa_rate_late": _PROB, "warmstart.fact_rate": _PROB,
-    "warmstart.eval_every": _ge(0), "warmstart.eval_n": _ge(1), "warmstart.save_every": _ge(0),
-    "warmstart.checkpoint_every": _ge(0), "reasoner_warmstart.checkpoint_every": _ge(0),
-    "train.steps": _ge(1), "train.problems_per_step": _ge(1),
-    "train.samples_per_problem": (lambda v: v >= 2, ">= 2 (an advantage group needs at least two samples)"),
-    "train.alpha": _PROB, "train.alpha_schedule": _one_of(*SCHEDULES), "train.alpha_end": _PROB,
-    "train.alpha_step_at": _PROB, "train.max_clarifications": _ge(1),
-    "train.turn_rewards": (lambda v: all(0 <= x <= 1 for x in v), "a list of rewards in [0, 1]"),
-    "train.advantage": _one_of("bnpo", "bnpo_decomposed", "grpo", "rloo", "reinforce"),
-    "train.lr": _gt(0), "train.warmup": _ge(0), "train.weight_decay": _ge(0), "train.grad_clip": _gt(0),
-    "train.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.clip_high": _ge(0), "train.kl_beta": _ge(0),
-    "train.tis_cap": _ge(0),
-    "train.aggregation": _one_of("seq-mean-token-mean", "seq-mean-token-sum", "token-mean",
-                                 "seq-mean-token-sum-norm"),
-    "train.epochs": _ge(1), "train.micro_batch": _ge(1), "train.clarifier_noise": _PROB,
-    "train.max_failed_fraction": _PROB, "train.eval_every": _ge(0), "train.eval_n": _ge(1),
-    "train.checkpoint_every": _ge(1), "train.keep_checkpoints": _ge(0), "train.log_episodes": _ge(0),
-    "train.seed": _ge(0), "train.threads": _ge(0),
-    "train.report_to": _csv_of("tensorboard", "wandb", "all"),
-    "train.step_retries": _ge(0), "train.retry_wait": _ge(0),
-    "reasoner_model.vocab_size": _ge(0), "reasoner_model.d_model": _ge(1), "reasoner_model.n_heads": _ge(1),
-    "reasoner_model.n_layers": _ge(1), "reasoner_model.max_prompt_tokens": _ge(8),
-    "reasoner_model.max_new_tokens": _ge(4),
-    "reasoner_warmstart.steps": _ge(1), "reasoner_warmstart.batch_size": _ge(1), "reasoner_warmstart.lr": _gt(0),
-    "reasoner_warmstart.warmup": _ge(0), "reasoner_warmstart.weight_decay": _ge(0),
-    "reasoner_warmstart.grad_clip": _gt(0), "reasoner_warmstart.oracle_rate": _PROB,
-    "reasoner_warmstart.final_rate": _PROB, "reasoner_warmstart.single_rate": _PROB,
-    "reasoner_warmstart.read_budget": _ge(1), "reasoner_warmstart.eval_every": _ge(0),
-    "reasoner_warmstart.eval_n": _ge(1), "reasoner_warmstart.seed": _ge(0),
-    "reasoner_train.question_cost": _ge(0.0), "reasoner_train.temperature": _gt(0.0),
-    "reasoner_train.advantage": _one_of("bnpo", "grpo", "rloo", "reinforce"),
-    "reasoner_train.lr": _gt(0), "reasoner_train.warmup": _ge(0), "reasoner_train.weight_decay": _ge(0),
-    "reasoner_train.grad_clip": _gt(0), "reasoner_train.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "reasoner_train.clip_high": _ge(0), "reasoner_train.kl_beta": _ge(0),
-    "reasoner_train.aggregation": _one_of("seq-mean-token-mean", "seq-mean-token-sum", "token-mean",
-                                          "seq-mean-token-sum-norm"),
-    "reasoner_train.micro_batch": _ge(1), "reasoner_train.lora.r": _ge(1), "reasoner_train.lora.alpha": _gt(0),
-    "reasoner_train.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "eval.split": _one_of("train", "val", "test"), "eval.n": _ge(1), "eval.batch_size": _ge(1),
-    "eval.sets": (lambda v: all(isinstance(o, dict) and set(o) <= set(EVAL_SECTIONS) for o in v.values()),
-                  "a mapping of set names to overrides of the sections " + ", ".join(EVAL_SECTIONS)),
-}
+    """The reasoner's side of co-training (``train.cotrain``)."""
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -761,7 +681,8 @@ def _build(cls, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
         raise ValueError(f"config section {where or 'root'} must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    rules = {f.name: f.metadata.get("rule") for f in dataclasses.fields(cls)}
+    names = set(rules)
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or 'root'}; known: {sorted(names)}")
@@ -772,10 +693,9 @@ def _build(cls, data: dict[str, Any], where: str):
             kwargs[k] = _build(t, v, key)
             continue
         v = _check_type(v, t, key)
-        if key in RULES:
-            ok, allowed = RULES[key]
-            if not ok(v):
-                raise ValueError(f"config {key}={v!r}: must be {allowed}")
+        rule = rules[k]
+        if rule and not rule[0](v):
+            raise ValueError(f"config {key}={v!r}: must be {rule[1]}")
         kwargs[k] = v
     try:
         return cls(**kwargs)
@@ -788,15 +708,36 @@ def validate(cfg: Config) -> Config:
     return _checked(_build(Config, to_dict(cfg), ""))
 
 
-def _checked(cfg: Config) -> Config:
-    for name in cfg.eval.sets:   # every evaluation set must give a valid config
-        eval_view(cfg, name)
-    if cfg.train.cotrain and cfg.reasoner.backend not in ("tiny", "hf"):
+def _checked(cfg: Config, view: bool = False) -> Config:
+    """The rules that tie fields together (each field's own rule is beside it); a one-line error naming them.
+    ``view``: an evaluation set's config, which trains nothing (its reasoner is only read)."""
+    t, rc = cfg.train, cfg.reasoner
+    if t.turn_rewards and len(t.turn_rewards) < t.max_clarifications + 1:
+        raise ValueError(f"config train.turn_rewards needs train.max_clarifications + 1 = {t.max_clarifications + 1} "
+                         f"entries (rewards after 0..{t.max_clarifications} clarifications), got {len(t.turn_rewards)}")
+    if t.turn_rewards and t.alpha_schedule != "constant":
+        raise ValueError("config train.turn_rewards fixes every turn's reward: it cannot be combined with "
+                         "train.alpha_schedule")
+    if t.advantage == "bnpo_decomposed" and (t.max_clarifications > 1 or t.turn_rewards
+                                             or t.alpha_schedule != "constant"):
+        raise ValueError("config train.advantage=bnpo_decomposed is defined for the paper's reward (one "
+                         "clarification, constant alpha)")
+    if t.cotrain and not view and rc.backend not in ("tiny", "hf"):
         raise ValueError(f"config train.cotrain=true trains the reasoner: reasoner.backend must be tiny or hf, "
-                         f"got {cfg.reasoner.backend!r}")
-    if cfg.train.cotrain and cfg.reasoner.backend == "hf" and not cfg.reasoner_train.lora.enabled:
+                         f"got {rc.backend!r}")
+    if t.cotrain and not view and rc.backend == "hf" and not cfg.reasoner_train.lora.enabled:
         raise ValueError("config train.cotrain=true with reasoner.backend=hf trains a LoRA adapter: "
                          "reasoner_train.lora.enabled must be true")
+    if rc.backend == "hf" and not rc.model:
+        raise ValueError("config reasoner.backend=hf needs reasoner.model (a model directory or hub id)")
+    if rc.few_shot and rc.backend in ("world", "tiny"):
+        raise ValueError(f"config reasoner.few_shot is for LLM reasoners (openai, hf); the {rc.backend} reasoner "
+                         f"reads no examples (set reasoner.few_shot=0)")
+    if rc.noise and rc.backend != "world":
+        raise ValueError(f"config reasoner.noise is a world-reasoner setting; reasoner.backend={rc.backend!r} has "
+                         f"its own errors (set reasoner.noise=0)")
+    for name in cfg.eval.sets:   # every evaluation set must give a valid config
+        eval_view(cfg, name)
     return cfg
 
 
@@ -812,7 +753,7 @@ def eval_view(cfg: Config, name: str) -> Config:
             raise ValueError(f"config eval.sets.{name}.{section} must be a mapping, got {type(values).__name__}")
         data[section] = {**data[section], **copy.deepcopy(values)}
     try:
-        return _build(Config, data, "")
+        return _checked(_build(Config, data, ""), view=True)
     except ValueError as e:
         raise ValueError(f"config eval.sets.{name}: {e}") from None
 
@@ -859,8 +800,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
 def load_config(path: str | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
     """Read a YAML file (sections as in :class:`Config`) and apply ``key.sub=value`` overrides; every value is
-    checked (:data:`RULES`). ``base``: start from these values (a stored run's config) instead of the defaults,
-    when no file is given."""
+    checked (its type and the rule beside its field, then :func:`_checked`). ``base``: start from these values
+    (a stored run's config) instead of the defaults, when no file is given."""
     data: dict[str, Any] = _read_yaml(path) if path else copy.deepcopy(base or {})
     for ov in overrides or []:
         if "=" not in ov:
@@ -878,3 +819,39 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+@functools.cache
+def field_docs() -> dict[str, dict[str, str]]:
+    """Each settings class's field documentation (the string literal beside each field), inherited ones included:
+    ``{class name: {field: text}}``."""
+    tree = ast.parse(pathlib.Path(__file__).read_text(encoding="utf-8"))
+    own: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            own[node.name] = {a.target.id: " ".join(b.value.value.split())
+                              for a, b in zip(node.body, node.body[1:])
+                              if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+                              and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    classes = {n: c for n, c in globals().items() if isinstance(c, type) and dataclasses.is_dataclass(c)}
+    return {n: {k: v for base in reversed(c.__mro__) for k, v in own.get(base.__name__, {}).items()}
+            for n, c in classes.items()}
+
+
+def to_yaml(cfg, docs: bool = False) -> str:
+    """``cfg`` as a YAML config file that :func:`load_config` reads back; ``docs``: each field's documentation as a
+    comment above it."""
+    def emit(obj, indent: str) -> list[str]:
+        out, notes = [], field_docs().get(type(obj).__name__, {})
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if docs and notes.get(f.name):
+                lines = textwrap.wrap(notes[f.name], 116 - len(indent), break_on_hyphens=False)
+                out += [f"{indent}# {line}" for line in lines]
+            if dataclasses.is_dataclass(value):
+                out += [f"{indent}{f.name}:"] + emit(value, indent + "  ")
+            else:
+                text = yaml.safe_dump({f.name: value}, default_flow_style=True, allow_unicode=True, width=10**6)
+                out.append(indent + text.strip().removeprefix("{").removesuffix("}"))
+        return out
+    return "\n".join(emit(cfg, "")) + "\n"

@@ -45,3 +45,17 @@ def test_few_shot_is_validated_and_refused_for_the_world_reasoner():
         load_config(overrides=["reasoner.few_shot=-1"])
     with pytest.raises(ValueError, match="few_shot"):
         build_reasoner(load_config(overrides=["reasoner.few_shot=2"]))
+
+
+def test_a_new_adapter_is_the_same_whatever_the_process_drew_before(tmp_path, micro_captioner):
+    """A new LoRA adapter's random init comes from train.seed, not from the process's own start-up state."""
+    import torch
+
+    cfg = load_config(MICRO, ["captioner.lora.enabled=true", "train.steps=1"])
+    weights = []
+    for i in range(2):
+        torch.manual_seed(1000 + i)   # whatever ran before in this process
+        run = make_run(cfg, str(tmp_path / f"run{i}"), captioner=str(micro_captioner))
+        weights.append([p.detach().clone() for p in run.policy.trainable_parameters()])
+    assert weights[0] and all(torch.equal(a, b) for a, b in zip(*weights))
+    assert any(a.abs().sum() > 0 for a in weights[0])

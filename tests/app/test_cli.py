@@ -717,3 +717,16 @@ def test_a_corrupt_gguf_is_named(tmp_path, capsys, content):
     rc, err = _run(capsys, "convert-gguf", "--gguf", bad, "--out", tmp_path / "o")
     assert rc != 0 and f"--gguf {bad}" in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "o")
+
+
+# --- config -----------------------------------------------------------------------------------------------------------
+
+def test_config_prints_what_a_run_would_use_and_reads_back(tmp_path):
+    out = run_cli("config", "--config", MICRO, "--set", "train.lr=5e-4", "--docs").stdout
+    assert "  lr: 0.0005" in out and "# AdamW learning rate" in out
+    (tmp_path / "printed.yaml").write_text(out)
+    again = run_cli("config", "--config", tmp_path / "printed.yaml", "--out", tmp_path / "again.yaml")
+    assert again.stdout == "" and (tmp_path / "again.yaml").read_text() == run_cli(
+        "config", "--config", MICRO, "--set", "train.lr=5e-4").stdout
+    bad = run_cli("config", "--set", "train.lr=-1", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "train.lr" in bad.stderr

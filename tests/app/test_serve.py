@@ -19,7 +19,8 @@ from conftest import MICRO, ROOT
 
 from acrl.app.serve import HFBackend, WorldBackend, add_serve_parser, build_backend, start_server
 from acrl.backends.openai_api import OpenAIReasoner
-from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+from acrl.backends.tiny import TinyCaptioner
+from acrl.config import TinyVLMConfig
 from acrl.rollout.episode import EpisodeConfig, run_episodes
 from acrl.rollout.metrics import episode_metrics
 from acrl.rollout.prompts import decision_prompt
@@ -149,8 +150,7 @@ def test_faults_and_a_restart_are_survived_with_retries(world):
     state: dict = {}
     watcher = threading.Thread(target=_restart_mid_run, args=(server, server.server_address[1], 40, 0.3, state))
     watcher.start()
-    reasoner = OpenAIReasoner(url, "world", concurrency=8, timeout=1.0, max_retries=10, backoff=0.05,
-                              backoff_max=0.3)
+    reasoner = OpenAIReasoner(url, "world", concurrency=8, timeout=1.0, max_retries=10)
     try:
         groups = run_episodes(problems, captions, reasoner, clarifier, cfg)
         done = time.perf_counter()
@@ -209,7 +209,7 @@ def test_serve_command_line(tmp_path):
         url = line.split(" at ")[-1].strip()
         p = make_problems("test", 3)
         prompts = [decision_prompt(x.question_with_choices(), oracle_caption_for(x)) for x in p]
-        r = OpenAIReasoner(url, "world", backoff=0.01)
+        r = OpenAIReasoner(url, "world")
         assert r.complete(prompts) == WorldReasoner().complete(prompts)
     finally:
         proc.terminate()
@@ -244,7 +244,7 @@ def _tiny_llama(path):
 
 
 def test_hf_reasoner_in_process_and_served(world, tmp_path):
-    from acrl.backends.hf_reasoner import HFReasoner
+    from acrl.backends.hf.reasoner import HFReasoner
 
     _tiny_llama(tmp_path / "llm")
     hf = HFReasoner(str(tmp_path / "llm"), max_new_tokens=6, batch_size=4)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from acrl.app.assemble import world_source
-from acrl.backends.tiny import LoraSettings, TinyCaptioner
-from acrl.config import SHIPPED_CAPTIONER, load_config
+from acrl.backends.tiny import TinyCaptioner
+from acrl.config import SHIPPED_CAPTIONER, LoraSettings, load_config
 from acrl.train.loop import Run, train
 from acrl.world import make_problems
 
@@ -62,10 +62,11 @@ def test_tiny_clarifier_is_the_frozen_start_after_training(tmp_path, lora):
 def test_hf_clarifier_is_the_frozen_start_after_training(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from acrl.backends import hf_tiny
-    from acrl.backends.hf import HFCaptioner, HFSettings
+    from acrl.backends.hf.captioner import HFCaptioner
+    from acrl.backends.hf.tiny import make_tiny
+    from acrl.config import HFSettings
 
-    base = hf_tiny.make_tiny("qwen2-vl", str(tmp_path / "base"), seed=0)
+    base = make_tiny("qwen2-vl", str(tmp_path / "base"), seed=0)
     cfg = load_config(os.path.join(ROOT, "configs", "qwen2-vl-tiny.yaml"),
                       ["train.steps=2", "train.problems_per_step=2", "train.samples_per_problem=2", "train.lr=0.05",
                        "train.checkpoint_every=100", "train.log_episodes=0", "train.threads=1",

@@ -38,6 +38,71 @@ def world():
     _stop(server)
 
 
+def _completion(text="SOLVED \\boxed{3}") -> bytes:
+    return json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}).encode()
+
+
+class Scripted(ThreadingHTTPServer):
+    """A chat server on 127.0.0.1: POSTs are answered from ``script`` in order (``(status, body, headers,
+    seconds to wait first)``), then with a normal completion; every request is held at least ``hold`` seconds.
+    Records each POST's arrival time and headers, and the most POSTs it held at once."""
+
+    daemon_threads = True
+
+    def __init__(self, script=(), hold=0.0):
+        self.script, self.hold = list(script), hold
+        self.lock, self.active, self.most, self.arrivals, self.headers = threading.Lock(), 0, 0, [], []
+        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server_port}/v1"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _stop(self)
+
+
+class _ScriptedHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status, body, headers=()):
+        self.send_response(status)
+        for k, v in dict(headers).items():
+            self.send_header(k, v)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send(200, json.dumps({"data": [{"id": "m"}]}).encode())
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        srv = self.server
+        with srv.lock:
+            srv.arrivals.append(time.perf_counter())
+            srv.headers.append({k.lower(): v for k, v in self.headers.items()})
+            srv.active += 1
+            srv.most = max(srv.most, srv.active)
+            status, body, headers, wait = srv.script.pop(0) if srv.script else (200, _completion(), {}, 0.0)
+        time.sleep(max(wait, srv.hold))
+        with srv.lock:
+            srv.active -= 1
+        try:
+            self._send(status, body, headers)
+        except (BrokenPipeError, ConnectionResetError):
+            pass                                                     # the client gave up (its timeout)
+
+    def log_message(self, *args):
+        pass
+
+
+ERROR = json.dumps({"error": {"message": "busy"}}).encode()
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -139,14 +204,14 @@ def test_think_strip_and_keep():
 
 
 def test_faults_are_retried_until_the_replies_match(prompts):
-    server, _, url = start_server(WorldBackend(), fail_rate=0.3, timeout_rate=0.1, malformed_rate=0.1, seed=1,
-                                  fault_sleep=1.5)
+    """Each prompt three times (the server draws a fault per body and occurrence): every kind of fault occurs."""
+    server, _, url = start_server(WorldBackend(), fail_rate=0.1, timeout_rate=0.1, malformed_rate=0.1, seed=1,
+                                  fault_sleep=0.8)
     try:
-        r = OpenAIReasoner(url, "world", concurrency=6, timeout=1.0, max_retries=12, backoff=0.01,
-                           backoff_max=0.05)
-        assert r.complete(prompts) == WorldReasoner().complete(prompts)
+        r = OpenAIReasoner(url, "world", concurrency=12, timeout=0.4, max_retries=12)
+        assert r.complete(prompts * 3) == WorldReasoner().complete(prompts) * 3
         s = r.stats()
-        assert s["retries"] > 0 and s["failures"] == 0 and s["requests"] == len(prompts) + s["retries"]
+        assert s["retries"] > 0 and s["failures"] == 0 and s["requests"] == 3 * len(prompts) + s["retries"]
         assert server.faults.counts["fail"] and server.faults.counts["malformed"]
         assert server.faults.counts["timeout"]
     finally:
@@ -213,7 +278,8 @@ def test_works_from_threads_from_a_running_loop_and_async(world, prompts):
 
 
 def test_clarifier_sends_the_image_and_matches_in_process_answers(tmp_path, problems):
-    from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+    from acrl.backends.tiny import TinyCaptioner
+    from acrl.config import TinyVLMConfig
 
     cap = TinyCaptioner.create(TinyVLMConfig(d_model=32, n_heads=2, n_layers=1, cnn_width=8, max_new_tokens=8))
     cap.save(str(tmp_path / "ref"))
@@ -229,3 +295,57 @@ def test_clarifier_sends_the_image_and_matches_in_process_answers(tmp_path, prob
         assert isinstance(bad[0], ServiceError) and bad[0].status == 400
     finally:
         _stop(server)
+
+
+def test_server_errors_are_retried_until_a_reply_and_the_key_is_sent():
+    with Scripted([(503, ERROR, {}, 0.0)] * 2) as srv:
+        r = OpenAIReasoner(srv.url, "m", max_retries=2, api_key="sekrit")
+        assert r.complete(["q"]) == ["SOLVED \\boxed{3}"]
+    s = r.stats()
+    assert (s["requests"], s["retries"], s["failures"]) == (3, 2, 0)
+    assert all(h.get("authorization") == "Bearer sekrit" for h in srv.headers), srv.headers
+
+
+def test_too_many_requests_waits_as_long_as_retry_after_says():
+    with Scripted([(429, ERROR, {"Retry-After": "1"}, 0.0)]) as srv:
+        r = OpenAIReasoner(srv.url, "m", max_retries=1)
+        assert r.complete(["q"]) == ["SOLVED \\boxed{3}"]
+    assert srv.arrivals[1] - srv.arrivals[0] >= 0.95          # the SDK's own first backoff is at most 0.5 s
+    assert r.stats()["retries"] == 1
+
+
+def test_a_bad_request_is_not_retried_and_fails_in_its_slot():
+    with Scripted([(400, ERROR, {}, 0.0)]) as srv:
+        r = OpenAIReasoner(srv.url, "m", max_retries=4)
+        out = r.complete(["bad", "good"])
+    err = next(o for o in out if isinstance(o, Exception))
+    assert isinstance(err, ServiceError) and err.status == 400 and err.attempts == 1 and srv.url in str(err)
+    assert "SOLVED \\boxed{3}" in out and len(srv.arrivals) == 2 and r.stats()["failures"] == 1
+
+
+def test_a_request_past_its_timeout_is_retried_then_fails_in_its_slot():
+    with Scripted([(200, _completion(), {}, 1.5)] * 2) as srv:
+        r = OpenAIReasoner(srv.url, "m", timeout=0.3, max_retries=1)
+        t = time.perf_counter()
+        (err,) = r.complete(["q"])
+        took = time.perf_counter() - t
+    assert isinstance(err, ServiceError) and err.status is None and err.attempts == 2
+    assert "timed out after 0.3s" in str(err) and len(srv.arrivals) == 2 and took < 1.5
+
+
+def test_malformed_bodies_are_retried_and_fail_in_their_slot_without_retries():
+    broken = b'{"choices": [{"message": {"content": "SOL'
+    listed = json.dumps({"choices": [{"message": {"content": ["not", "text"]}}]}).encode()
+    with Scripted([(200, broken, {}, 0.0), (200, listed, {}, 0.0)]) as srv:
+        r = OpenAIReasoner(srv.url, "m", max_retries=2)
+        assert r.complete(["q"]) == ["SOLVED \\boxed{3}"] and r.stats()["retries"] == 2
+    with Scripted([(200, broken, {}, 0.0)]) as srv:
+        (err,) = OpenAIReasoner(srv.url, "m", max_retries=0).complete(["q"])
+    assert isinstance(err, ServiceError) and "malformed body" in str(err) and err.attempts == 1
+
+
+def test_the_server_never_holds_more_than_concurrency_requests():
+    with Scripted(hold=0.15) as srv:
+        r = OpenAIReasoner(srv.url, "m", concurrency=3)
+        assert r.complete([f"q{i}" for i in range(12)]) == ["SOLVED \\boxed{3}"] * 12
+    assert srv.most == 3 and len(srv.arrivals) == 12

@@ -34,7 +34,7 @@ def test_converted_folder_is_a_plain_checkpoint(smollm2):
 def test_real_replies_with_and_without_demonstrations(smollm2):
     """A 135M model mostly ignores the protocol zero-shot; with demonstrations its replies follow it. Every reply
     is classified (no crash, no silent drop), and a protocol reply carries its content."""
-    from acrl.backends.hf_reasoner import HFReasoner
+    from acrl.backends.hf.reasoner import HFReasoner
 
     problems = make_problems("val", 4)
     prompts = [decision_prompt(p.question_with_choices(), oracle_caption_for(p)) for p in problems]

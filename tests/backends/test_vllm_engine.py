@@ -4,12 +4,14 @@ runs where vLLM and a CUDA GPU are present."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 import types
 from types import SimpleNamespace as NS
 
+import httpx2
 import numpy as np
 import pytest
 import torch
@@ -18,9 +20,8 @@ from PIL import Image
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from acrl.backends import hf_tiny  # noqa: E402
-from acrl.backends.hf import HFCaptioner, HFSettings  # noqa: E402
-from acrl.backends.tiny import LoraSettings  # noqa: E402
+from acrl.backends.hf.captioner import HFCaptioner  # noqa: E402
+from acrl.backends.hf.tiny import make_tiny  # noqa: E402
 from acrl.backends.vllm_engine import (  # noqa: E402
     NEUTRAL_SAMPLING,
     PROBE_QUESTION,
@@ -37,6 +38,7 @@ from acrl.backends.vllm_engine import (  # noqa: E402
     samples_from_outputs,
 )
 from acrl.backends.vllm_engine import probe_image as engine_probe_image  # noqa: E402
+from acrl.config import HFSettings, LoraSettings  # noqa: E402
 
 LORA = LoraSettings(enabled=True, r=4, alpha=8)
 QUESTIONS = ["What is the height of the red bar?", "How many circles are there?"]
@@ -106,7 +108,7 @@ def test_lora_rank_rounds_up_to_a_supported_size():
 # --- the engines, through stand-ins -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def captioner(tmp_path_factory):
-    path = hf_tiny.make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen") / "base"), seed=0)
+    path = make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen") / "base"), seed=0)
     torch.manual_seed(0)
     return HFCaptioner.load(path, lora=LORA, settings=HFSettings(device="cpu"))
 
@@ -238,37 +240,37 @@ def test_engine_needs_a_lora_captioner(tmp_path):
 
 
 class FakeHTTP:
-    """An httpx.Client stand-in for a vLLM server: records requests, answers chat completions from a queue.
-    ``max_model_len``: what ``/v1/models`` reports; ``dev_mode``: whether ``/is_sleeping`` exists."""
+    """A vLLM server behind an ``httpx2.MockTransport`` (``client`` goes to the engine): records each POST as
+    ``(url, json body or None)``, answers chat completions from a queue. ``max_model_len``: what ``/v1/models``
+    reports; ``dev_mode``: whether ``/is_sleeping`` exists; ``errors``: ``(url suffix, status)`` answered to the next
+    POSTs to such URLs."""
 
     def __init__(self, max_model_len=4096, dev_mode=True):
-        self.posts, self.replies, self.closed = [], [], False
+        self.posts, self.replies, self.errors = [], [], []
         self.max_model_len, self.dev_mode = max_model_len, dev_mode
+        self.client = httpx2.Client(transport=httpx2.MockTransport(self.handle))
 
-    def _response(self, data, json_body=True, status=200):
-        return NS(status_code=status, text=str(data), json=lambda: data,
-                  headers={"content-type": "application/json" if json_body else "text/plain"},
-                  raise_for_status=lambda: None)
-
-    def get(self, url):
-        if url.endswith("/is_sleeping"):
-            return self._response({"is_sleeping": False}) if self.dev_mode else self._response("", status=404)
-        return self._response({"data": [{"id": "base-model", "max_model_len": self.max_model_len}]})
-
-    def close(self):
-        self.closed = True
-
-    def post(self, url, json=None):
-        self.posts.append((url, json))
+    def handle(self, request):
+        url = str(request.url)
+        if request.method == "GET":
+            if url.endswith("/is_sleeping"):
+                return httpx2.Response(200 if self.dev_mode else 404, json={"is_sleeping": False})
+            return httpx2.Response(200, json={"data": [{"id": "base-model", "max_model_len": self.max_model_len}]})
+        self.posts.append((url, json.loads(request.content) if request.content else None))
+        error = next((e for e in self.errors if url.endswith(e[0])), None)
+        if error:
+            self.errors.remove(error)
+            return httpx2.Response(error[1], json={"error": {"message": "unavailable"}})
         if url.endswith("/chat/completions"):
-            return self._response(self.replies.pop(0))
-        return self._response("ok", json_body=False)
+            return httpx2.Response(200, json=self.replies.pop(0))
+        return httpx2.Response(200, text="ok")
 
 
 def test_server_engine_loads_adapters_and_samples_over_http(captioner, tmp_path):
     http = FakeHTTP()
     engine = VLLMServerEngine(captioner, VLLMSettings(mode="server", base_url="http://srv:8000/v1",
-                                                      adapter_dir=str(tmp_path), self_check=False), client=http)
+                                                      adapter_dir=str(tmp_path), self_check=False),
+                              http_client=http.client)
     url, body = http.posts[-1]
     assert url == "http://srv:8000/v1/load_lora_adapter" and body["lora_name"] == engine.lora_name
     assert os.path.exists(os.path.join(body["lora_path"], "adapter_config.json")) and engine.base_name == "base-model"
@@ -350,7 +352,8 @@ def _chat_reply(*choices, logprobs=None):
 
 
 def _server(captioner, tmp_path, http, **settings):
-    return VLLMServerEngine(captioner, VLLMSettings(mode="server", adapter_dir=str(tmp_path), **settings), client=http)
+    return VLLMServerEngine(captioner, VLLMSettings(mode="server", adapter_dir=str(tmp_path), **settings),
+                            http_client=http.client)
 
 
 def test_request_seeds_are_n_apart_so_no_two_samples_share_one(captioner, fake_vllm, tmp_path):
@@ -482,6 +485,25 @@ def test_close_stops_the_engine_and_unloads_the_servers_adapter(captioner, fake_
     assert http.posts[-1] == ("http://127.0.0.1:8000/v1/unload_lora_adapter", {"lora_name": name})
 
 
+def test_server_chat_requests_are_retried_and_adapter_loads_are_not(captioner, tmp_path):
+    """Chat requests are seeded, so the SDK retries them (503: a server still loading); loading an adapter twice
+    would fail, so a failed load is reported at once."""
+    http = FakeHTTP()
+    engine = _server(captioner, tmp_path, http, self_check=False)
+    http.errors.append(("/chat/completions", 503))
+    http.replies.append(_chat_reply([5, EOS]))
+    assert engine.answer(_images(1), ["How tall?"]) == ["c0"]
+    chats = [b for u, b in http.posts if u.endswith("/chat/completions")]
+    assert len(chats) == 2 and chats[0] == chats[1]
+    http.errors.append(("/load_lora_adapter", 500))
+    with pytest.raises(RuntimeError, match="load_lora_adapter: HTTP 500"):
+        engine.push_adapter()
+    assert sum(u.endswith("/load_lora_adapter") for u, _ in http.posts) == 2   # the first push and this one
+    http.errors.append(("/chat/completions", 400))
+    with pytest.raises(RuntimeError, match="chat/completions: HTTP 400"):
+        engine.answer(_images(1), ["How tall?"])
+
+
 def test_engine_is_sized_from_the_run_and_adapters_go_to_shared_memory_in_the_engine_dtype(tiny_base, fake_vllm,
                                                                                            tmp_path, monkeypatch):
     """The engine took the model's own context (128k for Qwen2.5-VL), vLLM's default sequence count and no
@@ -511,7 +533,7 @@ def test_engine_is_sized_from_the_run_and_adapters_go_to_shared_memory_in_the_en
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the vLLM engine needs a CUDA GPU (none here)")
 def test_real_vllm_engine_on_a_tiny_checkpoint(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[gpu]')")
-    path = hf_tiny.make_tiny("qwen2-vl", str(tmp_path / "base"), seed=0)
+    path = make_tiny("qwen2-vl", str(tmp_path / "base"), seed=0)
     cap = HFCaptioner.load(path, lora=LORA, settings=HFSettings(device="cuda", dtype="fp32"))
     engine = VLLMRolloutEngine(cap, VLLMSettings(gpu_memory_utilization=0.2, enforce_eager=True,
                                                  adapter_dir=str(tmp_path)))
@@ -537,7 +559,7 @@ class ModelLLM(FakeLLM):
         super().__init__(**kw)
         from transformers import AutoModelForImageTextToText
 
-        from acrl.backends.hf import load_processor
+        from acrl.backends.hf.loading import load_processor
 
         self.base = AutoModelForImageTextToText.from_pretrained(kw["model"]).eval()
         self.processor = load_processor(kw["model"])
@@ -610,7 +632,7 @@ def model_vllm(fake_vllm):
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    return hf_tiny.make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen-base") / "base"), seed=0)
+    return make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("qwen-base") / "base"), seed=0)
 
 
 def test_engine_samples_what_the_trainer_recomputes_after_every_update(tiny_base, model_vllm, tmp_path):

@@ -8,7 +8,7 @@
 Without vLLM every test here is skipped, unless ACRL_REQUIRE_VLLM is set (``make test-vllm``, CI): then they fail.
 Servers start once per session (about a minute each with ``--enforce-eager``) and are shared by the tests.
 CPU attention needs head sizes of 32 or more, and vLLM's Qwen-VL processors a saved video-processor config: the
-tiny models here have both (:func:`acrl.backends.hf_tiny.make_tiny_for_vllm`).
+tiny models here have both (:func:`acrl.backends.hf.tiny.make_tiny_for_vllm`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import torch
 from conftest import MICRO, run_cli
 from PIL import Image
 
-from acrl.backends import hf_tiny
-from acrl.backends.hf import HFCaptioner, HFSettings
+from acrl.backends.hf.captioner import HFCaptioner
+from acrl.backends.hf.tiny import make_tiny_for_vllm
 from acrl.backends.openai_api import OpenAIReasoner
-from acrl.config import LoraSettings, VLLMSettings
+from acrl.config import HFSettings, LoraSettings, VLLMSettings
 from acrl.rollout.prompts import decision_prompt
 from acrl.world import make_problems, oracle_caption_for
 
@@ -140,7 +140,7 @@ def smol_server(smollm2, tmp_path_factory, timings):
 @pytest.fixture(scope="session")
 def qwen_base(tmp_path_factory):
     require_vllm()
-    return hf_tiny.make_tiny_for_vllm("qwen2-vl", str(tmp_path_factory.mktemp("qwen2-vl") / "base"))
+    return make_tiny_for_vllm("qwen2-vl", str(tmp_path_factory.mktemp("qwen2-vl") / "base"))
 
 
 @pytest.fixture(scope="session")
@@ -313,7 +313,7 @@ def test_colocated_engine_with_lora(family, tmp_path, timings, monkeypatch):
 
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-    cap = _captioner(hf_tiny.make_tiny_for_vllm(family, str(tmp_path / "base")))
+    cap = _captioner(make_tiny_for_vllm(family, str(tmp_path / "base")))
     _randomise_adapter(cap, seed=0)
     before = _live_children()
     t = time.perf_counter()

@@ -15,7 +15,6 @@ from acrl.core.advantages import (
     grpo_advantages,
     reinforce_advantages,
     rloo_advantages,
-    uniform_group_fraction,
 )
 from acrl.core.reward import tiered_components
 
@@ -340,13 +339,12 @@ def test_compute_advantages_dispatch():
 # --- diagnostics --------------------------------------------------------------------------------------------------
 
 
-def test_uniform_group_fraction_and_all_zero_counts():
+def test_uniform_and_all_zero_group_counts():
     r = T([[1.0, 1, 1], [0.0, 0, 0], [1.0, 0, 0.7], [0.7, 0.7, 0.0], [0.0, 1.0, 0.0]])
     m = T([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0], [0, 0, 0]]).bool()
     # valid groups: 0 uniform (all 1), 1 uniform all-zero, 2 mixed, 3 uniform (0.7, 0.7; the 0 is masked);
     # group 4 has no valid sample and does not count -> 3 uniform of 4, 1 all-zero
     d = group_diagnostics(r, m)
     assert d == {"n_groups": 4, "n_uniform": 3, "n_all_zero": 1, "uniform_frac": 0.75, "all_zero_frac": 0.25}
-    assert uniform_group_fraction(r, m) == 0.75
-    assert uniform_group_fraction(r) == pytest.approx(2 / 5)
-    assert uniform_group_fraction(torch.zeros(0, 8)) == 0.0
+    assert group_diagnostics(r)["uniform_frac"] == pytest.approx(2 / 5)
+    assert group_diagnostics(torch.zeros(0, 8))["uniform_frac"] == 0.0

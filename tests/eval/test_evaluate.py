@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from data.fixtures import logicvista_json, write_json
 
-from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+from acrl.backends.tiny import TinyCaptioner
+from acrl.config import TinyVLMConfig
 from acrl.data import load_benchmark
 from acrl.eval.evaluate import evaluate, markdown_table, turn_metrics
 from acrl.eval.metrics import summarize_by

@@ -166,7 +166,7 @@ def test_reward_errors_and_completion_text(world):
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory):
     pytest.importorskip("transformers")
-    from acrl.backends.hf_tiny import make_tiny
+    from acrl.backends.hf.tiny import make_tiny
 
     return make_tiny("qwen2-vl", str(tmp_path_factory.mktemp("trl") / "qwen2-vl"), seed=0)
 
@@ -176,7 +176,8 @@ def test_grpo_trainer_smoke(tiny_qwen, tmp_path):
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from acrl.backends.hf import HFCaptioner, HFSettings, load_model, load_processor
+    from acrl.backends.hf.loading import load_model, load_processor, lora_target_modules
+    from acrl.config import HFSettings
     from acrl.integrations.trl import adapter_disabled_clarifier
 
     torch.manual_seed(0)
@@ -184,7 +185,7 @@ def test_grpo_trainer_smoke(tiny_qwen, tmp_path):
     model = load_model(tiny_qwen, settings)
     proc = load_processor(tiny_qwen)
     proc.tokenizer.padding_side = "left"
-    targets = HFCaptioner.lora_target_modules(model, r".*\.(q_proj|v_proj)")
+    targets = lora_target_modules(model, r".*\.(q_proj|v_proj)")
     reward = make_acrl_reward(WorldReasoner(), None, alpha=0.7)
     args = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, fp16=False,
                       activation_checkpointing=False, use_vllm=False, num_generations=4, per_device_train_batch_size=8,
@@ -204,7 +205,7 @@ def test_grpo_trainer_smoke(tiny_qwen, tmp_path):
 
 def test_frozen_clarifier(tiny_qwen):
     pytest.importorskip("peft")
-    from acrl.backends.hf import HFSettings
+    from acrl.config import HFSettings
     from acrl.integrations.trl import frozen_clarifier
 
     clar = frozen_clarifier(tiny_qwen, HFSettings(device="cpu", dtype="fp32", answer_max_new_tokens=4))

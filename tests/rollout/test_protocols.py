@@ -13,13 +13,14 @@ def _batch(texts, width, temperature=1.0, pad_id=0, start=0):
     mask = torch.ones(n, width)
     mask[:, -1] = 0
     tokens[:, -1] = pad_id
-    return ReplyBatch([f"prompt {t}" for t in texts], list(texts), tokens, mask, -mask * 0.5, temperature,
-                      [[i] * (i + 1) for i in range(start, start + n)], pad_id)
+    return ReplyBatch(tokens, mask, -mask * 0.5, temperature, prompts=[f"prompt {t}" for t in texts],
+                      texts=list(texts), prompt_ids=[[i] * (i + 1) for i in range(start, start + n)], pad_id=pad_id)
 
 
 def test_a_rollout_counts_its_samples_per_problem():
-    roll = Rollout([["a", "b", "c"], ["d", "e", "f"]], torch.zeros(6, 2), torch.ones(6, 2), torch.zeros(6, 2), 1.0)
-    assert roll.n == 3 and Rollout([], torch.zeros(0), torch.zeros(0), torch.zeros(0), 1.0).n == 0
+    texts = [["a", "b", "c"], ["d", "e", "f"]]
+    roll = Rollout(torch.zeros(6, 2), torch.ones(6, 2), torch.zeros(6, 2), 1.0, texts=texts)
+    assert roll.n == 3 and Rollout(torch.zeros(0), torch.zeros(0), torch.zeros(0), 1.0).n == 0
 
 
 def test_select_keeps_the_rows_asked_for_in_that_order():

@@ -7,8 +7,9 @@ import zlib
 import torch
 from PIL import Image
 
-from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig, _Context
-from acrl.config import Config
+from acrl.backends.tiny import TinyCaptioner
+from acrl.backends.tiny.captioner import _Context
+from acrl.config import Config, TinyVLMConfig
 from acrl.problem import Problem
 from acrl.rollout.prompts import parse_prompt
 from acrl.rollout.protocols import Rollout
@@ -62,8 +63,8 @@ class SharedSampling:
         assert prompts == [p.question_with_choices() for p in whole[g]], "the trainer's shard is not contiguous"
         r = slice(g.start * n, g.stop * n)
         ctx = roll.context
-        return Rollout(roll.texts[g], roll.tokens[r], roll.mask[r], roll.logprobs[r], roll.temperature,
-                       _Context(ctx.pixels[g], ctx.prompt[g], n))
+        return Rollout(roll.tokens[r], roll.mask[r], roll.logprobs[r], roll.temperature, texts=roll.texts[g],
+                       context=_Context(ctx.pixels[g], ctx.prompt[g], n))
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

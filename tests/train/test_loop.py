@@ -38,7 +38,8 @@ def test_eval_view_applies_a_sets_overrides():
 
 def test_train_records_the_scheduled_alpha_and_turns(tmp_path):
     from acrl.app.assemble import world_source
-    from acrl.backends.tiny import TinyCaptioner, TinyVLMConfig
+    from acrl.backends.tiny import TinyCaptioner
+    from acrl.config import TinyVLMConfig
     from acrl.world import make_problems
     from acrl.world.reasoner import OracleClarifier, WorldReasoner
 

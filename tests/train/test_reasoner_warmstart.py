@@ -7,7 +7,7 @@ import random
 import pytest
 from conftest import run_cli
 
-from acrl.backends.tiny_reasoner import world_reasoner_tokenizer
+from acrl.backends.tiny import world_reasoner_tokenizer
 from acrl.rollout.replies import parse_reply
 from acrl.train.reasoner_warmstart import (
     ReasonerWarmStartConfig,

@@ -1,11 +1,14 @@
 """The warm starts (captioner and reasoner): a run stopped part-way never leaves what looks like a finished one."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from acrl.backends.tiny import TinyVLMConfig
-from acrl.backends.tiny_reasoner import TinyReasonerConfig
+from acrl.config import TinyReasonerConfig, TinyVLMConfig
 from acrl.train.reasoner_warmstart import ReasonerWarmStartConfig, warm_start_reasoner
 from acrl.train.warmstart import WarmStartConfig, warm_start
 from acrl.world import WorldConfig
@@ -117,3 +120,28 @@ def test_warmstart_command_table(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) <= 1, (extra, err)
         assert (out / "model.pt").read_bytes() == model                        # the finished model is kept
+
+
+def test_a_sigterm_warmstart_command_checkpoints_its_step_and_resumes(tmp_path):
+    """A SIGTERM (what schedulers send) ended a warm start at once: the steps since its last checkpoint were lost."""
+    from conftest import MICRO, ROOT, run_cli
+
+    from acrl.train import checkpoint
+
+    out = tmp_path / "ws"
+    argv = ["warmstart", "--config", MICRO, "--out", str(out), "--set", "warmstart.steps=20", "--set",
+            "warmstart.eval_every=1", "--set", "warmstart.eval_n=1", "--set", "warmstart.checkpoint_every=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "acrl", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, end = out / "warmstart_log.jsonl", time.time() + 300
+    while proc.poll() is None and time.time() < end and not (log.exists() and len(_log_rows(out)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "acrl warmstart: stopped by SIGTERM at step "), err
+    done = _log_rows(out)[-1]["step"]
+    assert checkpoint.latest(str(out)).step == done >= 2 and not _finished(out)   # nothing lost, nothing published
+    run_cli(*argv, "--resume")
+    assert [r["step"] for r in _log_rows(out)] == list(range(1, 21)) and _finished(out)

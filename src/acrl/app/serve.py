@@ -3,7 +3,7 @@
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``. Backends:
 
 - ``world``: :class:`acrl.world.reasoner.WorldReasoner`; the prompt is the text of the last user message.
-- ``hf``: :class:`acrl.backends.hf_reasoner.HFReasoner`, a local Hugging Face causal LM (the whole conversation
+- ``hf``: :class:`acrl.backends.hf.reasoner.HFReasoner`, a local Hugging Face causal LM (the whole conversation
   goes through the tokenizer's chat template); concurrent requests are batched.
 - ``clarifier``: a :class:`acrl.backends.tiny.TinyCaptioner` checkpoint answering clarification questions; the
   image comes as a base64 ``image_url`` data URL, the question from the text part
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from acrl.backends.hf_reasoner import HFReasoner
+from acrl.backends.hf.reasoner import HFReasoner
 from acrl.backends.tiny import TinyCaptioner
 from acrl.rollout.prompts import CLARIFY_PROMPT
 from acrl.world.reasoner import WorldReasoner

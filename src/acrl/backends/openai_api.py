@@ -6,14 +6,18 @@
   ``image_url`` data URL next to the text of ``acrl.rollout.prompts.clarify_prompt(question)`` (the format vLLM's VLM
   servers accept).
 
-Failure handling: connection errors, timeouts, HTTP 429, HTTP 5xx and malformed bodies are retried with exponential
-backoff and jitter; other 4xx are not. A request that still fails becomes a :class:`ServiceError` instance in its
-slot (the episode is then ``failed``); a single failed request never raises. ``check()`` fails fast with a
-``ConnectionError`` naming the URL when nothing listens there.
+Requests go through the ``openai`` SDK's ``AsyncOpenAI`` (one per event loop, its connection pool capped at
+``concurrency``). Failure handling is the SDK's: connection errors, timeouts (``timeout`` per attempt), HTTP 408,
+409, 429 and 5xx are retried ``max_retries`` times with exponential backoff (0.5 s doubling to 8 s, jittered, or the
+server's ``Retry-After`` up to 2 minutes); other 4xx are not. A ``200`` whose body is not a chat completion with text
+content is retried as well (:func:`_check_completion` turns it into a decoding error, which the SDK retries like a
+dropped connection). A request that still fails becomes a :class:`ServiceError` instance in its slot (the episode is
+then ``failed``); a single failed request never raises. ``check()`` fails fast with a ``ConnectionError`` naming the
+URL when nothing listens there.
 
-``complete``/``answer`` are synchronous: they run the requests on a private event loop in a daemon thread (one
-``httpx.AsyncClient`` per event loop), so they work from any thread, including one that runs its own event loop.
-``acomplete``/``aanswer`` are the coroutine versions for callers that already are async.
+``complete``/``answer`` are synchronous: they run the requests on a private event loop in a daemon thread, so they
+work from any thread, including one that runs its own event loop. ``acomplete``/``aanswer`` are the coroutine
+versions for callers that already are async.
 
 Temperature-0 responses can be cached (``cache="memory"`` or a JSONL path for an on-disk cache that later runs
 reuse), keyed by a hash of the full request body.
@@ -28,19 +32,22 @@ import hashlib
 import io
 import json
 import os
-import random
 import threading
 import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
+import httpx2
+import openai
 
 from acrl.rollout.grading import strip_think
 from acrl.rollout.prompts import clarify_prompt, few_shot_messages
 
 THINK_MODES = ("strip", "keep")
+NO_KEY = "EMPTY"   # sent when no API key is set: the SDK needs one, servers without --api-key ignore it
+RETRY_HEADER = "x-stainless-retry-count"   # the SDK numbers the attempts of a request in this header (0: the first)
+TYPED = ("model", "messages", "temperature", "max_tokens")   # body fields the SDK takes by name; the rest: extra_body
 
 
 def strip_thinking(text: str) -> str:
@@ -56,12 +63,6 @@ class ServiceError(RuntimeError):
         self.url, self.status, self.attempts = url, status, attempts
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.status, self.retry_after = status, retry_after
-
-
 def normalize_base_url(url: str) -> str:
     """``http://host:8000``, ``http://host:8000/`` and ``http://host:8000/v1`` all mean the same server."""
     url = (url or "").strip().rstrip("/")
@@ -71,6 +72,45 @@ def normalize_base_url(url: str) -> str:
         url = "http://" + url
     url = url.removesuffix("/v1")
     return url
+
+
+def api_key_from(api_key: str | None, api_key_env: str | None) -> str:
+    """``api_key``, else the environment variable named ``api_key_env``, else :data:`NO_KEY`."""
+    key = api_key if api_key is not None else (os.environ.get(api_key_env, "") if api_key_env else "")
+    return key or NO_KEY
+
+
+async def _check_completion(response: httpx2.Response) -> None:
+    """Response hook: a ``200`` from ``/chat/completions`` whose body is not a chat completion with text content
+    raises ``httpx2.DecodingError``, which the SDK retries like a dropped connection."""
+    if response.status_code != 200 or not response.request.url.path.endswith("/chat/completions"):
+        return
+    await response.aread()
+    try:
+        message = json.loads(response.content)["choices"][0]["message"]
+        ok = isinstance(message.get("content"), str | None)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise httpx2.DecodingError(f"HTTP 200 with a malformed body: {response.text[:200]!r}",
+                                   request=response.request)
+
+
+class _Counters:
+    """Thread-safe counters; :meth:`on_request` is the HTTP client's request hook (every attempt, retries too)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values = {"calls": 0, "requests": 0, "retries": 0, "failures": 0, "cache_hits": 0, "seconds": 0.0}
+
+    def add(self, key: str, n: float = 1) -> None:
+        with self.lock:
+            self.values[key] += n
+
+    async def on_request(self, request: httpx2.Request) -> None:
+        self.add("requests")
+        if request.headers.get(RETRY_HEADER, "0") != "0":
+            self.add("retries")
 
 
 class _LoopThread:
@@ -89,12 +129,12 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def shutdown(self, clients: weakref.WeakKeyDictionary) -> None:
-        """Close this loop's HTTP clients and stop the loop (also run as the owner's finalizer)."""
+        """Close this loop's SDK client and stop the loop (also run as the owner's finalizer)."""
         if self.pid != os.getpid():                           # a forked child: the thread is not ours
             return
-        slots = clients.pop(self.loop, None)
+        client = clients.pop(self.loop, None)
         if self.loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(_aclose(slots), self.loop)
+            fut = asyncio.run_coroutine_threadsafe(_aclose(client), self.loop)
             if threading.current_thread() is self.thread:
                 fut.add_done_callback(lambda _: self.loop.stop())
                 return
@@ -106,49 +146,20 @@ class _LoopThread:
             self.loop.close()
 
 
-async def _aclose(slots) -> None:
-    if slots is not None:
-        await slots.aclose()
-
-
-class _Slots:
-    """At most ``concurrency`` requests in flight, spread over HTTP clients of at most ``per_client`` connections
-    each (httpx's connection pool does work proportional to its size on every request, so one big pool makes the
-    client, not the server, the bottleneck at high concurrency)."""
-
-    per_client = 8
-
-    def __init__(self, concurrency: int, timeout: float, headers: dict):
-        n = -(-concurrency // self.per_client)
-        size = -(-concurrency // n)
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        self.clients = [httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                                          limits=limits, headers=headers) for _ in range(n)]
-        self.free: asyncio.Queue = asyncio.Queue()
-        for i in range(concurrency):
-            self.free.put_nowait(self.clients[i % n])
-
-    async def acquire(self) -> httpx.AsyncClient:
-        return await self.free.get()
-
-    def release(self, client: httpx.AsyncClient) -> None:
-        self.free.put_nowait(client)
-
-    async def aclose(self) -> None:
-        for c in self.clients:
-            await c.aclose()
+async def _aclose(client: openai.AsyncOpenAI | None) -> None:
+    if client is not None:
+        await client.close()
 
 
 class _ChatClient:
-    """Shared machinery: per-loop HTTP clients, retries, cache, counters."""
+    """Shared machinery: one SDK client per event loop, the cache, the counters."""
 
     what = "service"
 
     def __init__(self, base_url: str, model: str = "", *, api_key: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 16, timeout: float = 60.0,
-                 max_retries: int = 4, backoff: float = 0.5, backoff_max: float = 8.0, temperature: float = 0.0,
-                 max_tokens: int = 1024, cache: str | None = None, check_timeout: float = 5.0,
-                 extra_body: dict[str, Any] | None = None, seed: int | None = None):
+                 max_retries: int = 4, temperature: float = 0.0, max_tokens: int = 1024, cache: str | None = None,
+                 check_timeout: float = 5.0, extra_body: dict[str, Any] | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if timeout <= 0:
@@ -158,17 +169,14 @@ class _ChatClient:
         self.base_url = normalize_base_url(base_url)
         self.chat_url = self.base_url + "/v1/chat/completions"
         self.model = model
-        key = api_key if api_key is not None else (os.environ.get(api_key_env, "") if api_key_env else "")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.api_key = api_key_from(api_key, api_key_env)
         self.concurrency, self.timeout, self.max_retries = concurrency, float(timeout), max_retries
-        self.backoff, self.backoff_max = backoff, backoff_max
         self.temperature, self.max_tokens = temperature, max_tokens
         self.check_timeout = check_timeout
         self.extra_body = dict(extra_body or {})
-        self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._stats = {"calls": 0, "requests": 0, "retries": 0, "failures": 0, "cache_hits": 0, "seconds": 0.0}
-        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> _Slots
+        self._counters = _Counters()
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> AsyncOpenAI
         self._loop_thread: _LoopThread | None = None
         self._finalizer: weakref.finalize | None = None
         self._checked = False
@@ -200,13 +208,12 @@ class _ChatClient:
 
     # --- counters -----------------------------------------------------------------------------------------------
     def _count(self, key: str, n: float = 1) -> None:
-        with self._lock:
-            self._stats[key] += n
+        self._counters.add(key, n)
 
     def stats(self) -> dict[str, float]:
         """Counters since construction: calls, requests (HTTP attempts), retries, failures, cache_hits, seconds."""
-        with self._lock:
-            out = dict(self._stats)
+        with self._counters.lock:
+            out = dict(self._counters.values)
         out["seconds"] = round(out["seconds"], 4)
         return out
 
@@ -217,50 +224,60 @@ class _ChatClient:
         ``max_model_len`` (vLLM does) that ``max_tokens`` does not fit in. Returns ``self``; with
         an empty ``model`` the first served model is used."""
         url = self.base_url + "/v1/models"
-        try:
-            with httpx.Client(timeout=self.check_timeout, headers=self.headers) as c:
-                r = c.get(url)
-                if r.status_code == 404:
-                    url = self.base_url + "/health"
-                    r = c.get(url)
-        except httpx.TimeoutException as e:
-            raise ConnectionError(f"{self.what} at {url} did not answer within {self.check_timeout:g}s "
-                                  f"({type(e).__name__}); is the server up?") from None
-        except httpx.HTTPError as e:
-            raise ConnectionError(
-                f"{self.what} at {url} is not reachable ({type(e).__name__}: {e}); start it "
-                f"(e.g. `vllm serve MODEL --port PORT` or `acrl serve ...`) or fix base_url") from None
-        if r.status_code in (401, 403):
-            raise ConnectionError(f"{self.what} at {url} refused the API key (HTTP {r.status_code}); set the "
-                                  f"environment variable named by api_key_env")
-        if r.status_code >= 400:
-            raise ConnectionError(f"{self.what} at {url} answered HTTP {r.status_code}: {r.text[:200]}")
-        if url.endswith("/v1/models"):
+        models: dict[str, Any] = {}
+        with openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key, max_retries=0,
+                           timeout=self.check_timeout) as client:
             try:
-                models = {m["id"]: m for m in r.json().get("data", [])}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                models = {}
-            if models and not self.model:
-                self.model = next(iter(models))
-            elif models and self.model not in models:
-                raise ValueError(f"{self.what} at {self.base_url} does not serve model {self.model!r}; "
-                                 f"it serves {list(models)}")
-            limit = models.get(self.model, {}).get("max_model_len")
-            if isinstance(limit, int) and self.max_tokens >= limit:   # vLLM answers each such request HTTP 400
-                raise ValueError(f"{self.what} at {self.base_url} serves {self.model!r} with max_model_len {limit}: "
-                                 f"max_tokens={self.max_tokens} leaves no room for the prompt; set max_tokens below "
-                                 f"{limit} (e.g. {limit // 2}) or start the server with a longer --max-model-len")
+                try:
+                    models = {m.id: m for m in client.models.list().data if isinstance(getattr(m, "id", None), str)}
+                except openai.NotFoundError:
+                    url = self.base_url + "/health"
+                    client.get(url, cast_to=httpx2.Response)
+                except (ValueError, TypeError, AttributeError):
+                    models = {}                                # a body that is not a model list
+            except openai.APITimeoutError:
+                raise ConnectionError(f"{self.what} at {url} did not answer within {self.check_timeout:g}s; "
+                                      f"is the server up?") from None
+            except openai.APIConnectionError as e:
+                cause = e.__cause__ or e
+                raise ConnectionError(
+                    f"{self.what} at {url} is not reachable ({type(cause).__name__}: {cause}); start it "
+                    f"(e.g. `vllm serve MODEL --port PORT` or `acrl serve ...`) or fix base_url") from None
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                raise ConnectionError(f"{self.what} at {url} refused the API key (HTTP {e.status_code}); set the "
+                                      f"environment variable named by api_key_env") from None
+            except openai.APIStatusError as e:
+                raise ConnectionError(f"{self.what} at {url} answered HTTP {e.status_code}: "
+                                      f"{e.response.text[:200]}") from None
+        if models and not self.model:
+            self.model = next(iter(models))
+        elif models and self.model not in models:
+            raise ValueError(f"{self.what} at {self.base_url} does not serve model {self.model!r}; "
+                             f"it serves {list(models)}")
+        limit = getattr(models.get(self.model), "max_model_len", None)
+        if isinstance(limit, int) and self.max_tokens >= limit:   # vLLM answers each such request HTTP 400
+            raise ValueError(f"{self.what} at {self.base_url} serves {self.model!r} with max_model_len {limit}: "
+                             f"max_tokens={self.max_tokens} leaves no room for the prompt; set max_tokens below "
+                             f"{limit} (e.g. {limit // 2}) or start the server with a longer --max-model-len")
         self._checked = True
         return self
 
     # --- event loops --------------------------------------------------------------------------------------------
-    def _slots(self) -> _Slots:
-        """This event loop's HTTP clients and concurrency slots (created on first use in each loop)."""
+    def _client(self) -> openai.AsyncOpenAI:
+        """This event loop's SDK client (created on first use in each loop). Its pool holds ``concurrency``
+        connections and a request waits for a free one without a deadline: that is the cap on requests in
+        flight (a retry's backoff holds no connection)."""
         loop = asyncio.get_running_loop()
-        slots = self._clients.get(loop)
-        if slots is None:
-            slots = self._clients[loop] = _Slots(self.concurrency, self.timeout, self.headers)
-        return slots
+        client = self._clients.get(loop)
+        if client is None:
+            n = self.concurrency
+            http = openai.DefaultAsyncHttpxClient(
+                limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n),
+                event_hooks={"request": [self._counters.on_request], "response": [_check_completion]})
+            client = self._clients[loop] = openai.AsyncOpenAI(
+                base_url=self.base_url + "/v1", api_key=self.api_key, max_retries=self.max_retries,
+                timeout=openai.Timeout(self.timeout, connect=min(self.timeout, 10.0), pool=None), http_client=http)
+        return client
 
     def _run(self, coro):
         lt = self._loop_thread
@@ -273,14 +290,14 @@ class _ChatClient:
         return lt.run(coro)
 
     def close(self) -> None:
-        """Close the HTTP clients and stop the private loop (the object can still be used afterwards)."""
+        """Close the SDK clients and stop the private loop (the object can still be used afterwards)."""
         self._loop_thread = None
         fin, self._finalizer = self._finalizer, None
         if fin is not None:
             fin()
 
     async def aclose(self) -> None:
-        """Close the HTTP clients bound to the running event loop (after using ``acomplete``/``aanswer``)."""
+        """Close the SDK client bound to the running event loop (after using ``acomplete``/``aanswer``)."""
         await _aclose(self._clients.pop(asyncio.get_running_loop(), None))
 
     def __enter__(self):
@@ -310,74 +327,40 @@ class _ChatClient:
                     fh.write(("\n" if self._torn else "") + json.dumps({"key": key, "content": content}) + "\n")
                 self._torn = False
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        d = min(self.backoff_max, self.backoff * 2 ** attempt)
-        with self._lock:
-            d *= 0.5 + self._rng.random()                     # jitter: spread the retries of a burst
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.backoff_max))
-        return d
-
-    async def _attempt(self, client: httpx.AsyncClient, body: dict) -> str:
-        try:
-            r = await asyncio.wait_for(client.post(self.chat_url, json=body), self.timeout)
-        except (TimeoutError, httpx.TimeoutException):
-            raise _Retryable(f"timed out after {self.timeout:g}s") from None
-        except httpx.TransportError as e:
-            raise _Retryable(f"{type(e).__name__}: {e or 'connection error'}") from None
-        if r.status_code == 429 or r.status_code >= 500:
-            ra = r.headers.get("retry-after")
-            try:
-                ra = float(ra) if ra is not None else None
-            except ValueError:
-                ra = None
-            raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}", r.status_code, ra)
-        if r.status_code >= 400:
-            raise ServiceError(f"POST {self.chat_url} failed with HTTP {r.status_code} (not retried): "
-                               f"{r.text[:300]}", self.chat_url, r.status_code)
-        try:
-            msg = r.json()["choices"][0]["message"]
-            content = msg.get("content")
-            reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise _Retryable(f"HTTP {r.status_code} with a malformed body: {r.text[:200]!r}", r.status_code) from None
-        if content is not None and not isinstance(content, str):
-            raise _Retryable(f"HTTP {r.status_code} with non-text content: {str(content)[:200]!r}", r.status_code)
-        content = content or ""
-        if isinstance(reasoning, str) and reasoning:          # vLLM's reasoning parser moved the thinking out
-            content = f"<think>{reasoning}</think>{content}"
-        return content
+    def _service_error(self, e: openai.APIError) -> ServiceError:
+        """The SDK's exception after its last attempt as a :class:`ServiceError` naming the URL."""
+        n = int(e.request.headers.get(RETRY_HEADER, "0")) + 1
+        status = e.status_code if isinstance(e, openai.APIStatusError) else None
+        if isinstance(e, openai.APIStatusError):
+            why = f"HTTP {e.status_code}: {e.response.text[:300]}"
+        elif isinstance(e, openai.APITimeoutError):
+            why = f"timed out after {self.timeout:g}s"
+        else:
+            cause = e.__cause__ or e
+            why = f"{type(cause).__name__}: {cause or 'connection error'}"
+        return ServiceError(f"POST {self.chat_url} failed after {n} attempt{'s' * (n > 1)}: {why}",
+                            self.chat_url, status, n)
 
     async def _request(self, body: dict) -> str | Exception:
         key = self._cache_key(body)
         if key is not None and key in self._cache:
             self._count("cache_hits")
             return self._cache[key]
-        slots = self._slots()
-        last: _Retryable | None = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-                await asyncio.sleep(self._delay(attempt - 1, last.retry_after if last else None))
-            client = await slots.acquire()
-            self._count("requests")
-            try:
-                content = await self._attempt(client, body)
-            except _Retryable as e:
-                last = e
-                continue
-            except ServiceError as e:
-                self._count("failures")
-                return e
-            finally:
-                slots.release(client)
-            if key is not None:
-                self._cache_put(key, content)
-            return content
-        self._count("failures")
-        n = self.max_retries + 1
-        return ServiceError(f"POST {self.chat_url} failed after {n} attempt{'s' * (n > 1)}: {last}",
-                            self.chat_url, last.status if last else None, n)
+        try:
+            reply = await self._client().chat.completions.create(
+                **{k: body[k] for k in TYPED if k in body},
+                extra_body={k: v for k, v in body.items() if k not in TYPED})
+        except openai.APIError as e:
+            self._count("failures")
+            return self._service_error(e)
+        message = reply.choices[0].message
+        content = message.content or ""
+        reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
+        if isinstance(reasoning, str) and reasoning:          # vLLM's reasoning parser moved the thinking out
+            content = f"<think>{reasoning}</think>{content}"
+        if key is not None:
+            self._cache_put(key, content)
+        return content
 
     async def _gather(self, bodies: list[dict]) -> list[str | Exception]:
         t = time.perf_counter()

@@ -35,7 +35,9 @@ Two modes (``VLLMSettings.mode``):
     An OpenAI-compatible ``vllm serve BASE --enable-lora --max-lora-rank R`` started with
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; adapters are loaded through ``POST /v1/load_lora_adapter`` (and
     the previous one unloaded) from ``adapter_dir``, which the server must be able to read. Captions come from
-    ``/v1/chat/completions`` with ``model=<adapter name>``, answers with ``model=<base name>``.
+    ``/v1/chat/completions`` with ``model=<adapter name>``, answers with ``model=<base name>``, through the
+    ``openai`` SDK (vLLM's own request fields travel in ``extra_body``; a failed chat request is retried
+    :data:`CHAT_RETRIES` times); vLLM's own endpoints (LoRA loading, sleep) go through the same client, not retried.
 
 Every request states its whole sampling distribution (temperature, top_p and neutral top_k, min_p and penalties):
 a vLLM server otherwise fills the missing fields from the checkpoint's ``generation_config.json``, and a near-greedy
@@ -60,13 +62,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import httpx2
+import openai
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from acrl.backends.hf import HFContext
-from acrl.backends.openai_api import image_data_url
+from acrl.backends.hf.inputs import HFContext
+from acrl.backends.openai_api import api_key_from, image_data_url, normalize_base_url
 from acrl.config import VLLMSettings
 from acrl.rollout.prompts import captioner_prompt, clarify_prompt
 from acrl.rollout.protocols import Rollout
@@ -81,6 +84,10 @@ PROMPT_TEXT_TOKENS = 1024   # room for a question's text in the engine's context
 PROBE_QUESTION = "Describe the image in detail."
 CPU_BATCH_TOKENS = 8192    # tokens per scheduler step of a CPU engine (prefills are not chunked there)
 PROBE_TEMPERATURE = 0.5     # the log-prob check's temperature (processed log-probs depend on it, raw ones do not)
+CHAT_RETRIES = 2            # the openai SDK's default: chat requests are seeded, so a retry samples the same caption
+# Chat request fields the SDK takes by name; the others (vLLM's) travel in extra_body.
+CHAT_FIELDS = ("model", "messages", "n", "temperature", "top_p", "max_tokens", "logprobs", "top_logprobs",
+               "logit_bias", "seed", "presence_penalty", "frequency_penalty")
 
 
 @dataclass
@@ -439,16 +446,18 @@ class VLLMRolloutEngine(_Engine):
 class VLLMServerEngine(_Engine):
     """``server`` mode: a running ``vllm serve BASE --enable-lora`` with runtime LoRA updating.
 
-    ``client``: an ``httpx.Client``-like object with ``post(url, json=...)`` (default: a new ``httpx.Client``)."""
+    ``http_client``: the ``httpx2.Client`` the SDK sends through (default: the SDK's own; one passed in is not
+    closed by :meth:`close`)."""
 
-    def __init__(self, captioner, settings: VLLMSettings | None = None, client=None, shapes: RunShapes | None = None):
+    def __init__(self, captioner, settings: VLLMSettings | None = None, http_client: httpx2.Client | None = None,
+                 shapes: RunShapes | None = None):
         super().__init__(captioner, settings or VLLMSettings(mode="server"), shapes)
         s = self.settings
-        key = os.environ.get(s.api_key_env or "", "")
-        self.url = s.base_url.rstrip("/")
-        self.own_client = client is None
-        self.client = client or httpx.Client(timeout=s.timeout,
-                                             headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.root = normalize_base_url(s.base_url)
+        self.url = self.root + "/v1"
+        self.own_client = http_client is None
+        self.client = openai.OpenAI(base_url=self.url, api_key=api_key_from(None, s.api_key_env), timeout=s.timeout,
+                                    max_retries=CHAT_RETRIES, http_client=http_client)
         self.base_name, max_model_len = self._served_model()
         self._check_context(max_model_len)
         if s.sleep_level > 0:
@@ -459,24 +468,27 @@ class VLLMServerEngine(_Engine):
             self.self_check()
 
     def _post(self, path: str, body: dict | None = None, root: bool = False) -> Any:
-        url = (self.url.removesuffix("/v1") if root else self.url) + path
-        r = self.client.post(url, json=body) if body is not None else self.client.post(url)
-        if r.status_code >= 400:
-            raise RuntimeError(f"vLLM server {url}: HTTP {r.status_code}: {r.text[:500]}")
+        """POST to one of vLLM's own endpoints (``root``: outside ``/v1``), once: loading an adapter twice fails."""
+        url = (self.root if root else self.url) + path
+        try:
+            r = self.client.post(url, cast_to=httpx2.Response, body=body, options={"max_retries": 0})
+        except openai.APIStatusError as e:
+            raise RuntimeError(f"vLLM server {url}: HTTP {e.status_code}: {e.response.text[:500]}") from None
         return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
 
     def _served_model(self) -> tuple[str, int | None]:
         """The base model's served name (``settings.model``, else the server's first) and its ``max_model_len``
         (None when the server does not report one)."""
-        r = self.client.get(self.url + "/models")
-        if r.status_code >= 400:
-            raise ConnectionError(f"vLLM server {self.url}/models: HTTP {r.status_code}: {r.text[:200]}")
-        models = r.json()["data"]
-        name = self.settings.model or models[0]["id"]
-        entry = next((m for m in models if m["id"] == name), None)
+        try:
+            models = self.client.models.list().data
+        except openai.APIStatusError as e:
+            raise ConnectionError(f"vLLM server {self.url}/models: HTTP {e.status_code}: "
+                                  f"{e.response.text[:200]}") from None
+        name = self.settings.model or models[0].id
+        entry = next((m for m in models if m.id == name), None)
         if entry is None:
-            raise ValueError(f"vLLM server {self.url} does not serve {name!r}; it serves {[m['id'] for m in models]}")
-        return name, entry.get("max_model_len")
+            raise ValueError(f"vLLM server {self.url} does not serve {name!r}; it serves {[m.id for m in models]}")
+        return name, getattr(entry, "max_model_len", None)
 
     def _check_context(self, max_model_len: int | None) -> None:
         """Refuse a server whose context cannot hold a prompt and the longest caption or answer (every request
@@ -489,11 +501,12 @@ class VLLMServerEngine(_Engine):
                              f"captioner.max_new_tokens)")
 
     def _check_sleep_endpoint(self) -> None:
-        r = self.client.get(self.url.removesuffix("/v1") + "/is_sleeping")
-        if r.status_code == 404:
+        try:
+            self.client.get(self.root + "/is_sleeping", cast_to=httpx2.Response)
+        except openai.NotFoundError:
             raise ValueError(f"captioner.vllm.sleep_level={self.settings.sleep_level}: the vLLM server at {self.url} "
                              f"has no /sleep endpoint; start it with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, "
-                             f"or set sleep_level: 0")
+                             f"or set sleep_level: 0") from None
 
     def _body(self, model: str, image, text: str, n: int, temperature: float, max_tokens: int, greedy: bool,
               top_p: float = 1.0, seed: int | None = None) -> dict:
@@ -511,9 +524,19 @@ class VLLMServerEngine(_Engine):
             body["seed"] = seed
         return body
 
+    def _complete(self, body: dict) -> list[Sample]:
+        try:
+            reply = self.client.chat.completions.create(**{k: body[k] for k in CHAT_FIELDS if k in body},
+                                                        extra_body={k: v for k, v in body.items()
+                                                                    if k not in CHAT_FIELDS})
+        except openai.APIStatusError as e:
+            raise RuntimeError(f"vLLM server {self.url}/chat/completions: HTTP {e.status_code}: "
+                               f"{e.response.text[:500]}") from None
+        return samples_from_chat(reply.to_dict())
+
     def _chat(self, bodies: list[dict]) -> list[list[Sample]]:
         with ThreadPoolExecutor(max(1, min(self.settings.concurrency, len(bodies)))) as pool:
-            return list(pool.map(lambda b: samples_from_chat(self._post("/chat/completions", b)), bodies))
+            return list(pool.map(self._complete, bodies))
 
     def generate(self, images, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
                  greedy: bool = False, top_p: float | None = None) -> Rollout:
@@ -557,7 +580,7 @@ class VLLMServerEngine(_Engine):
         if self.lora_name:
             try:
                 self._post("/unload_lora_adapter", {"lora_name": self.lora_name})
-            except (RuntimeError, httpx.HTTPError):
+            except (RuntimeError, openai.APIError):
                 pass                                           # a server already gone has nothing to unload
             self.lora_name = None
         if self.own_client:

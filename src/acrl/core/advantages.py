@@ -335,7 +335,3 @@ def group_diagnostics(rewards: Tensor, mask: Tensor | None = None) -> dict:
         "all_zero_frac": int(all_zero.sum()) / max(g, 1),
     }
 
-
-def uniform_group_fraction(rewards: Tensor, mask: Tensor | None = None) -> float:
-    """Share of groups (with >= 1 valid sample) whose valid rewards are all equal; 0.0 for an empty batch."""
-    return group_diagnostics(rewards, mask)["uniform_frac"]

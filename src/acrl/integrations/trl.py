@@ -42,7 +42,10 @@ from typing import Any
 
 from PIL import Image
 
-from acrl.backends.hf import HFCaptioner, HFSettings, load_merged_model, load_processor, resolve_checkpoint
+from acrl.backends.hf.captioner import HFCaptioner
+from acrl.backends.hf.checkpoint import load_merged_model, resolve_checkpoint
+from acrl.backends.hf.loading import load_processor
+from acrl.config import HFSettings
 from acrl.data.parsing import answer_type_of
 from acrl.data.records import compose_images
 from acrl.problem import Problem
@@ -258,7 +261,7 @@ def adapter_disabled_clarifier(model, processor, settings=None) -> Clarifier:
 
     ``model`` is the PEFT model that ``GRPOTrainer`` trains (``trainer.model``, after it applied ``peft_config``);
     its base weights never change under LoRA, so the disabled-adapter model is the starting captioner. Answers are
-    greedy, at most ``settings.answer_max_new_tokens`` tokens (an :class:`acrl.backends.hf.HFSettings`).
+    greedy, at most ``settings.answer_max_new_tokens`` tokens (an :class:`acrl.config.HFSettings`).
     """
     from peft import PeftModel
 

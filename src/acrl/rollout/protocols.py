@@ -1,8 +1,10 @@
-"""The trainable-captioner protocol the trainer talks to, and the rollout it returns."""
+"""The protocols every backend implements (policy, reasoner, clarifier, trainable reasoner) and the sampled rows
+they return: one :class:`Samples` record of tensors, which captions (:class:`Rollout`) and reasoner replies
+(:class:`ReplyBatch`) extend with what their log-prob recomputation needs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -11,20 +13,23 @@ from PIL import Image
 
 
 @dataclass
-class Rollout:
-    """Sampled captions with what the update needs.
+class Samples:
+    """Sampled token rows with what an update needs: ``tokens`` (ids incl. the end token, right-padded), ``mask``
+    (1 on sampled tokens), ``logprobs`` (per token under the sampling policy at ``temperature``: the "old"
+    log-probs; greedy rows are scored at temperature 1)."""
 
-    ``texts[g][i]`` is sample ``i`` of problem ``g``; tensors are flat over ``g * n + i`` rows:
-    ``tokens`` (caption token ids incl. the end token, right-padded), ``mask`` (1 on caption tokens),
-    ``logprobs`` (per-token log-probs under the sampling policy at ``temperature``: the "old" log-probs).
-    ``context`` is backend-specific state for recomputing log-probs (encoded prompts, pixel values, ...).
-    """
-
-    texts: list[list[str]]
     tokens: torch.Tensor
     mask: torch.Tensor
     logprobs: torch.Tensor
     temperature: float
+
+
+@dataclass
+class Rollout(Samples):
+    """Sampled captions. ``texts[g][i]`` is sample ``i`` of problem ``g``; the rows are flat over ``g * n + i``.
+    ``context`` is backend-specific state for recomputing log-probs (encoded prompts, pixel values, ...)."""
+
+    texts: list[list[str]] = field(default_factory=list)
     context: Any = None
 
     @property
@@ -92,30 +97,15 @@ class Clarifier(Protocol):
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str | Exception]: ...
 
 
-# The learning interface of a trainable reasoner.
-
-
-
-
-
-
 @dataclass
-class ReplyBatch:
-    """Sampled replies, one row per prompt.
+class ReplyBatch(Samples):
+    """Sampled reasoner replies, one row per prompt; the rows are padded with ``pad_id`` to a constant width (the
+    generation cap). ``prompt_ids`` are the encoded prompts (the backend's own ids, unpadded), from which
+    ``logprobs()`` recomputes."""
 
-    ``tokens`` are the reply token ids incl. the end token, right-padded with ``pad_id`` to a constant width (the
-    generation cap); ``mask`` is 1 on reply tokens; ``logprobs`` are the per-token log-probs under the sampling
-    policy at ``temperature`` (greedy replies: at temperature 1). ``prompt_ids`` are the encoded prompts (the
-    backend's own ids, unpadded), from which ``logprobs()`` recomputes.
-    """
-
-    prompts: list[str]
-    texts: list[str]
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    temperature: float
-    prompt_ids: list[list[int]]
+    prompts: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
     pad_id: int = 0
 
     def __len__(self) -> int:
@@ -124,9 +114,9 @@ class ReplyBatch:
     def select(self, rows: list[int]) -> ReplyBatch:
         """The batch of rows ``rows`` (in that order)."""
         idx = torch.tensor(rows, dtype=torch.long)
-        return ReplyBatch([self.prompts[i] for i in rows], [self.texts[i] for i in rows], self.tokens[idx],
-                          self.mask[idx], self.logprobs[idx], self.temperature,
-                          [self.prompt_ids[i] for i in rows], self.pad_id)
+        return ReplyBatch(self.tokens[idx], self.mask[idx], self.logprobs[idx], self.temperature,
+                          prompts=[self.prompts[i] for i in rows], texts=[self.texts[i] for i in rows],
+                          prompt_ids=[self.prompt_ids[i] for i in rows], pad_id=self.pad_id)
 
 
 def concat(batches: list[ReplyBatch]) -> ReplyBatch:
@@ -141,11 +131,11 @@ def concat(batches: list[ReplyBatch]) -> ReplyBatch:
         return F.pad(t, (0, width - t.shape[1]), value=value)
 
     b0 = batches[0]
-    return ReplyBatch([p for b in batches for p in b.prompts], [t for b in batches for t in b.texts],
-                      torch.cat([pad(b.tokens, b.pad_id) for b in batches]),
+    return ReplyBatch(torch.cat([pad(b.tokens, b.pad_id) for b in batches]),
                       torch.cat([pad(b.mask, 0.0) for b in batches]),
                       torch.cat([pad(b.logprobs, 0.0) for b in batches]), b0.temperature,
-                      [p for b in batches for p in b.prompt_ids], b0.pad_id)
+                      prompts=[p for b in batches for p in b.prompts], texts=[t for b in batches for t in b.texts],
+                      prompt_ids=[p for b in batches for p in b.prompt_ids], pad_id=b0.pad_id)
 
 
 class TrainableReasoner(Protocol):

@@ -25,27 +25,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import time
 from dataclasses import asdict
 
-import torch
-
-from acrl.backends.tiny import _TOKEN
-from acrl.backends.tiny_reasoner import ASK, BOX_CLOSE, BOX_OPEN, SOLVED, TinyReasoner, TinyReasonerConfig
-from acrl.config import ReasonerWarmStartConfig
+from acrl.backends.tiny import TinyReasoner
+from acrl.backends.tiny.captioner import _TOKEN
+from acrl.backends.tiny.reasoner import ASK, BOX_CLOSE, BOX_OPEN, SOLVED
+from acrl.config import ReasonerWarmStartConfig, TinyReasonerConfig
 from acrl.data.answers import grade_problem
 from acrl.rollout.prompts import decision_prompt, deny_prompt, final_prompt, parse_prompt, single_pass_prompt
 from acrl.rollout.replies import parse_reply
-from acrl.train import checkpoint
-from acrl.train.warmstart import drop_checkpoints, load_state, lr_at, open_output, save_state
+from acrl.train import supervised
 from acrl.world import WorldConfig, language, make_problems, oracle_caption_for
 from acrl.world.reasoner import WorldReasoner
-
-PROGRESS = "progress"   # OUT/progress/: the model of the latest held-out check while a warm start runs
-
-
-
 
 # --- transcripts -------------------------------------------------------------------------------------------------
 
@@ -251,61 +242,33 @@ def evaluate_reasoner(reasoner, world_cfg: WorldConfig, n: int = 300, read_budge
 
 # --- the warm start ----------------------------------------------------------------------------------------------
 
+def _summary(stats: dict) -> str:
+    return (f"oracle acc {stats['oracle_accuracy']:.3f} asks {stats['missing_ask_rate']:.3f} clarified "
+            f"{stats['clarified_accuracy']:.3f} well-formed {stats['well_formed']:.3f} agreement "
+            f"{stats['agreement']:.3f}")
+
+
 def warm_start_reasoner(out: str, cfg: ReasonerWarmStartConfig, world_cfg: WorldConfig,
                         model_cfg: TinyReasonerConfig | None = None, log=print, resume: bool = False,
                         overwrite: bool = True) -> TinyReasoner:
-    """Train the tiny reasoner from scratch on world-reasoner transcripts; save it (and its log) to ``out``.
-    Checkpoints, ``resume`` and ``overwrite`` as :func:`acrl.train.warmstart.warm_start`."""
-    spec = {"warmstart": asdict(cfg), "world": asdict(world_cfg), "model": asdict(model_cfg or TinyReasonerConfig())}
-    spec["warmstart"].pop("checkpoint_every")
-    how = open_output(out, resume, overwrite, "reasoner warm start", spec)
+    """Train the tiny reasoner from scratch on world-reasoner transcripts; save it (its log and ``heldout.json``)
+    to ``out``. Checkpoints, ``resume`` and ``overwrite`` as :func:`acrl.train.warmstart.warm_start`."""
+    model_cfg = model_cfg or TinyReasonerConfig()
+    how = supervised.open_output(out, "reasoner warm start", cfg, world_cfg, model_cfg, resume, overwrite, log)
     if how == "finished":
-        log(f"warmstart: {out} is already finished")
         return TinyReasoner.load(out)
-    torch.manual_seed(cfg.seed)
     reasoner = TinyReasoner.create(model_cfg, seed=cfg.seed)
-    model = reasoner.model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     teacher = WorldReasoner(read_budget=cfg.read_budget)
 
-    rng = random.Random(cfg.seed)
-    log_path = os.path.join(out, "warmstart_log.jsonl")
-    first, running, before = load_state(out, model, opt, rng, log_path, log) if how == "resume" else (0, None, 0.0)
-    t0 = time.time() - before
-    with open(log_path, "a" if first else "w") as logf:
-        if not first:
-            logf.write(json.dumps({"config": asdict(cfg), "world": asdict(world_cfg), "model": asdict(reasoner.cfg),
-                                   "parameters": reasoner.num_parameters()}) + "\n")
-        for step in range(first, cfg.steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            prompts, targets = training_batch(reasoner, world_cfg, cfg, step, rng, teacher)
-            loss = reasoner.supervised_loss(prompts, targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            last = step + 1 == cfg.steps
-            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-                reasoner.ref_model.load_state_dict(model.state_dict())
-                stats = evaluate_reasoner(reasoner, world_cfg, cfg.eval_n, cfg.read_budget)
-                rec = {"step": step + 1, "loss": round(running, 4), "seconds": round(time.time() - t0, 1), **stats}
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-                log(f"reasoner warmstart step {step + 1}/{cfg.steps} loss {running:.3f} oracle acc "
-                    f"{stats['oracle_accuracy']:.3f} asks {stats['missing_ask_rate']:.3f} clarified "
-                    f"{stats['clarified_accuracy']:.3f} well-formed {stats['well_formed']:.3f} agreement "
-                    f"{stats['agreement']:.3f} ({time.time() - t0:.0f}s)")
-                if not last:   # the check's model, apart: OUT/model.pt means a finished warm start
-                    reasoner.save(os.path.join(out, PROGRESS))
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
-                save_state(out, step + 1, model, opt, rng, running, time.time() - t0)
-    reasoner.ref_model.load_state_dict(model.state_dict())
-    write_heldout(out, reasoner, world_cfg, cfg.read_budget)
-    checkpoint.publish(reasoner.save, out)
-    shutil.rmtree(os.path.join(out, PROGRESS), ignore_errors=True)
-    drop_checkpoints(out)
+    def loss(step: int, rng: random.Random):
+        return reasoner.supervised_loss(*training_batch(reasoner, world_cfg, cfg, step, rng, teacher))
+
+    header = {"config": asdict(cfg), "world": asdict(world_cfg), "model": asdict(reasoner.cfg),
+              "parameters": reasoner.num_parameters()}
+    task = supervised.Task(reasoner, loss, lambda: evaluate_reasoner(reasoner, world_cfg, cfg.eval_n, cfg.read_budget),
+                           _summary, name="reasoner warmstart", header=header,
+                           finish=lambda d: write_heldout(d, reasoner, world_cfg, cfg.read_budget))
+    supervised.train(out, cfg, task, resume=how == "resume", log=log)
     return reasoner
 
 

@@ -7,9 +7,8 @@ import os
 import pytest
 import torch
 
-from acrl.backends.tiny import world_tokenizer
-from acrl.backends.tiny_reasoner import TinyReasoner, TinyReasonerConfig, world_reasoner_tokenizer
-from acrl.config import SHIPPED_REASONER
+from acrl.backends.tiny import TinyReasoner, world_reasoner_tokenizer, world_tokenizer
+from acrl.config import SHIPPED_REASONER, TinyReasonerConfig
 from acrl.rollout.episode import EpisodeConfig, run_episodes
 from acrl.rollout.prompts import decision_prompt, final_prompt
 from acrl.rollout.replies import parse_reply

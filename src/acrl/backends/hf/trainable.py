@@ -1,6 +1,6 @@
 """A Hugging Face causal LM reasoner with its own LoRA adapter: the real-scale trainable reasoner of co-training.
 
-It is :class:`acrl.backends.hf_reasoner.HFReasoner` (the in-process path of ``reasoner.backend=hf``: the same chat
+It is :class:`acrl.backends.hf.reasoner.HFReasoner` (the in-process path of ``reasoner.backend=hf``: the same chat
 template, the same ``think`` handling) with a PEFT LoRA adapter on the attention projections, and the learning
 interface of :mod:`acrl.rollout.protocols`:
 
@@ -29,9 +29,10 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from acrl.backends.hf import _on_device, _plain_generation_config, enable_checkpointing, row_chunks, token_logprobs
-from acrl.backends.hf_reasoner import HFReasoner
-from acrl.backends.tiny import LoraSettings
+from acrl.backends.hf.loading import enable_checkpointing, on_device
+from acrl.backends.hf.logprobs import row_chunks, token_logprobs
+from acrl.backends.hf.reasoner import HFReasoner
+from acrl.config import LoraSettings
 from acrl.rollout.protocols import ReplyBatch
 
 META = "trainable_reasoner.json"
@@ -40,6 +41,22 @@ META = "trainable_reasoner.json"
 def is_trainable_checkpoint(path: str) -> bool:
     """Whether ``path`` is a directory written by :meth:`HFTrainableReasoner.save`."""
     return os.path.isfile(os.path.join(path, META))
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model):
+    """Hide the checkpoint's ``generation_config.json`` (e.g. Qwen2.5-VL-Instruct's top_k=1, top_p=0.001,
+    repetition_penalty=1.05) during ``generate``: HF fills every unset option from it, which would warp the
+    logits before the recorder and bias the sampling policy away from softmax(logits / T)."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id, bos_token_id=saved.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 class HFTrainableReasoner(HFReasoner):
@@ -114,7 +131,7 @@ class HFTrainableReasoner(HFReasoner):
         keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0
         return torch.where(keep, gen, torch.full_like(gen, self.pad_id)), keep.float()
 
-    @_on_device
+    @on_device
     @torch.no_grad()
     def sample(self, prompts: list[str], temperature: float = 1.0, greedy: bool = False) -> ReplyBatch:
         from transformers import GenerationConfig
@@ -134,7 +151,8 @@ class HFTrainableReasoner(HFReasoner):
             gen, keep = self._cut(gen[:, ids.shape[1]:].cpu())
             tokens[s:s + len(gen), :gen.shape[1]], mask[s:s + len(gen), :gen.shape[1]] = gen, keep
         temp = 1.0 if greedy else temperature
-        batch = ReplyBatch(list(prompts), [], tokens, mask, torch.zeros_like(mask), temp, prompt_ids, self.pad_id)
+        batch = ReplyBatch(tokens, mask, torch.zeros_like(mask), temp, prompts=list(prompts),
+                           prompt_ids=prompt_ids, pad_id=self.pad_id)
         batch.logprobs = torch.cat([self._logprobs(self.model, batch, i, min(i + self.batch_size, len(prompts)))
                                     for i in range(0, len(prompts), self.batch_size)]) if prompts else mask
         tok = self.tokenizer
@@ -150,7 +168,7 @@ class HFTrainableReasoner(HFReasoner):
 
     # --- log-probs --------------------------------------------------------------------------------------------
     def _logprobs(self, model, batch: ReplyBatch, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` in chunks of ``batch_size`` (aligned as :func:`acrl.backends.hf.row_chunks`);
+        """Rows ``[start, stop)`` in chunks of ``batch_size`` (aligned as :func:`acrl.backends.hf.logprobs.row_chunks`);
         each forward keeps the logits of its reply positions only."""
         parts = [self._chunk_logprobs(model, batch, a, b) for a, b in row_chunks(start, stop, self.batch_size)]
         return torch.cat(parts) if parts else torch.zeros(0, batch.tokens.shape[1])
@@ -188,7 +206,7 @@ class HFTrainableReasoner(HFReasoner):
         with self.model.disable_adapter():
             yield self.model
 
-    @_on_device
+    @on_device
     def logprobs(self, batch: ReplyBatch, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
         """Per-token log-probs of ``batch.tokens[rows]``: with the adapter (gradient) or without it (the frozen
         start, no gradient)."""

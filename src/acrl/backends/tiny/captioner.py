@@ -6,20 +6,16 @@ appended to the cross-attention memory (without that norm the model ignores its 
 decoder with a KV cache writes the text; the output head is tied to the word embedding.
 
 The model does two jobs, selected by a mode token before the prompt: ``<caption>`` + the problem's question (the
-policy's caption c0) and ``<answer>`` + a clarification question (the reference's answer c1).
-
-Attention projections are plain ``nn.Linear`` named ``q_proj/k_proj/v_proj/o_proj`` and the MLP ``fc1/fc2``, so
-PEFT LoRA wraps them as in the Hugging Face models; the reference is then the model with its adapter disabled.
+policy's caption c0) and ``<answer>`` + a clarification question (the reference's answer c1). With PEFT LoRA the
+reference is the model with its adapter disabled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,12 +23,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from acrl.backends.tiny.nn import (
+    ANSWER,
+    BOS,
+    CAPTION,
+    EOS,
+    PAD,
+    SPECIALS,
+    UNK,
+    Block,
+    init_weights,
+    mean_nll,
+    model_of,
+    over_longest,
+    read_checkpoint,
+    right_pad,
+    sample,
+    teacher_forced,
+    write_checkpoint,
+)
 from acrl.config import LoraSettings, TinyVLMConfig
 from acrl.rollout.protocols import PolicyHooks, Rollout
 from acrl.world import language
 
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<caption>", "<answer>"]
-PAD, BOS, EOS, UNK, CAPTION, ANSWER = range(6)
 _BANNED = [i for i in range(len(SPECIALS)) if i != EOS]   # specials a model never writes (EOS it may)
 _TOKEN = re.compile(r"\([a-z]\)|\d+\.\d+|\d+|[a-z]+|[^\sa-z\d]")
 
@@ -86,55 +99,6 @@ def world_tokenizer() -> WordTokenizer:
     return WordTokenizer.build(texts)
 
 
-
-
-class Attention(nn.Module):
-    def __init__(self, d: int, h: int):
-        super().__init__()
-        self.h = h
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
-
-    def _split(self, x):
-        b, t, d = x.shape
-        return x.view(b, t, self.h, d // self.h).transpose(1, 2)
-
-    def forward(self, x, kv=None, causal=False, cache=None, mask=None):
-        """``kv`` is the memory for cross-attention (None: self-attention). ``cache``: dict for incremental decoding."""
-        q = self._split(self.q_proj(x))
-        if kv is None:
-            k, v = self._split(self.k_proj(x)), self._split(self.v_proj(x))
-            if cache is not None:
-                if "k" in cache:
-                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-                cache["k"], cache["v"] = k, v
-        elif cache is not None and "mk" in cache:
-            k, v = cache["mk"], cache["mv"]
-        else:
-            k, v = self._split(self.k_proj(kv)), self._split(self.v_proj(kv))
-            if cache is not None:
-                cache["mk"], cache["mv"] = k, v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and q.shape[2] > 1)
-        b, h, t, dh = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * dh))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, h: int, cross: bool):
-        super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, h)
-        self.cross = cross
-        if cross:
-            self.ln2, self.xattn = nn.LayerNorm(d), Attention(d, h)
-        self.ln3, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x, memory=None, memory_mask=None, causal=False, cache=None):
-        x = x + self.attn(self.ln1(x), causal=causal, cache=None if cache is None else cache.setdefault("self", {}))
-        if self.cross:
-            x = x + self.xattn(self.ln2(x), kv=memory, mask=memory_mask,
-                               cache=None if cache is None else cache.setdefault("cross", {}))
-        return x + self.fc2(F.gelu(self.fc1(self.ln3(x))))
-
-
 def _sincos_2d(n: int, d: int) -> torch.Tensor:
     y, x = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij")
     omega = 1.0 / (10000 ** (torch.arange(d // 4, dtype=torch.float32) / (d // 4)))
@@ -161,15 +125,7 @@ class TinyVLM(nn.Module):
         self.text_pos = nn.Embedding(cfg.max_new_tokens + 1, d)
         self.decoder = nn.ModuleList(Block(d, cfg.n_heads, cross=True) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
+        self.apply(init_weights)
 
     def encode(self, pixels: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Memory for cross-attention: image tokens + normalised prompt tokens; and its key-padding mask."""
@@ -183,18 +139,18 @@ class TinyVLM(nn.Module):
         keep = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), prompt != PAD], 1)
         return memory, keep
 
-    def decode(self, tokens, memory, keep, cache=None, offset=0):
+    def decode(self, tokens, memory, keep, cache=None):
+        """Logits of the text ``tokens`` (which start with BOS): causal over all of them without ``cache``; with
+        it, ``tokens`` continue what the cache holds (incremental decoding)."""
+        offset = 0 if cache is None else cache.get("offset", 0)
+        if cache is not None:
+            cache["offset"] = offset + tokens.shape[1]
         pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
         h = self.embed(tokens) + self.text_pos(pos)
         mask = keep[:, None, None, :]
         for i, blk in enumerate(self.decoder):
             h = blk(h, memory, mask, causal=cache is None, cache=None if cache is None else cache.setdefault(i, {}))
         return F.linear(self.ln_f(h), self.embed.weight)
-
-    def forward(self, pixels, prompt, tokens):
-        """Teacher-forced logits for ``tokens`` (which start with BOS)."""
-        memory, keep = self.encode(pixels, prompt)
-        return self.decode(tokens, memory, keep)
 
 
 def images_to_tensor(images: list[Image.Image], size: int = 64) -> torch.Tensor:
@@ -203,10 +159,13 @@ def images_to_tensor(images: list[Image.Image], size: int = 64) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div_(127.5).sub_(1.0).contiguous()
 
 
-
-
 def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _plain_state(state: dict) -> dict:
+    """A PEFT-wrapped model's state dict without its adapter, under the plain :class:`TinyVLM` keys."""
+    return {k.replace("base_layer.", ""): v for k, v in state.items() if "lora_" not in k}
 
 
 @dataclass
@@ -270,14 +229,7 @@ class TinyCaptioner(PolicyHooks):
         of ``path``). LoRA: used as a separate frozen model when its weights differ from the adapter-disabled
         model's.
         """
-        cfg, tok = read_config_and_vocab(path, "captioner", TinyVLMConfig, WordTokenizer)
-        model = TinyVLM(cfg)
-        try:
-            state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except Exception as e:   # noqa: BLE001 - torch's unpickling errors advise weights_only=False: not here
-            raise ValueError(f"captioner checkpoint {os.path.join(path, 'model.pt')!r} is corrupt or not a "
-                             f"captioner's weights ({type(e).__name__})") from None
+        model, tok = read_checkpoint(path, "captioner", TinyVLMConfig, WordTokenizer, TinyVLM)
         adapter = os.path.join(path, "adapter")
         lora_on = bool(lora is not None and lora.enabled)
         starts_here = reference is not None and os.path.abspath(reference) == os.path.abspath(path)
@@ -300,25 +252,19 @@ class TinyCaptioner(PolicyHooks):
         """π_ref's weights as a plain :class:`TinyVLM` state dict (LoRA: the adapter-disabled model's)."""
         if self.ref_model is not None:
             return self.ref_model.state_dict()
-        return {k.replace("base_layer.", ""): v for k, v in self.base_model().state_dict().items() if "lora_" not in k}
+        return _plain_state(self.base_model().state_dict())
 
     def base_model(self) -> TinyVLM:
         return self.model.get_base_model() if self.lora.enabled else self.model
 
     def save(self, path: str) -> None:
-        """Write the checkpoint. With LoRA: the frozen base weights plus a standard PEFT ``adapter/`` directory."""
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as fh:
-            json.dump(asdict(self.cfg), fh, indent=1)
-        with open(os.path.join(path, "vocab.json"), "w") as fh:
-            json.dump(self.tokenizer.vocab, fh)
+        """Write the checkpoint. With LoRA: the frozen base weights (π_ref's: the starting adapter merged) plus a
+        standard PEFT ``adapter/`` directory."""
         if self.lora.enabled:
-            base = {k.replace("base_layer.", ""): v for k, v in self.base_model().state_dict().items()
-                    if "lora_" not in k}
-            torch.save(base, os.path.join(path, "model.pt"))   # π_ref's weights (the starting adapter merged)
+            write_checkpoint(path, self.cfg, self.tokenizer.vocab, _plain_state(self.base_model().state_dict()))
             self.model.save_pretrained(os.path.join(path, "adapter"))
         else:
-            torch.save(self.model.state_dict(), os.path.join(path, "model.pt"))
+            write_checkpoint(path, self.cfg, self.tokenizer.vocab, self.model.state_dict())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.base_model().parameters())
@@ -328,107 +274,60 @@ class TinyCaptioner(PolicyHooks):
 
     # --- encoding ---------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], mode: int) -> torch.Tensor:
-        n = self.cfg.max_prompt_tokens
-        rows = [([mode] + self.tokenizer.encode(p))[:n] for p in prompts]
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [PAD] * (width - len(r)) for r in rows], dtype=torch.long)
+        """Prompt rows ``mode + words`` (``mode``: CAPTION or ANSWER) right-padded."""
+        return right_pad([([mode] + self.tokenizer.encode(p))[:self.cfg.max_prompt_tokens] for p in prompts])
 
     def encode_targets(self, texts: list[str]) -> torch.Tensor:
         """Target rows ``tokens + <eos>`` right-padded (for supervised warm start)."""
-        m = self.cfg.max_new_tokens
-        rows = [(self.tokenizer.encode(t)[: m - 1]) + [EOS] for t in texts]
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [PAD] * (width - len(r)) for r in rows], dtype=torch.long)
-
-    @contextlib.contextmanager
-    def _reference(self):
-        """The frozen reference π_ref: the initial copy (full fine-tuning), a separately loaded reference, or the
-        adapter-disabled model (LoRA)."""
-        if self.ref_model is not None:
-            yield self.ref_model
-        else:
-            with self.model.disable_adapter():
-                yield self.model
+        return right_pad([self.tokenizer.encode(t)[:self.cfg.max_new_tokens - 1] + [EOS] for t in texts])
 
     # --- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _sample(self, model, pixels, prompt, n, temperature, max_new, greedy):
+        """``n`` texts per image/prompt row (``(tokens, mask, logprobs)``), the encoder run once per row."""
         memory, keep = model.encode(pixels, prompt)
         if n > 1:
             memory, keep = memory.repeat_interleave(n, 0), keep.repeat_interleave(n, 0)
-        rows = memory.shape[0]
         cache: dict = {}
-        tok = torch.full((rows, 1), BOS, dtype=torch.long)
-        out = torch.full((rows, max_new), PAD, dtype=torch.long)
-        lps = torch.zeros(rows, max_new)
-        done = torch.zeros(rows, dtype=torch.bool)
-        for t in range(max_new):
-            logits = model.decode(tok, memory, keep, cache=cache, offset=t)[:, -1].float()
-            logits[:, _BANNED] = float("-inf")
-            if greedy:
-                nxt = logits.argmax(-1)
-                lp = torch.log_softmax(logits, -1).gather(1, nxt[:, None])[:, 0]
-            else:
-                logp = torch.log_softmax(logits / temperature, -1)
-                nxt = torch.multinomial(logp.exp(), 1)[:, 0]
-                lp = logp.gather(1, nxt[:, None])[:, 0]
-            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-            out[:, t] = nxt
-            lps[:, t] = torch.where(done, torch.zeros_like(lp), lp)
-            done |= nxt == EOS
-            if done.all():
-                out, lps = out[:, : t + 1], lps[:, : t + 1]
-                break
-            tok = nxt[:, None]
-        mask = (out != PAD).float()
-        return out, mask, lps, memory, keep
+        start = torch.full((memory.shape[0], 1), BOS, dtype=torch.long)
+        return sample(lambda tokens: model.decode(tokens, memory, keep, cache), start, max_new, _BANNED,
+                      temperature, greedy)
 
     def generate(self, images, prompts, n=1, temperature=1.0, max_new_tokens=None, greedy=False) -> Rollout:
         pixels = images_to_tensor(images, self.cfg.image_size)
         prompt = self.encode_prompts(prompts, CAPTION)
         max_new = min(max_new_tokens or self.cfg.max_new_tokens, self.cfg.max_new_tokens)
         self.model.eval()
-        tokens, mask, lps, _, _ = self._sample(self.model, pixels, prompt, n, temperature, max_new, greedy)
-        extra = max_new - tokens.shape[1]   # constant width (the generation cap): the loss's length normaliser
-        tokens, mask, lps = F.pad(tokens, (0, extra), value=PAD), F.pad(mask, (0, extra)), F.pad(lps, (0, extra))
+        tokens, mask, lps = self._sample(self.model, pixels, prompt, n, temperature, max_new, greedy)
         texts = [self.tokenizer.decode(r) for r in tokens.tolist()]
         return Rollout(texts=[texts[g * n:(g + 1) * n] for g in range(len(images))], tokens=tokens, mask=mask,
                        logprobs=lps, temperature=1.0 if greedy else temperature,
                        context=_Context(pixels, prompt, n))
 
     @torch.no_grad()
-    def answer(self, images, questions) -> list[str]:
-        if not images:
-            return []
+    def _answers(self, model, images, questions) -> list[str]:
         pixels = images_to_tensor(images, self.cfg.image_size)
         prompt = self.encode_prompts(questions, ANSWER)
-        with self._reference() as ref:
-            ref.eval()
-            tokens, *_ = self._sample(ref, pixels, prompt, 1, 1.0, self.cfg.max_new_tokens, greedy=True)
+        model.eval()
+        tokens, *_ = self._sample(model, pixels, prompt, 1, 1.0, self.cfg.max_new_tokens, greedy=True)
         return [self.tokenizer.decode(r) for r in tokens.tolist()]
 
-    @torch.no_grad()
-    def policy_answer(self, images, questions) -> list[str]:
-        """Answers by the current policy (diagnostics; training uses the reference's answers)."""
-        pixels = images_to_tensor(images, self.cfg.image_size)
-        prompt = self.encode_prompts(questions, ANSWER)
-        self.model.eval()
-        tokens, *_ = self._sample(self.model, pixels, prompt, 1, 1.0, self.cfg.max_new_tokens, greedy=True)
-        return [self.tokenizer.decode(r) for r in tokens.tolist()]
+    def answer(self, images, questions) -> list[str]:
+        """The ``Clarifier`` protocol: π_ref's greedy answers to clarification questions."""
+        if not images:
+            return []
+        with model_of(self.model, self.ref_model, use_reference=True) as ref:
+            return self._answers(ref, images, questions)
 
     # --- log-probs --------------------------------------------------------------------------------------------
     def _token_logprobs(self, model, pixels, prompt, tokens, temperature, n=1, first=0):
         """Log-probs of ``tokens`` rows; image/prompt row ``(first + r) // n`` conditions token row ``r``."""
-        inp = torch.cat([torch.full((tokens.shape[0], 1), BOS, dtype=torch.long), tokens[:, :-1]], 1)
-        inp = torch.where(inp == PAD, torch.full_like(inp, EOS), inp)
         g0, g1 = first // n, (first + tokens.shape[0] - 1) // n + 1
         memory, keep = model.encode(pixels[g0:g1], prompt[g0:g1])
         idx = torch.arange(first, first + tokens.shape[0]) // n - g0
-        logits = model.decode(inp, memory[idx], keep[idx]).float()
-        logits[..., _BANNED] = float("-inf")
-        logp = torch.log_softmax(logits / temperature, -1)
-        safe = torch.where(tokens == PAD, torch.full_like(tokens, EOS), tokens)
-        return logp.gather(-1, safe[..., None])[..., 0] * (tokens != PAD)
+        bos = torch.full((tokens.shape[0], 1), BOS, dtype=torch.long)
+        return teacher_forced(lambda inputs: model.decode(torch.cat([bos, inputs], 1), memory[idx], keep[idx]),
+                              tokens, _BANNED, temperature)
 
     def logprobs(self, rollout: Rollout, rows: slice | None = None, reference: bool = False) -> torch.Tensor:
         """Per-token log-probs of ``rollout.tokens[rows]``: π_θ (train mode with dropout off, so the update
@@ -436,38 +335,11 @@ class TinyCaptioner(PolicyHooks):
         longest caption run; the rest is padding (0)."""
         start, stop, _ = (rows or slice(None)).indices(rollout.tokens.shape[0])
         ctx = rollout.context
-        tokens = rollout.tokens[start:stop]
-        width = tokens.shape[1]
-        t = max(1, int((tokens != PAD).sum(1).max())) if tokens.numel() else 1
-        args = (ctx.pixels, ctx.prompt, tokens[:, :t], rollout.temperature, ctx.n, start)
-        if reference:
-            with torch.no_grad(), self._reference() as ref:
-                return F.pad(self._token_logprobs(ref, *args), (0, width - t))
-        self.model.train()
-        for m in self.model.modules():
-            if isinstance(m, nn.Dropout):
-                m.eval()
-        return F.pad(self._token_logprobs(self.model, *args), (0, width - t))
+        with model_of(self.model, self.ref_model, reference) as model:
+            return over_longest(lambda tokens: self._token_logprobs(
+                model, ctx.pixels, ctx.prompt, tokens, rollout.temperature, ctx.n, start), rollout.tokens[start:stop])
 
     def supervised_loss(self, pixels: torch.Tensor, prompt: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token cross-entropy of ``targets`` (warm start)."""
+        """Mean token cross-entropy of ``targets`` (warm start; dropout on)."""
         self.model.train()
-        return -self._token_logprobs(self.model, pixels, prompt, targets, 1.0).sum() / (targets != PAD).sum()
-
-
-def read_config_and_vocab(path: str, what: str, config_cls, tokenizer_cls):
-    """``config.json`` and ``vocab.json`` of a tiny checkpoint directory (which must also hold ``model.pt``), with
-    one-line errors naming the checkpoint (``what``: captioner, reasoner)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} checkpoint directory {path!r} not found")
-    for f in ("config.json", "vocab.json", "model.pt"):
-        if not os.path.exists(os.path.join(path, f)):
-            raise FileNotFoundError(f"{what} checkpoint {path!r} has no {f}")
-    try:
-        with open(os.path.join(path, "config.json")) as fh:
-            cfg = config_cls(**json.load(fh))
-        with open(os.path.join(path, "vocab.json")) as fh:
-            tok = tokenizer_cls(json.load(fh))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{what} checkpoint {path!r}: config.json or vocab.json is corrupt ({e})") from None
-    return cfg, tok
+        return mean_nll(self._token_logprobs(self.model, pixels, prompt, targets, 1.0), targets)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from acrl.backends.tiny import LoraSettings, TinyCaptioner, TinyVLMConfig, world_tokenizer
+from acrl.backends.tiny import TinyCaptioner, world_tokenizer
+from acrl.config import LoraSettings, TinyVLMConfig
 from acrl.world import make_problems
 
 SMALL = TinyVLMConfig(d_model=32, n_heads=2, n_layers=1, cnn_width=8, max_new_tokens=10)

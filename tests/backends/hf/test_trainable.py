@@ -4,7 +4,7 @@ built from a config (no downloads)."""
 import pytest
 import torch
 
-from acrl.backends.tiny import LoraSettings
+from acrl.config import LoraSettings
 from acrl.rollout.episode import EpisodeConfig, run_episodes
 from acrl.rollout.prompts import decision_prompt
 from acrl.rollout.protocols import concat
@@ -18,7 +18,7 @@ def _prompts(n=4):
 
 
 def test_only_the_adapter_trains_and_logprobs_are_one_path(tiny_llm):
-    from acrl.backends.hf_trainable import HFTrainableReasoner
+    from acrl.backends.hf.trainable import HFTrainableReasoner
 
     r = HFTrainableReasoner(tiny_llm, lora=LORA, max_new_tokens=8, batch_size=3)
     names = [n for n, p in r.model.named_parameters() if p.requires_grad]
@@ -44,7 +44,7 @@ def test_only_the_adapter_trains_and_logprobs_are_one_path(tiny_llm):
 
 def test_save_load_continue_and_serve_as_a_reasoner(tiny_llm, tmp_path):
     from acrl.app.assemble import build_reasoner
-    from acrl.backends.hf_trainable import HFTrainableReasoner, is_trainable_checkpoint
+    from acrl.backends.hf.trainable import HFTrainableReasoner, is_trainable_checkpoint
     from acrl.config import load_config
     from acrl.world.reasoner import OracleClarifier
 
@@ -70,7 +70,7 @@ def test_save_load_continue_and_serve_as_a_reasoner(tiny_llm, tmp_path):
 
 
 def test_adapter_dropout_is_refused(tiny_llm):
-    from acrl.backends.hf_trainable import HFTrainableReasoner
+    from acrl.backends.hf.trainable import HFTrainableReasoner
 
     with pytest.raises(ValueError, match="dropout"):
         HFTrainableReasoner(tiny_llm, lora=LoraSettings(enabled=True, r=2, dropout=0.1, targets=LORA.targets))
@@ -81,7 +81,7 @@ def test_logprob_passes_keep_only_reply_logits_in_row_chunks_with_checkpointing(
     positions only (never prompt + reply x vocabulary), at most ``batch_size`` rows at a time, and with
     ``gradient_checkpointing`` the gradient pass runs checkpointed (only the token embedding hooked) with the
     same numbers and gradients."""
-    from acrl.backends.hf_trainable import HFTrainableReasoner
+    from acrl.backends.hf.trainable import HFTrainableReasoner
 
     torch.manual_seed(0)
     r = HFTrainableReasoner(tiny_llm, lora=LORA, max_new_tokens=6, batch_size=2)

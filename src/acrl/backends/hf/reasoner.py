@@ -11,8 +11,8 @@ batches, greedily at ``temperature=0`` or sampled otherwise. ``think="strip"`` r
 Also the engine of ``acrl serve reasoner --backend hf`` (:meth:`HFReasoner.chat` takes whole conversations).
 
 ``device``: ``cuda`` is this process's GPU (``cuda:LOCAL_RANK`` under ``accelerate launch``,
-:func:`acrl.backends.hf.resolve_device`), and every call runs under it: the trainer calls the reasoner from a worker
-thread, whose current CUDA device is not the rank's.
+:func:`acrl.backends.hf.loading.resolve_device`), and every call runs under it: the trainer calls the reasoner from
+a worker thread, whose current CUDA device is not the rank's.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from acrl.backends.hf import _on_device, resolve_device
+from acrl.backends.hf.loading import on_device, resolve_device
 from acrl.backends.openai_api import strip_thinking
 from acrl.rollout.prompts import few_shot_messages
 
@@ -63,7 +63,7 @@ class HFReasoner:
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
-    @_on_device
+    @on_device
     def chat(self, conversations: Sequence[list[dict]], max_new_tokens: int | None = None,
              temperature: float | None = None) -> list[tuple[str, int, int]]:
         """``(text, prompt_tokens, completion_tokens)`` for each conversation (text after ``think`` handling)."""

@@ -3,7 +3,7 @@
 ``make_tiny(family, out_dir, seed)`` trains a 400-token byte-level BPE tokenizer on a small synthetic corpus
 (the project's prompts plus embedded-world questions and captions), builds the family's processor and a
 randomly initialised model of 0.14-0.22M parameters, and writes both with ``save_pretrained``. The directory
-loads like a hub checkpoint: ``HFCaptioner.load(out_dir)`` (see :mod:`acrl.backends.hf`).
+loads like a hub checkpoint: ``HFCaptioner.load(out_dir)`` (see :mod:`acrl.backends.hf.captioner`).
 
 Families (``FAMILIES``): ``qwen2-vl``, ``qwen2.5-vl``, ``qwen3-vl`` (M-RoPE, deep-stack features), ``internvl``
 (the transformers-native InternVL), ``gemma3`` (bidirectional attention over image tokens, sliding-window layers,
@@ -13,7 +13,7 @@ a template and tokenizer that both emit BOS), ``idefics3`` (the SmolVLM architec
 merged patches of 14 px = 4 image tokens at 56x56; InternVL: 4 tokens; Llava: 16; Gemma 3: 4 pooled tokens).
 
 Without torchvision, the Qwen-VL and InternVL processors can't build their video processors; the processor is
-then built through :func:`acrl.backends.hf.no_video_processor_class`, a subclass that drops the video
+then built through :func:`acrl.backends.hf.loading.no_video_processor_class`, a subclass that drops the video
 processor and keeps the original class name, so the saved files are the standard ones.
 """
 
@@ -23,12 +23,12 @@ import functools
 import json
 import os
 import random
+from typing import Any
 
-from acrl.backends.hf import no_video_processor_class
+from acrl.backends.hf.loading import no_video_processor_class
 from acrl.rollout.prompts import captioner_prompt, clarify_prompt
 from acrl.world import language
 
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "gemma3", "idefics3", "llava", "llava-onevision")
 IMAGE_SIZE = 56
 VOCAB_SIZE = 400
 
@@ -150,6 +150,193 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
+# --- one builder per family: (tokenizer, vocab_size[, dimensions]) -> (model, processor) ---------------------
+def _qwen2_parts(tok, vocab_size: int, image_size: int, text: dict) -> tuple[dict, Any, dict, int]:
+    """What Qwen2-VL and Qwen2.5-VL share: (text config, image processor, token ids, text hidden size)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    ids = tok.convert_tokens_to_ids
+    dims = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, **text}
+    if "intermediate" in dims:
+        dims["intermediate_size"] = dims.pop("intermediate")
+    hidden = dims["hidden"]
+    # mrope_section sums to head_dim / 2 (head_dim 16 for the default: [2, 3, 3])
+    text_cfg = _text_config(tok, vocab_size=vocab_size, **dims, rope_parameters={
+        "rope_type": "default", "mrope_section": mrope_section(hidden // dims["heads"]), "rope_theta": 1e4})
+    ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                  min_pixels=image_size * image_size, max_pixels=image_size * image_size)
+    common = {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+              "vision_start_token_id": ids("<|vision_start|>"),
+              "vision_end_token_id": ids("<|vision_end|>"), "tie_word_embeddings": True}
+    return text_cfg, ip, common, hidden
+
+
+def _qwen2_vl(tok, vocab_size: int, image_size: int, text: dict, vision: dict | None):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    text_cfg, ip, common, hidden = _qwen2_parts(tok, vocab_size, image_size, text)
+    vision = {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, **(vision or {}), "hidden_size": hidden}
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text_cfg, vision_config=vision, **common))
+    return model, no_video_processor_class(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok,
+                                                             chat_template=tok.chat_template)
+
+
+def _qwen2_5_vl(tok, vocab_size: int, image_size: int, text: dict, vision: dict | None):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    text_cfg, ip, common, hidden = _qwen2_parts(tok, vocab_size, image_size, text)
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+              "fullatt_block_indexes": [1], **(vision or {}), "out_hidden_size": hidden}
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text_cfg, vision_config=vision,
+                                                                **common))
+    return model, no_video_processor_class(Qwen2_5_VLProcessor)(image_processor=ip, tokenizer=tok,
+                                                                chat_template=tok.chat_template)
+
+
+def _internvl(tok, vocab_size: int):
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+    )
+
+    ids = tok.convert_tokens_to_ids
+    ip = GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=False,
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    seq = (IMAGE_SIZE // 14) ** 2 // 4
+    cfg = InternVLConfig(
+        text_config={"model_type": "qwen2", **_text_config(tok, vocab_size=vocab_size)},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 64, "image_size": IMAGE_SIZE, "patch_size": 14},
+        image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=seq, downsample_ratio=0.5,
+        tie_word_embeddings=True)
+    model = InternVLForConditionalGeneration(cfg)
+    return model, no_video_processor_class(InternVLProcessor)(
+        image_processor=ip, tokenizer=tok, image_seq_length=seq, chat_template=tok.chat_template)
+
+
+def _qwen3_vl(tok, vocab_size: int):
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+
+    ids = tok.convert_tokens_to_ids
+    # 16-px patches merged 2x2: a 64x64 image is 4 tokens; deep-stack features from vision layer 0
+    text_cfg = _text_config(tok, vocab_size=vocab_size, head_dim=16, rope_parameters={
+        "rope_type": "default", "mrope_section": mrope_section(16), "mrope_interleaved": True,
+        "rope_theta": 1e4})
+    vis = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+           "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+           "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
+    cfg = Qwen3VLConfig(text_config=text_cfg, vision_config=vis, image_token_id=ids("<|image_pad|>"),
+                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                        vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
+    model = Qwen3VLForConditionalGeneration(cfg)
+    ip = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64,
+                                  max_pixels=64 * 64)
+    return model, no_video_processor_class(Qwen3VLProcessor)(image_processor=ip, tokenizer=tok,
+                                                             chat_template=tok.chat_template)
+
+
+def _gemma3(tok, vocab_size: int):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+    ids = tok.convert_tokens_to_ids
+    text_cfg = _text_config(tok, vocab_size=vocab_size, head_dim=16, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    text_cfg["bos_token_id"] = ids("<bos>")
+    cfg = Gemma3Config(text_config=text_cfg, vision_config={
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "image_size": IMAGE_SIZE, "patch_size": 14}, mm_tokens_per_image=4,
+        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True)
+    model = Gemma3ForConditionalGeneration(cfg)
+    ip = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return model, Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4,
+                                  chat_template=tok.chat_template)
+
+
+def _idefics3(tok, vocab_size: int):
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    # images up to 112 px split into 56-px tiles (+ a global one): 1 to 5 tiles of 4 tokens each
+    cfg = Idefics3Config(text_config={"model_type": "llama", **_text_config(tok, vocab_size=vocab_size)},
+                         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 14},
+                         scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         tie_word_embeddings=True)
+    model = Idefics3ForConditionalGeneration(cfg)
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 2 * IMAGE_SIZE},
+                                   max_image_size={"longest_edge": IMAGE_SIZE})
+    return model, Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4,
+                                    chat_template=tok.chat_template)
+
+
+def _llava_onevision(tok, vocab_size: int):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+    )
+
+    ids = tok.convert_tokens_to_ids
+    # any-resolution: a 28-px base view plus 28-px patches of the best grid (up to 2x2), 4 tokens each
+    grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    cfg = LlavaOnevisionConfig(
+        text_config={"model_type": "qwen2", **_text_config(tok, vocab_size=vocab_size)},
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        image_token_index=ids("<image>"), video_token_index=ids("<video>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=grid, tie_word_embeddings=True)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
+                                         image_grid_pinpoints=grid)
+    return model, no_video_processor_class(LlavaOnevisionProcessor)(
+        image_processor=ip, tokenizer=tok, num_image_tokens=4, vision_feature_select_strategy="full",
+        chat_template=tok.chat_template)
+
+
+def _llava(tok, vocab_size: int):
+    from transformers import (
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    ip = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                          vision_feature_select_strategy="full", image_token="<image>",
+                          num_additional_image_tokens=0, chat_template=tok.chat_template)
+    cfg = LlavaConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14),
+        text_config=LlamaConfig(**_text_config(tok, vocab_size=vocab_size)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=True)
+    return LlavaForConditionalGeneration(cfg), proc
+
+
+SIZED = {"qwen2-vl": _qwen2_vl, "qwen2.5-vl": _qwen2_5_vl}   # the families built at other dimensions too
+BUILDERS = {**SIZED, "qwen3-vl": _qwen3_vl, "internvl": _internvl, "gemma3": _gemma3, "idefics3": _idefics3,
+            "llava": _llava, "llava-onevision": _llava_onevision}
+FAMILIES = tuple(BUILDERS)
+
+
 def build(family: str, seed: int = 0, vocab_size: int = 0, image_size: int = IMAGE_SIZE, text: dict | None = None,
           vision: dict | None = None):
     """(model, processor) for ``family``, randomly initialised with ``seed``. ``vocab_size``: rows of the
@@ -162,10 +349,9 @@ def build(family: str, seed: int = 0, vocab_size: int = 0, image_size: int = IMA
     fields, e.g. ``depth``, ``embed_dim``, ``num_heads``; its output width is always the text ``hidden``)."""
     import torch
 
-
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r} (available: {', '.join(FAMILIES)})")
-    if (image_size != IMAGE_SIZE or text or vision) and family != "qwen2-vl" and family != "qwen2.5-vl":
+    if (image_size != IMAGE_SIZE or text or vision) and family not in SIZED:
         raise ValueError(f"image_size / text / vision dimensions are supported for qwen2-vl and qwen2.5-vl, "
                          f"not {family!r}")
     if image_size % 28:
@@ -176,157 +362,10 @@ def build(family: str, seed: int = 0, vocab_size: int = 0, image_size: int = IMA
         raise ValueError(f"unknown text dimension(s) {sorted(unknown)} (hidden, layers, heads, kv_heads, "
                          f"intermediate)")
     tok = build_tokenizer(family, seed)
-    ids = tok.convert_tokens_to_ids
     torch.manual_seed(seed)
-    if family in ("qwen2-vl", "qwen2.5-vl"):
-        from transformers import Qwen2VLImageProcessorPil
-
-        dims = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, **text}
-        if "intermediate" in dims:
-            dims["intermediate_size"] = dims.pop("intermediate")
-        hidden = dims["hidden"]
-        # mrope_section sums to head_dim / 2 (head_dim 16 for the default: [2, 3, 3])
-        text = _text_config(tok, vocab_size=vocab_size, **dims, rope_parameters={
-            "rope_type": "default", "mrope_section": mrope_section(hidden // dims["heads"]), "rope_theta": 1e4})
-        ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                      min_pixels=image_size * image_size, max_pixels=image_size * image_size)
-        common = {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
-                  "vision_start_token_id": ids("<|vision_start|>"),
-                  "vision_end_token_id": ids("<|vision_end|>"), "tie_word_embeddings": True}
-        if family == "qwen2-vl":
-            from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-
-            vision = {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
-                      "spatial_merge_size": 2, "temporal_patch_size": 2, **(vision or {}), "hidden_size": hidden}
-            cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
-            model, proc_cls = Qwen2VLForConditionalGeneration(cfg), Qwen2VLProcessor
-        else:
-            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-
-            vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
-                      "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-                      "fullatt_block_indexes": [1], **(vision or {}), "out_hidden_size": hidden}
-            cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
-            model, proc_cls = Qwen2_5_VLForConditionalGeneration(cfg), Qwen2_5_VLProcessor
-        proc = no_video_processor_class(proc_cls)(image_processor=ip, tokenizer=tok,
-                                                  chat_template=tok.chat_template)
-    elif family == "internvl":
-        from transformers import (
-            GotOcr2ImageProcessorPil,
-            InternVLConfig,
-            InternVLForConditionalGeneration,
-            InternVLProcessor,
-        )
-
-        ip = GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=False,
-                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-        seq = (IMAGE_SIZE // 14) ** 2 // 4
-        cfg = InternVLConfig(
-            text_config={"model_type": "qwen2", **_text_config(tok, vocab_size=vocab_size)},
-            vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                           "intermediate_size": 64, "image_size": IMAGE_SIZE, "patch_size": 14},
-            image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=seq, downsample_ratio=0.5,
-            tie_word_embeddings=True)
-        model = InternVLForConditionalGeneration(cfg)
-        proc = no_video_processor_class(InternVLProcessor)(
-            image_processor=ip, tokenizer=tok, image_seq_length=seq, chat_template=tok.chat_template)
-    elif family == "qwen3-vl":
-        from transformers import (
-            Qwen2VLImageProcessorPil,
-            Qwen3VLConfig,
-            Qwen3VLForConditionalGeneration,
-            Qwen3VLProcessor,
-        )
-
-        # 16-px patches merged 2x2: a 64x64 image is 4 tokens; deep-stack features from vision layer 0
-        text_cfg = _text_config(tok, vocab_size=vocab_size, head_dim=16, rope_parameters={
-            "rope_type": "default", "mrope_section": mrope_section(16), "mrope_interleaved": True,
-            "rope_theta": 1e4})
-        vis = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
-               "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
-               "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
-        cfg = Qwen3VLConfig(text_config=text_cfg, vision_config=vis, image_token_id=ids("<|image_pad|>"),
-                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
-        model = Qwen3VLForConditionalGeneration(cfg)
-        ip = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64,
-                                      max_pixels=64 * 64)
-        proc = no_video_processor_class(Qwen3VLProcessor)(image_processor=ip, tokenizer=tok,
-                                                          chat_template=tok.chat_template)
-    elif family == "gemma3":
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
-
-        text_cfg = _text_config(tok, vocab_size=vocab_size, head_dim=16, sliding_window=8,
-                                layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
-        text_cfg["bos_token_id"] = ids("<bos>")
-        cfg = Gemma3Config(text_config=text_cfg, vision_config={
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE, "patch_size": 14}, mm_tokens_per_image=4,
-            boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
-            image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True)
-        model = Gemma3ForConditionalGeneration(cfg)
-        ip = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-        proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4,
-                               chat_template=tok.chat_template)
-    elif family == "idefics3":
-        from transformers import (
-            Idefics3Config,
-            Idefics3ForConditionalGeneration,
-            Idefics3ImageProcessorPil,
-            Idefics3Processor,
-        )
-
-        # images up to 112 px split into 56-px tiles (+ a global one): 1 to 5 tiles of 4 tokens each
-        cfg = Idefics3Config(text_config={"model_type": "llama", **_text_config(tok, vocab_size=vocab_size)},
-                             vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                            "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 14},
-                             scale_factor=2, image_token_id=ids("<image>"), tie_word_embeddings=True)
-        model = Idefics3ForConditionalGeneration(cfg)
-        ip = Idefics3ImageProcessorPil(size={"longest_edge": 2 * IMAGE_SIZE},
-                                       max_image_size={"longest_edge": IMAGE_SIZE})
-        proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
-    elif family == "llava-onevision":
-        from transformers import (
-            LlavaOnevisionConfig,
-            LlavaOnevisionForConditionalGeneration,
-            LlavaOnevisionImageProcessorPil,
-            LlavaOnevisionProcessor,
-        )
-
-        # any-resolution: a 28-px base view plus 28-px patches of the best grid (up to 2x2), 4 tokens each
-        grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
-        cfg = LlavaOnevisionConfig(
-            text_config={"model_type": "qwen2", **_text_config(tok, vocab_size=vocab_size)},
-            vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                           "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
-            image_token_index=ids("<image>"), video_token_index=ids("<video>"), vision_feature_layer=-1,
-            vision_feature_select_strategy="full", image_grid_pinpoints=grid, tie_word_embeddings=True)
-        model = LlavaOnevisionForConditionalGeneration(cfg)
-        ip = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
-                                             image_grid_pinpoints=grid)
-        proc = no_video_processor_class(LlavaOnevisionProcessor)(
-            image_processor=ip, tokenizer=tok, num_image_tokens=4, vision_feature_select_strategy="full",
-            chat_template=tok.chat_template)
-    else:
-        from transformers import (
-            LlamaConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-            LlavaProcessor,
-            SiglipImageProcessorPil,
-            SiglipVisionConfig,
-        )
-
-        ip = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-        proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
-                              vision_feature_select_strategy="full", image_token="<image>",
-                              num_additional_image_tokens=0, chat_template=tok.chat_template)
-        cfg = LlavaConfig(
-            vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14),
-            text_config=LlamaConfig(**_text_config(tok, vocab_size=vocab_size)), image_token_id=ids("<image>"),
-            vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True)
-        model = LlavaForConditionalGeneration(cfg)
+    sizes = {"image_size": image_size, "text": text, "vision": vision} if family in SIZED else {}
+    model, proc = BUILDERS[family](tok, vocab_size, **sizes)
+    ids = tok.convert_tokens_to_ids
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<pad>")
     model.generation_config.bos_token_id = None

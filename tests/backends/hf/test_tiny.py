@@ -1,4 +1,4 @@
-"""Random Qwen-VL checkpoints of other sizes (acrl.backends.hf_tiny.build with text / vision dims and an image
+"""Random Qwen-VL checkpoints of other sizes (acrl.backends.hf.tiny.build with text / vision dims and an image
 size): the config carries the dimensions, M-RoPE splits the head, the processor gives (image_size / 28)^2 image
 tokens for a square image (the world's), and the model runs a forward; bad dimensions are refused by name."""
 
@@ -8,18 +8,18 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 
-from acrl.backends import hf_tiny  # noqa: E402
+from acrl.backends.hf import tiny  # noqa: E402
 
 
 def test_mrope_section_splits_half_the_head():
-    assert hf_tiny.mrope_section(16) == [2, 3, 3]          # the tiny checkpoints
-    assert hf_tiny.mrope_section(128) == [16, 24, 24]      # Qwen2-VL-2B / Qwen2.5-VL-3B
-    assert sum(hf_tiny.mrope_section(64)) == 32
+    assert tiny.mrope_section(16) == [2, 3, 3]          # the tiny checkpoints
+    assert tiny.mrope_section(128) == [16, 24, 24]      # Qwen2-VL-2B / Qwen2.5-VL-3B
+    assert sum(tiny.mrope_section(64)) == 32
 
 
 def test_larger_qwen2_vl_dims_image_tokens_and_forward():
     text = {"hidden": 128, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 320}
-    model, proc = hf_tiny.build("qwen2-vl", image_size=112, text=text, vision={"depth": 1, "embed_dim": 48})
+    model, proc = tiny.build("qwen2-vl", image_size=112, text=text, vision={"depth": 1, "embed_dim": 48})
     tc = model.config.text_config
     assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads,
             tc.intermediate_size) == (128, 1, 2, 1, 320)
@@ -32,14 +32,14 @@ def test_larger_qwen2_vl_dims_image_tokens_and_forward():
     with torch.no_grad():
         logits = model(**enc).logits
     assert logits.shape == (1, enc["input_ids"].shape[1], tc.vocab_size) and torch.isfinite(logits).all()
-    small, _ = hf_tiny.build("qwen2-vl")
+    small, _ = tiny.build("qwen2-vl")
     assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in small.parameters())
 
 
 def test_bad_dims_are_refused_by_name():
     with pytest.raises(ValueError, match="layerz"):
-        hf_tiny.build("qwen2-vl", text={"layerz": 2})
+        tiny.build("qwen2-vl", text={"layerz": 2})
     with pytest.raises(ValueError, match="image_size"):
-        hf_tiny.build("qwen2-vl", image_size=100)
+        tiny.build("qwen2-vl", image_size=100)
     with pytest.raises(ValueError, match="llava"):
-        hf_tiny.build("llava", image_size=112)
+        tiny.build("llava", image_size=112)
