@@ -1,4 +1,6 @@
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -19,6 +21,18 @@ def run_cli(*args, check=True):
         raise AssertionError(f"acrl {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n"
                              f"{proc.stderr}")
     return proc
+
+
+def lines(path) -> list[dict]:
+    """The records of a JSONL file (blank lines skipped)."""
+    return [json.loads(x) for x in open(path) if x.strip()]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

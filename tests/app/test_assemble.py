@@ -1,11 +1,13 @@
-"""One assembly: the same config and seed give the same run through `acrl train` and `acrl sweep`."""
+"""One assembly (:mod:`acrl.app.assemble`): the same config and seed give the same run through `acrl train` and
+`acrl sweep`; a training set's held-out tail; a reasoner built only where its settings apply."""
 
 import json
 import random
 
+import pytest
 from conftest import MICRO, run_cli
 
-from acrl.app.assemble import data_source, make_run
+from acrl.app.assemble import build_reasoner, data_source, make_run
 from acrl.config import load_config
 from acrl.world import make_problems
 from acrl.world.export import write_dataset
@@ -36,6 +38,13 @@ def test_make_run_holds_out_the_tail_of_a_training_set_for_the_curve(tmp_path):
     cfg = load_config(MICRO, ["train.eval_every=1", "train.eval_n=4", "train.steps=1"])
     run = make_run(cfg, str(tmp_path / "run"), data=str(tmp_path / "data"))
     assert set(run.evaluate(0)) == {"accuracy", "clarification_rate", "accuracy_with_clarification"}
+
+
+def test_few_shot_is_validated_and_refused_for_the_world_reasoner():
+    with pytest.raises(ValueError, match="few_shot"):
+        load_config(overrides=["reasoner.few_shot=-1"])
+    with pytest.raises(ValueError, match="few_shot"):
+        build_reasoner(load_config(overrides=["reasoner.few_shot=2"]))
 
 
 def test_a_new_adapter_is_the_same_whatever_the_process_drew_before(tmp_path, micro_captioner):

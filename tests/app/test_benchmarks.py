@@ -96,12 +96,3 @@ def test_every_episode_failing_is_not_success(tmp_path):
     code = eval_benchmarks(CFG, Policy(), Clarifier(), "cap", benchmark="mathvista", data=str(tmp_path / "mv"),
                            out=str(tmp_path / "out"), reasoner=Down())
     assert code == 2
-
-
-def test_eval_cli_takes_the_new_options(capsys):
-    from acrl.app.cli import main
-
-    with pytest.raises(SystemExit):
-        main(["eval", "--help"])
-    text = capsys.readouterr().out
-    assert "--max-bad-fraction" in text and "--dynamath-bad-as-wrong" in text

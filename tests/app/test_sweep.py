@@ -1,4 +1,5 @@
-"""acrl sweep: planning, resume after a kill, skipping finished runs, aggregation over seeds, the CLI."""
+"""acrl sweep: planning, resume after a kill, skipping finished runs, aggregation over seeds, the CLI; bad values,
+a second writer and malformed files are one-line refusals."""
 
 import json
 import os
@@ -10,7 +11,9 @@ import time
 import pytest
 from conftest import MICRO, ROOT, run_cli
 
+import acrl
 from acrl.app import sweep
+from acrl.app.cli import main
 
 
 def test_split_values_keeps_lists_whole():
@@ -210,3 +213,89 @@ def test_submitit_launcher_runs_the_same_jobs(tmp_path):
         res = json.loads((out / "runs" / f"{arm}_seed=0" / sweep.RESULT).read_text())
         assert res["arm"] == arm and {"in", "tri"} <= set(res["final"])
     assert "0 to run" in run_cli(*args).stdout                    # finished runs are skipped here too
+
+
+def _run(capsys, *args):
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err.strip()
+
+
+BAD = [
+    (["sweep", "--jobs", "0"], "--jobs 0"), (["sweep", "--seeds", ""], "names no seed"),
+    (["sweep", "--seeds", "a,b"], "--seeds 'a,b'"), (["sweep", "--seeds", "0,1,0"], "repeats seed 0"),
+    (["sweep", "--aggregate-only"], "holds no sweep"),
+]
+
+
+@pytest.mark.parametrize("args, named", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_are_one_line_errors(tmp_path, capsys, args, named):
+    """--jobs 0 hung, --seeds '' exited 0 with no run, duplicate seeds ran one seed twice, --aggregate-only on a
+    missing directory printed an empty table with exit 0, --seeds a,b did not name --seeds."""
+    rc, err = _run(capsys, *args, "--out", tmp_path / "out")
+    assert rc != 0 and named in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "out" / "runs")
+
+
+HOLD = ("import sys, time; sys.path.insert(0, sys.argv[2]); from acrl import outdir; outdir.own(sys.argv[1], "
+        "'acrl sweep run'); print('held', flush=True); time.sleep(float(sys.argv[3]))")
+
+
+def _holder(d, seconds):
+    src = os.path.dirname(os.path.dirname(acrl.__file__))
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(d), src, str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_sweep_waits_for_an_orphaned_run_instead_of_starting_a_second_trainer(tmp_path):
+    """Re-running a sweep after killing only the sweep process started a second trainer beside the still-running
+    child on the same run directory."""
+    run = tmp_path / "runs" / "base_seed=0"
+    run.mkdir(parents=True)
+    orphan = _holder(run, 2)                          # the child of a killed sweep, still running
+    (run / "result.json").write_text("{}")            # ... which finishes its run while we wait
+    logs = []
+    try:
+        codes = sweep.run_local([str(run)], jobs=1, log=logs.append)
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert codes == {str(run): 0}
+    assert any("waiting for it" in m for m in logs) and not any("started" in m for m in logs), logs
+    assert not (run / "log.txt").exists()             # no second trainer was started
+
+
+def test_two_sweeps_into_one_out_are_refused(tmp_path, capsys):
+    holder = _holder(tmp_path / "sweep", 30)
+    try:
+        rc, err = _run(capsys, "sweep", "--config", MICRO, "--out", tmp_path / "sweep")
+        assert rc == 2 and f"in use by pid {holder.pid}" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+
+def test_a_corrupt_job_or_result_file_is_named(tmp_path, capsys):
+    run = tmp_path / "s" / "runs" / "base_seed=0"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text("")
+    rc, err = _run(capsys, "sweep", "--aggregate-only", "--out", tmp_path / "s")
+    assert rc == 2 and str(run / "result.json") in err and "empty" in err, err
+
+
+def test_sweep_evaluates_the_cotrained_reasoner_and_the_frozen_world_reasoner(tmp_path):
+    out = tmp_path / "sw"
+    run_cli("sweep", "--config", MICRO, "--set", "train.steps=2", "--set", "train.eval_every=2", "--set",
+            "train.eval_n=4", "--set", "reasoner.backend=tiny", "--set", "train.problems_per_step=4",
+            "--set", "eval.sets={world-reasoner: {reasoner: {backend: world}}}",
+            "--arm", "frozen:train.cotrain=false", "--arm", "cotrain:train.cotrain=true", "--seeds", "0",
+            "--out", out)
+    for arm in ("frozen", "cotrain"):
+        r = json.loads((out / "runs" / f"{arm}_seed=0" / "result.json").read_text())
+        assert set(r["final"]) == {"in", "world-reasoner"}
+        assert {"question_about_missing", "question_answerable", "asks_when_missing"} <= set(r["final"]["in"])
+    assert (out / "runs" / "cotrain_seed=0" / "checkpoint" / "reasoner" / "model.pt").exists()
+    assert not (out / "runs" / "frozen_seed=0" / "checkpoint" / "reasoner").exists()
+    res = json.loads((out / "results.json").read_text())
+    assert "in/final_question_about_missing" in res["arms"]["cotrain"]["metrics"]

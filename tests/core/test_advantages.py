@@ -215,18 +215,6 @@ def test_random_batches_never_nan():
 # --- decomposition ------------------------------------------------------------------------------------------------
 
 
-def test_tiered_components():
-    correct = T([[True, True, False, False]])
-    direct = T([[True, False, True, False]])  # a wrong direct answer earns nothing
-    comps, w = tiered_components(correct, direct, 0.7)
-    assert comps[0].tolist() == [[1, 1], [1, 0], [0, 0], [0, 0]]
-    assert w == pytest.approx([0.7, 0.3])
-    # R = 0.7 correct + 0.3 (correct and direct) = (1, 0.7, 0, 0)
-    assert (comps * T(w)).sum(-1)[0].tolist() == pytest.approx([1.0, 0.7, 0.0, 0.0])
-    with pytest.raises(ValueError):
-        tiered_components(correct, direct, 1.5)
-
-
 def test_decomposition_with_uniform_fits_equals_reinforce_on_total_reward():
     # one group -> every component falls back to alpha = beta = 1 ->
     # A = 0.7 (c - p_c) + 0.3 (d - p_d) = R - p_R.  Here R = (1, 0.7, 0.7, 0), p_R = 0.6 -> (0.4, 0.1, 0.1, -0.6)

@@ -603,3 +603,18 @@ def geometry3k_rows() -> list[dict[str, Any]]:
             "ground_truth": "B",
         },
     ]
+
+
+def training_set_with_bad_rows(data: Path) -> bytes:
+    """A JSONL training set of 40 good rows in two files and 3 bad ones: a row without an answer, a line with a
+    non-UTF-8 byte and a line of invalid JSON (the last line of ``part2.jsonl``). Returns ``part2.jsonl``'s bytes
+    without that invalid line (2 bad rows of 42)."""
+    data.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), "white").save(data / "a.png")
+    good = [json.dumps({"question": f"How many bars? ({i})", "answer": str(i), "image": "a.png"}) for i in range(40)]
+    (data / "part1.jsonl").write_text("\n".join(good[:20]) + "\n")
+    raw = b"".join(x.encode() + b"\n" for x in good[20:])
+    latin1 = b'{"question": "caf\xe9?", "answer": "1", "image": "a.png"}\n'   # one non-UTF-8 byte
+    raw = b'{"question": "q?", "image": "a.png"}\n' + raw + latin1
+    (data / "part2.jsonl").write_bytes(raw + b"{not json\n")
+    return raw

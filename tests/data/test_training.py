@@ -7,7 +7,15 @@ import pytest
 from acrl.data import ImageOptionsProblem, load_training_set
 from acrl.data.training import detect_training_schema
 
-from .fixtures import Img, geometry3k_rows, virl_rows, write_json, write_parquet, write_saved
+from .fixtures import (
+    Img,
+    geometry3k_rows,
+    training_set_with_bad_rows,
+    virl_rows,
+    write_json,
+    write_parquet,
+    write_saved,
+)
 
 
 def test_virl39k_parquet_with_image_folder(tmp_path):
@@ -75,3 +83,27 @@ def test_schema_detection_and_errors(tmp_path):
     (tmp_path / "meta.json").write_text('{"a": {"b": 1}}')
     with pytest.raises(ValueError, match="no rows with a question"):
         load_training_set(tmp_path)
+
+
+def test_bad_rows_are_counted_named_and_the_rest_of_their_file_kept(tmp_path):
+    """A non-UTF-8 byte dropped a whole file, an invalid JSON line read as "missing column", a first row without an
+    answer rejected its file."""
+    training_set_with_bad_rows(tmp_path)
+    res = load_training_set(tmp_path, max_bad_fraction=0.2)
+    assert len(res.problems) == 40
+    reasons = sorted(b.reason for b in res.bad)
+    assert len(reasons) == 3 and any("not valid UTF-8" in r for r in reasons) and any("invalid JSON" in r
+                                                                                       for r in reasons)
+
+
+def test_a_truncated_parquet_file_is_named(tmp_path):
+    """A truncated parquet file was a traceback that named no file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["q?"] * 50, "answer": ["1"] * 50, "image": ["a.png"] * 50}),
+                   tmp_path / "train.parquet")
+    blob = (tmp_path / "train.parquet").read_bytes()
+    (tmp_path / "train.parquet").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="train.parquet"):
+        load_training_set(tmp_path / "train.parquet")

@@ -1,16 +1,16 @@
-"""DynaMath aggregation, per-category summaries, and benchmark problems flowing through evaluate()."""
+"""Evaluation metrics (:mod:`acrl.eval.metrics`): DynaMath aggregation, WeMath's four dimensions, per-category
+summaries, the quality of the reasoner's questions."""
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
-from data.fixtures import dynamath_rows, logicvista_json, mathverse_rows, write_json, write_parquet
+from data.fixtures import dynamath_rows, mathverse_rows, write_parquet
 
 from acrl.data import load_benchmark
-from acrl.eval.evaluate import evaluate
-from acrl.eval.metrics import aggregate_dynamath, breakdown_table, parse_dynamath_id, summarize_by
+from acrl.eval.metrics import aggregate_dynamath, breakdown_table, parse_dynamath_id, question_quality, summarize_by
+from acrl.world import make_problems, oracle_caption_for
 
 
 def item(
@@ -87,47 +87,6 @@ def test_summarize_by_item_key_problem_field_and_callable(tmp_path):
     assert "### MathVerse by version" in table and "| Vision Only | 2 | 0.0 |" in table
 
 
-class _Policy:
-    def generate(self, images, prompts, n=1, greedy=True, **kw):
-        assert all(im is not None for im in images)
-        return SimpleNamespace(texts=[["a diagram with labelled options"] * n for _ in prompts])
-
-
-class _Reasoner:
-    """Answers C to everything; asks once when it sees options that live in the image."""
-
-    def complete(self, prompts):
-        out = []
-        for pr in prompts:
-            if (
-                "options are shown in the image" in pr
-                and "You asked:" not in pr
-                and "Solve the problem" not in pr
-            ):
-                out.append("NEED MORE INFO\nWhat does option C show?")
-            else:
-                out.append("SOLVED \\boxed{C}")
-        return out
-
-
-class _Clarifier:
-    def answer(self, images, questions):
-        return ["Option C is the square." for _ in questions]
-
-
-def test_benchmark_problems_through_evaluate(tmp_path):
-    write_json(logicvista_json(), tmp_path / "data" / "dataset.json", tmp_path / "data")
-    problems = load_benchmark("logicvista", tmp_path).problems
-    summary, items = evaluate(_Policy(), _Reasoner(), _Clarifier(), problems, batch_size=2)
-    got = {it["id"]: it for it in items}
-    assert got["logicvista-test-v1_0"]["correct"] and got["logicvista-test-v1_19"]["correct"]
-    assert not got["logicvista-test-v1_1"]["correct"]  # gold is the set {A, C}
-    assert got["logicvista-test-v1_0"]["asked"] and got["logicvista-test-v1_0"]["clarified_correct"]
-    assert summary["by_family"]["logicvista"]["n"] == 5
-    by_skill = summarize_by(items, "category")
-    assert by_skill["inductive"]["n"] == 4 and by_skill["deductive"]["accuracy"] == 0.0
-
-
 def test_dynamath_bad_rows_as_wrong_and_variants_scored():
     items = [item(f"dynamath-1-v{v}", True, "algebra") for v in (1, 2, 3)]
     items += [item(f"dynamath-2-v{v}", True, "algebra") for v in (1, 2)]
@@ -180,3 +139,23 @@ def test_wemath_four_dimensional_metrics_by_hand():
     assert strict["score"] == pytest.approx((6 - 0.5 - 2 - 1) / 6)
     assert loose["score"] == pytest.approx((6 - 0.5 - 1 - 1) / 6)
     assert out["S1"] == pytest.approx(9 / 14) and out["S2"] == pytest.approx(3 / 4) and out["S3"] == 0.5
+
+
+def test_question_quality_counts_questions_about_missing_and_answerable_facts():
+    p = next(p for p in make_problems("val", 50) if p.family == "bars" and len(p.needed) == 2)
+    a, b = p.needed
+    other = next(k for k in p.facts if k not in p.needed)
+    stated = f"the {a.split('.')[1]} bar is {p.facts[a]}"
+    items = [
+        {"id": p.id, "caption": stated, "asked": True,
+         "clarification_question": f"what is the height of the {b.split('.')[1]} bar ?"},   # the missing one
+        {"id": p.id, "caption": stated, "asked": True,
+         "clarification_question": f"what is the height of the {other.split('.')[1]} bar ?"},   # answerable only
+        {"id": p.id, "caption": stated, "asked": True, "clarification_question": "what is it ?"},  # neither
+        {"id": p.id, "caption": stated, "asked": False, "clarification_question": None},
+        {"id": p.id, "caption": oracle_caption_for(p), "asked": False, "clarification_question": None},
+    ]
+    q = question_quality(items, [p])
+    assert q["question_about_missing"] == pytest.approx(1 / 3)
+    assert q["question_answerable"] == pytest.approx(2 / 3)
+    assert q["asks_when_missing"] == pytest.approx(1 / 4)       # 4 captions miss a fact; one question helped

@@ -1,13 +1,14 @@
+"""The episode runner (:mod:`acrl.rollout.episode`): every tier and its reward, the binary ablation, single-pass and
+denial modes, several clarification turns, π_ref asked once per distinct question."""
+
 import math
 
 import pytest
 
-from acrl.core.reward import tier_reward
 from acrl.problem import Problem
 from acrl.rollout.episode import EpisodeConfig, run_episodes
 from acrl.rollout.metrics import episode_metrics
-from acrl.rollout.prompts import decision_prompt, final_prompt, parse_prompt, single_pass_prompt
-from acrl.rollout.replies import parse_reply
+from acrl.rollout.prompts import parse_prompt
 
 
 def _problem(i=0, answer="7"):
@@ -96,65 +97,16 @@ def test_deny_mode_and_record_deny():
     assert clar.calls == [] and g[0][0].deny_correct is True
 
 
+def test_an_unknown_mode_and_a_short_turn_reward_table_are_refused():
+    with pytest.raises(ValueError):
+        EpisodeConfig(clarification="maybe")
+    with pytest.raises(ValueError, match="turn_rewards needs 3"):
+        EpisodeConfig(max_clarifications=2, turn_rewards=[1, 0.5])
+
+
 def test_clarification_on_needs_a_clarifier():
     with pytest.raises(ValueError, match="clarifier"):
         run_episodes([_problem()], [["ask"]], ScriptedReasoner(), None, EpisodeConfig())
-
-
-@pytest.mark.parametrize("text,kind,field", [
-    ("SOLVED \\boxed{7}", "solved", "7"),
-    ("solved.\n\nThe answer is \\boxed{\\frac{1}{2}}", "solved", "\\frac{1}{2}"),
-    ("<think>maybe NEED MORE INFO? no.</think>\nSOLVED \\boxed{3}", "solved", "3"),
-    ("<think>I have all I need</think>NEED MORE INFO\nWhat is the width of the rectangle?", "ask",
-     "What is the width of the rectangle?"),
-    ("  Need More Information:  how many blue shapes are there?  ", "ask", "how many blue shapes are there?"),
-    ("NEED MORE INFO\nQuestion: What is the base of the triangle?\nThanks", "ask", "What is the base of the triangle?"),
-    ("I think \\boxed{4} but NEED MORE INFO\n- what is the height of the green bar ?", "ask",
-     "what is the height of the green bar ?"),
-    ("NEED MORE INFO", "malformed", "ask_without_question"),
-    ("SOLVED", "malformed", "no_answer"),
-    ("", "malformed", "empty"),
-    ("<think>still thinking about the bars", "malformed", "only_thinking"),
-    ("The figure is nice.", "malformed", "no_decision"),
-])
-def test_parse_reply(text, kind, field):
-    r = parse_reply(text)
-    assert r.kind == kind
-    assert {"solved": r.answer, "ask": r.question, "malformed": r.reason}[kind] == field
-
-
-@pytest.mark.parametrize("text,kind,field", [
-    # a polite tail used to turn an answer into a clarification request with the question ", let me know."
-    ("SOLVED \\boxed{10}\n\nIf you need more info, let me know.", "solved", "10"),
-    ("SOLVED \\boxed{10}. Let me know if you need more information!", "solved", "10"),
-    # an enumerated ask used to keep its "1. " prefix
-    ("NEED MORE INFO\n1. What is the radius of the circle?\n2. Is AB a diameter?", "ask",
-     "What is the radius of the circle?"),
-    # a negated keyword is not a decision
-    ("SOLVED \\boxed{12}\n\nI don't NEED MORE INFO: the caption gives both sides.", "solved", "12"),
-])
-def test_parse_reply_reads_the_decision_not_the_tail(text, kind, field):
-    r = parse_reply(text)
-    assert (r.kind, r.answer if kind == "solved" else r.question) == (kind, field)
-
-
-def test_prompts_round_trip_through_parse_prompt():
-    q, c = "what is the sum of the red and blue bars ?", "a bar chart ; the red bar is 3"
-    d = parse_prompt(decision_prompt(q, c))
-    assert (d["question"], d["caption"], d["mode"]) == (q, c, "decide")
-    assert parse_prompt(single_pass_prompt(q, c))["mode"] == "answer"
-    f = parse_prompt(final_prompt(q, c, "what is the height of the blue bar ?", "the blue bar is 4"))
-    assert (f["mode"], f["asked"], f["clarification"], f["caption"]) == (
-        "final", "what is the height of the blue bar ?", "the blue bar is 4", c)
-
-
-def test_tier_reward_values():
-    assert tier_reward("direct_correct") == 1.0
-    assert tier_reward("clarified_correct", 0.7) == 0.7
-    assert tier_reward("clarified_correct", 0.0) == 0.0
-    assert tier_reward("wrong") == 0.0
-    with pytest.raises(ValueError):
-        EpisodeConfig(clarification="maybe")
 
 
 # --- multi-turn clarification and its rewards ------------------------------------------------------------------
@@ -226,48 +178,3 @@ def test_binary_stays_binary_over_several_turns():
                           EpisodeConfig(alpha=0.0, max_clarifications=3))
     assert [e.reward for e in groups[0]] == [1.0, 0.0, 0.0]
     assert [e.correct for e in groups[0]] == [True, True, True]
-
-
-def test_followup_prompt_with_one_turn_is_the_final_prompt():
-    from acrl.rollout.prompts import followup_prompt
-
-    assert followup_prompt("q?", "cap", [("a?", "b.")]) == final_prompt("q?", "cap", "a?", "b.")
-    two = followup_prompt("q?", "cap", [("a?", "b."), ("c?", "d.")], may_ask=True)
-    sec = parse_prompt(two)
-    assert sec["mode"] == "decide" and sec["turns"] == [("a?", "b."), ("c?", "d.")]
-    assert sec["caption"] == "cap" and sec["asked"] == "a?" and sec["clarification"] == "b.\nd."
-    last = parse_prompt(followup_prompt("q?", "cap", [("a?", "b."), ("c?", "d.")]))
-    assert last["mode"] == "final" and "NEED MORE INFO" not in followup_prompt("q?", "cap", [("a?", "b.")] * 2)
-    assert parse_prompt(final_prompt("q?", "cap", "a?", "b."))["turns"] == [("a?", "b.")]
-
-
-def test_turn_reward_and_its_errors():
-    from acrl.core.reward import turn_reward
-
-    assert [turn_reward(k, 0.5) for k in range(4)] == [1.0, 0.5, 0.25, 0.125]
-    assert turn_reward(2, 0.5, [1, 0.8, 0.6]) == 0.6
-    with pytest.raises(ValueError, match="no reward for 3"):
-        turn_reward(3, 0.5, [1, 0.8, 0.6])
-    with pytest.raises(ValueError, match="turn_rewards needs 3"):
-        EpisodeConfig(max_clarifications=2, turn_rewards=[1, 0.5])
-
-
-@pytest.mark.parametrize("schedule,expected", [
-    ("constant", [0.7, 0.7, 0.7, 0.7, 0.7]),
-    ("linear", [1.0, 0.75, 0.5, 0.25, 0.0]),
-    ("cosine", [1.0, 0.8535534, 0.5, 0.1464466, 0.0]),
-    ("step", [1.0, 1.0, 1.0, 0.0, 0.0]),      # switches at 0.5 * 5 steps: steps 3, 4 get alpha_end
-])
-def test_alpha_schedules_at_given_steps(schedule, expected):
-    from acrl.core.reward import scheduled_alpha
-
-    start = 0.7 if schedule == "constant" else 1.0
-    got = [scheduled_alpha(schedule, start, 0.0, s, 5) for s in range(5)]
-    assert got == pytest.approx(expected)
-
-
-def test_unknown_schedule_is_named():
-    from acrl.core.reward import scheduled_alpha
-
-    with pytest.raises(ValueError, match="'exp'"):
-        scheduled_alpha("exp", 1, 0, 0, 10)

@@ -260,3 +260,12 @@ def test_grading_in_worker_threads():
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(run, cases))
     assert results == expected
+
+
+def test_letter_set_without_wrapper_falls_back_to_free_form():
+    """Plain acrl.rollout.grading.grade (no letter-set rule) still accepts the canonical spelling."""
+    from acrl.data import ImageOptionsProblem
+
+    p = ImageOptionsProblem(id="t", image=None, question="q", answer="A, C", answer_type="multiple_choice",
+                            choices=list("ABCD"), meta={"grading": "letter_set", "answer_letters": ["A", "C"]})
+    assert grade("A, C", p) and grade("C, A", p) and not grade("A", p)

@@ -350,3 +350,40 @@ def test_corpus_size_and_spread():
     kinds = Counter(c[1] for c in CORPUS)
     assert len(CORPUS) >= 60 and min(kinds.values()) >= 10, kinds
     assert sum(c[3] is not None for c in CORPUS) >= 8     # the ambiguous rules are exercised, not just documented
+
+
+@pytest.mark.parametrize("text,kind,field", [
+    ("SOLVED \\boxed{7}", "solved", "7"),
+    ("solved.\n\nThe answer is \\boxed{\\frac{1}{2}}", "solved", "\\frac{1}{2}"),
+    ("<think>maybe NEED MORE INFO? no.</think>\nSOLVED \\boxed{3}", "solved", "3"),
+    ("<think>I have all I need</think>NEED MORE INFO\nWhat is the width of the rectangle?", "ask",
+     "What is the width of the rectangle?"),
+    ("  Need More Information:  how many blue shapes are there?  ", "ask", "how many blue shapes are there?"),
+    ("NEED MORE INFO\nQuestion: What is the base of the triangle?\nThanks", "ask", "What is the base of the triangle?"),
+    ("I think \\boxed{4} but NEED MORE INFO\n- what is the height of the green bar ?", "ask",
+     "what is the height of the green bar ?"),
+    ("NEED MORE INFO", "malformed", "ask_without_question"),
+    ("SOLVED", "malformed", "no_answer"),
+    ("", "malformed", "empty"),
+    ("<think>still thinking about the bars", "malformed", "only_thinking"),
+    ("The figure is nice.", "malformed", "no_decision"),
+])
+def test_parse_reply(text, kind, field):
+    r = parse_reply(text)
+    assert r.kind == kind
+    assert {"solved": r.answer, "ask": r.question, "malformed": r.reason}[kind] == field
+
+
+@pytest.mark.parametrize("text,kind,field", [
+    # a polite tail used to turn an answer into a clarification request with the question ", let me know."
+    ("SOLVED \\boxed{10}\n\nIf you need more info, let me know.", "solved", "10"),
+    ("SOLVED \\boxed{10}. Let me know if you need more information!", "solved", "10"),
+    # an enumerated ask used to keep its "1. " prefix
+    ("NEED MORE INFO\n1. What is the radius of the circle?\n2. Is AB a diameter?", "ask",
+     "What is the radius of the circle?"),
+    # a negated keyword is not a decision
+    ("SOLVED \\boxed{12}\n\nI don't NEED MORE INFO: the caption gives both sides.", "solved", "12"),
+])
+def test_parse_reply_reads_the_decision_not_the_tail(text, kind, field):
+    r = parse_reply(text)
+    assert (r.kind, r.answer if kind == "solved" else r.question) == (kind, field)

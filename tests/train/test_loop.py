@@ -1,32 +1,12 @@
-"""The research features inside training: α schedules per step, multi-turn episodes, π_ref from another checkpoint,
-and the config rules that guard them."""
+"""The training loop (:mod:`acrl.train.loop`) with the research features: the scheduled α and the turns recorded at
+every step; and the config rules that guard these features."""
 
 import json
 
 import pytest
 
-from acrl.config import Config, eval_view, load_config, validate
-from acrl.train.collect import episode_config
+from acrl.config import eval_view, load_config
 from acrl.train.loop import Run, train
-
-
-def _cfg(**train):
-    cfg = Config()
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return validate(cfg)
-
-
-@pytest.mark.parametrize("schedule,alphas", [
-    ("constant", [1.0, 1.0, 1.0, 1.0, 1.0]),
-    ("linear", [1.0, 0.75, 0.5, 0.25, 0.0]),
-    ("step", [1.0, 1.0, 0.0, 0.0, 0.0]),    # alpha_step_at 0.4 of 5 steps: from step 2 on
-])
-def test_episode_config_follows_the_schedule(schedule, alphas):
-    cfg = _cfg(steps=5, alpha=1.0, alpha_end=0.0, alpha_schedule=schedule, alpha_step_at=0.4, max_clarifications=2)
-    got = [episode_config(cfg, s) for s in range(5)]
-    assert [e.alpha for e in got] == pytest.approx(alphas)
-    assert {e.max_clarifications for e in got} == {2} and got[0].turn_rewards is None
 
 
 @pytest.mark.parametrize("override,message", [

@@ -1,4 +1,5 @@
-"""The world reasoner's LLM-like noise (reasoner.noise): its rate, its two kinds of slip, its determinism."""
+"""The world reasoner (:mod:`acrl.world.reasoner`): how it reads a caption (contradictions, a reading budget), and
+its LLM-like noise (reasoner.noise): its rate, its two kinds of slip, its determinism."""
 
 import pytest
 
@@ -45,3 +46,11 @@ def test_a_slip_depends_only_on_seed_and_prompt():
 def test_bad_noise_is_named():
     with pytest.raises(ValueError, match="noise must be in"):
         WorldReasoner(noise=1.5)
+
+
+def test_reasoner_is_confused_by_contradictions_and_reads_within_budget():
+    r = WorldReasoner(read_budget=3)
+    known, conflicts = r.read("the red bar is 4 ; the red bar is 7 ; the blue bar is 2", 3)
+    assert conflicts == {"bar.red"} and known == {"bar.blue": 2}
+    known, _ = r.read("a bar chart ; the red bar is 4 ; the red bar is 4 ; the blue bar is 2", 3)
+    assert known == {"bar.red": 4}        # the fourth statement is past the budget

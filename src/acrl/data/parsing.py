@@ -95,11 +95,22 @@ def strip_image_tags(text: str) -> str:
     return text.strip()
 
 
+def _balanced(text: str) -> bool:
+    """Whether every ``{`` in ``text`` is closed by a later ``}`` and no ``}`` closes more than was opened."""
+    depth = 0
+    for ch in text:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def unwrap_boxed(text: str) -> str:
-    """``\\boxed{x}`` -> ``x`` (training sets often store gold answers boxed)."""
+    """``\\boxed{x}`` -> ``x`` (training sets often store gold answers boxed); text that is not one box (``\\boxed{3}
+    and \\boxed{4}``) is kept whole."""
     s = text.strip()
     m = re.fullmatch(r"\$?\\boxed\s*\{(.*)\}\$?", s, re.DOTALL)
-    return m.group(1).strip() if m else s
+    return m.group(1).strip() if m and _balanced(m.group(1)) else s
 
 
 def answer_type_of(answer: str) -> str:

@@ -1,10 +1,15 @@
+"""``acrl report`` (:mod:`acrl.app.report`): the page of train, eval, demo and benchmark outputs; clear errors; a
+full disk keeps the previous page."""
+
+import errno
 import json
+import os
 import re
 
-from conftest import MICRO, run_cli
+from conftest import MICRO, lines, run_cli
 
-from acrl.app.report.runs import eval_episode, sample_train_episodes
-from app.report.conftest import lines, page_data
+from acrl.app.cli import main
+from app.report.conftest import page_data
 
 
 def _no_network(html: str) -> None:
@@ -92,28 +97,16 @@ def test_unknown_fields_and_a_cut_off_line_are_shown_and_counted(tmp_path):
     assert "1 unreadable JSONL line(s) skipped" in html
 
 
-def test_replies_kept_as_a_dict_of_turns():
-    item = {"id": "q", "replies": {"single_pass": "SOLVED 3", "decision": "NEED MORE INFO\nhow ?", "final": None},
-            "errors": ["TimeoutError: reasoner"], "meta": {"op": "sum"}}
-    e = eval_episode(item, "r")
-    assert e["replies"] == [{"label": "single_pass", "text": "SOLVED 3"},
-                            {"label": "decision", "text": "NEED MORE INFO\nhow ?"}]
-    assert e["error"] == "TimeoutError: reasoner" and e["extra"] == {"meta": {"op": "sum"}}
+def test_report_on_a_full_disk_keeps_the_previous_page(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "report.html").write_text("<html>previous</html>")
 
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-def test_training_sample_keeps_whole_groups_across_the_run():
-    eps = [{"step": s, "pid": f"p{s}-{g}", "sample": i} for s in range(1, 11) for g in range(2) for i in range(4)]
-    got = sample_train_episodes(eps, 20)
-    assert len(got) == 20
-    groups = {(e["step"], e["pid"]) for e in got}
-    assert len(groups) == 5 and all(sum((e["step"], e["pid"]) == k for e in got) == 4 for k in groups)
-    assert (1, "p1-0") in groups and (10, "p10-1") in groups
-    assert sample_train_episodes(eps, 1000) == eps
-
-
-def test_eval_tiers():
-    base = {"id": "x", "asked": False, "clarified_correct": False, "failed": False}
-    assert eval_episode({**base, "clarified_correct": True}, "r")["tier"] == "direct_correct"
-    assert eval_episode({**base, "asked": True, "clarified_correct": True}, "r")["tier"] == "clarified_correct"
-    assert eval_episode(base, "r")["tier"] == "wrong"
-    assert eval_episode({**base, "failed": True}, "r")["reward"] is None
+    monkeypatch.setattr(os, "fsync", full)
+    rc = main([str(a) for a in ("report", tmp_path / "nothing-here", "--out", out)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert (out / "report.html").read_text() == "<html>previous</html>"

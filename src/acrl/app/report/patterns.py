@@ -30,7 +30,7 @@ Two views of a clarification question q1:
   ===================== ==================================================== ==========================================
 
   Order matters: ``what is the height of the red bar ?`` is a chart value (not a length), ``how many units long
-  is AB ?`` a length (not a count), ``is AB equal to CD ?`` a relation. ``tests/reporting/test_patterns.py`` holds
+  is AB ?`` a length (not a count), ``is AB equal to CD ?`` a relation. ``tests/app/report/test_patterns.py`` holds
   the table of examples the rules are checked against.
 
 :func:`pattern_tables` turns episodes into the share of each kind per source (pretrained vs trained), with
