@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from acrl import config
-from acrl.config import Config, load_config
+from acrl.config import Config, eval_view, load_config
 
 SRC = pathlib.Path(config.__file__)
 
@@ -136,3 +136,43 @@ def test_an_evaluation_set_may_read_with_a_reasoner_that_co_training_could_not_t
     cfg = load_config(None, ["train.cotrain=true", "reasoner.backend=tiny",
                              "eval.sets={world-reasoner: {reasoner: {backend: world}}}"])
     assert config.eval_view(cfg, "world-reasoner").reasoner.backend == "world"
+
+
+@pytest.mark.parametrize("override,message", [
+    (["train.max_clarifications=2", "train.turn_rewards=[1, 0.5]"], "turn_rewards needs train.max_clarifications"),
+    (["train.turn_rewards=[1, 0.5]", "train.alpha_schedule=linear"], "cannot be combined"),
+    (["train.advantage=bnpo_decomposed", "train.max_clarifications=2"], "bnpo_decomposed"),
+    (["train.alpha_schedule=exp"], "train.alpha_schedule='exp': must be one of"),
+    (["train.alpha_end=1.5"], "train.alpha_end=1.5"),
+    (["train.max_clarifications=0"], "train.max_clarifications=0"),
+    (["train.turn_rewards=[1, 2]"], "train.turn_rewards"),
+    (["reasoner.noise=-0.1"], "reasoner.noise"),
+    (["warmstart.save_every=-1"], "warmstart.save_every"),
+    (["eval.sets={x: {model: {d_model: 8}}}"], "eval.sets"),
+    (["eval.sets={x: {world: {n_bars: 7}}}"], "eval.sets.x"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, override)
+
+
+def test_eval_view_applies_a_sets_overrides():
+    cfg = load_config(None, ["eval.sets={tri: {world: {families: [tri]}, reasoner: {read_budget: 2}}}"])
+    view = eval_view(cfg, "tri")
+    assert view.world.families == ["tri"] and view.reasoner.read_budget == 2
+    assert cfg.world.families != ["tri"] and view.eval.sets == {}
+    with pytest.raises(ValueError, match="'nope' is not in eval.sets"):
+        eval_view(cfg, "nope")
+
+
+@pytest.mark.parametrize("override,message", [
+    (["train.cotrain=true"], "reasoner.backend must be tiny or hf"),
+    (["train.cotrain=true", "reasoner.backend=hf", "reasoner.model=x", "reasoner_train.lora.enabled=false"],
+     "lora.enabled must be true"),
+    (["reasoner_train.question_cost=-0.1"], "reasoner_train.question_cost"),
+    (["reasoner_train.advantage=bnpo_decomposed"], "reasoner_train.advantage"),
+    (["reasoner_train.temperature=0"], "reasoner_train.temperature"),
+])
+def test_bad_cotraining_values_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, override)

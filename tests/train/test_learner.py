@@ -73,19 +73,6 @@ def test_the_frozen_reasoner_run_leaves_the_reasoner_alone(tmp_path):
     assert not (tmp_path / "run" / "checkpoint" / "reasoner").exists()
 
 
-@pytest.mark.parametrize("override,message", [
-    (["train.cotrain=true"], "reasoner.backend must be tiny or hf"),
-    (["train.cotrain=true", "reasoner.backend=hf", "reasoner.model=x", "reasoner_train.lora.enabled=false"],
-     "lora.enabled must be true"),
-    (["reasoner_train.question_cost=-0.1"], "reasoner_train.question_cost"),
-    (["reasoner_train.advantage=bnpo_decomposed"], "reasoner_train.advantage"),
-    (["reasoner_train.temperature=0"], "reasoner_train.temperature"),
-])
-def test_bad_cotraining_configs_are_named(override, message):
-    with pytest.raises(ValueError, match=message):
-        load_config(None, override)
-
-
 def test_the_reasoner_update_trains_only_the_hf_adapter_and_resumes(tmp_path, tiny_llm):
     cfg = load_config(None, [s for s in STEP if s != "reasoner.backend=tiny"] + [
         "reasoner.backend=hf", f"reasoner.model={tiny_llm}", "reasoner.max_tokens=6", "reasoner_train.lora.r=4"])
