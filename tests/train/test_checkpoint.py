@@ -112,16 +112,6 @@ def test_the_next_save_removes_what_an_interrupted_one_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".checkpoint-notes", "checkpoint", "checkpoint-000002"]
 
 
-def test_a_checkpoint_of_the_layout_before_manifests_is_still_read(tmp_path):
-    old = tmp_path / "checkpoint.old"
-    (old / "policy").mkdir(parents=True)
-    torch.save({"step": 6}, old / "state.pt")
-    (tmp_path / "checkpoint" / "policy").mkdir(parents=True)      # a newer one, torn: no state.pt
-    found = ckpt.latest(str(tmp_path))
-    assert (found.path, found.step) == (str(old), 6)
-    assert found.skipped == [f"{tmp_path / 'checkpoint'}: incomplete or unreadable"]
-
-
 def test_a_resume_without_a_checkpoint_says_why(tmp_path):
     assert "does not exist" in ckpt.describe_missing(str(tmp_path / "nope"), ckpt.Found(None))
     assert "no checkpoint in" in ckpt.describe_missing(str(tmp_path), ckpt.Found(None, 0, []))

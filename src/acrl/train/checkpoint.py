@@ -39,7 +39,6 @@ from acrl.config import Config, to_dict
 LINK = "checkpoint"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP = re.compile(r"^\.checkpoint-\d+\.tmp-\d+$")
-_LEGACY = ("checkpoint", "checkpoint.old", "checkpoint.tmp")
 
 
 class CheckpointError(RuntimeError):
@@ -148,10 +147,8 @@ def save(out: str, step: int, write: Callable[[str], None], keep: int = 2) -> st
 
 
 def _point_link(out: str, target: str) -> None:
-    """Make ``out/checkpoint`` a link to ``target`` (atomically replaced); a legacy directory there is left."""
+    """Make ``out/checkpoint`` a link to ``target`` (atomically replaced)."""
     link = os.path.join(out, LINK)
-    if os.path.isdir(link) and not os.path.islink(link):
-        return
     tmp = link + f".link-{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
@@ -215,18 +212,6 @@ class Found:
     skipped: list[str] | None = None  # "path: reason" for every newer checkpoint that was not usable
 
 
-def _legacy_step(path: str) -> int | None:
-    """Step of a checkpoint in the pre-manifest layout (``state.pt`` + ``policy/``), None if unreadable."""
-    import torch
-
-    if not (os.path.exists(os.path.join(path, "state.pt")) and os.path.isdir(os.path.join(path, "policy"))):
-        return None
-    try:
-        return int(torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)["step"])
-    except Exception:   # noqa: BLE001 - any failure to read it makes it unusable, which is what we report
-        return None
-
-
 def latest(out: str) -> Found:
     """The newest complete, intact checkpoint of the run in ``out``."""
     skipped: list[str] = []
@@ -235,17 +220,6 @@ def latest(out: str) -> Found:
         if why is None:
             return Found(path, step, skipped)
         skipped.append(f"{path}: {why}")
-    best: tuple[int, str] | None = None
-    for name in _LEGACY:
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            step = _legacy_step(path)
-            if step is None:
-                skipped.append(f"{path}: incomplete or unreadable")
-            elif best is None or step > best[0]:
-                best = (step, path)
-    if best:
-        return Found(best[1], best[0], skipped)
     return Found(None, 0, skipped)
 
 
