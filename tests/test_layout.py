@@ -72,3 +72,29 @@ def test_every_exemption_is_still_needed():
     stale = [k for k in NO_TEST_MODULE if not any(_exempt(m, {k: ""}) for m in modules)]
     stale += [k for k in NOT_A_MODULE if not any(_exempt(t, {k: ""}) for t in tests)]
     assert not stale, f"exemptions that match nothing: {stale}"
+
+
+# The layers of src/acrl, bottom to top: a module imports only from its own layer or below (README: Layout).
+LAYERS = [("config", "problem", "outdir", "sigterm"), ("core",), ("rollout",), ("backends", "world", "data"),
+          ("eval",), ("train",), ("app", "integrations"), ("launch", "__main__")]
+
+
+def test_imports_point_down_the_layers_and_sit_at_module_top():
+    rank = {name: i for i, names in enumerate(LAYERS) for name in names}
+    upward, inside = [], []
+    for path in _modules(with_behaviour=False):
+        top = path.split(os.sep)[0].removesuffix(".py")
+        if top == "__init__":
+            continue
+        with open(os.path.join(SRC, path)) as fh:
+            tree = ast.parse(fh.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("acrl."):
+                target = node.module.split(".")[1]
+                if rank[target] > rank[top]:
+                    upward.append(f"{path} imports {node.module}")
+        for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            inside += [f"{path}:{fn.name} imports {n.module}" for n in ast.walk(fn)
+                       if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("acrl")]
+    assert not upward, "imports up the layers:\n" + "\n".join(upward)
+    assert not inside, "acrl imports inside functions (they belong at module top):\n" + "\n".join(inside)

@@ -9,8 +9,6 @@ from acrl.data.parsing import (
     answer_type_of,
     as_list,
     as_text,
-    letter_index,
-    letter_set,
     parse_lettered,
     precision_tolerance,
     split_choices,
@@ -56,14 +54,6 @@ def test_precision_is_half_a_unit_in_the_last_place():
     assert precision_tolerance(float("nan"), "3.1") == 0.05 and precision_tolerance("abc", "0.5") == 0.05
     assert precision_tolerance(None, "12") is None                          # an integer: exact
     assert precision_tolerance(-1) is None and precision_tolerance(13) is None
-
-
-def test_option_letters_alone_and_in_sets():
-    assert [letter_index(t) for t in ("B", "(b)", "C.", "D:", " E ")] == [1, 1, 2, 3, 4]
-    assert [letter_index(t) for t in ("AB", "", "1", "B)")] == [None, None, None, 1]
-    for text in ("A, C", "C, A", "AC", "A and C", "(A)(C)", "A & C", "A+C", "A/C", "(a) (c)"):
-        assert letter_set(text) == ["A", "C"], text
-    assert [letter_set(t) for t in ("A", "A, A", "", "A, X1", "the answer")] == [None] * 5
 
 
 def test_an_option_list_in_the_text_is_the_longest_lettered_run():

@@ -10,11 +10,11 @@ Public API::
 Benchmarks: mathvista, mathverse, mathvision, wemath, dynamath, logicvista, mmmu (see ``docs/benchmarks.md``).
 """
 
-from acrl.data.answers import grade_letter_set, grade_problem, prediction_letters
 from acrl.data.benchmarks import BENCHMARKS, BenchmarkSpec, find_benchmark_dirs, load_all, load_benchmark
 from acrl.data.parsing import ImageOptionsProblem
 from acrl.data.records import BadRow, LoadResult, compose_images
 from acrl.data.training import load_training_set
+from acrl.rollout.answers import grade_letter_set, grade_problem, prediction_letters
 
 BENCHMARK_NAMES = tuple(BENCHMARKS)
 

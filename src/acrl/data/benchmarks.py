@@ -23,13 +23,10 @@ from typing import Any
 from PIL import Image
 
 from acrl.data.parsing import (
-    LETTERS,
     ImageOptionsProblem,
     answer_type_of,
     as_list,
     as_text,
-    letter_index,
-    letter_set,
     parse_lettered,
     precision_tolerance,
     split_choices,
@@ -48,6 +45,7 @@ from acrl.data.records import (
     open_image,
 )
 from acrl.problem import Problem
+from acrl.rollout.answers import LETTERS, letter_index, letter_set
 
 __all__ = ["BENCHMARKS", "BenchmarkSpec", "find_benchmark_dirs", "load_all", "load_benchmark"]
 
@@ -168,7 +166,7 @@ def _letter_choice_problem(*, question: str, answer: str, options: list[str] | N
 
     A multi-letter gold (``"A, C"``) keeps the same presentation (so the reasoner is not told that several
     options are correct); its answer is the canonical ``"A, C"`` and ``meta['grading'] = 'letter_set'`` makes
-    :func:`acrl.data.answers.grade_problem` require exactly that set of letters. (Plain
+    :func:`acrl.rollout.answers.grade_problem` require exactly that set of letters. (Plain
     :func:`acrl.rollout.grading.grade` falls back to free-form equality for such a gold: ``A, C`` / ``C, A`` / ``A,C``
     pass, ``AC`` does not.)"""
     meta = kw.pop("meta", {})
@@ -525,7 +523,7 @@ def convert_logicvista(row: dict[str, Any], ctx: RowContext) -> Problem:
     (``"A, C"``) is presented the same way (the reasoner is not told how many options are correct) and stored
     canonically (sorted, ``", "``-separated) with ``meta['grading'] = 'letter_set'``: it is correct only when
     the prediction names exactly that set of letters, in any order or spelling (``AC``, ``C, A``, ``A and
-    C``); no partial credit (see :mod:`acrl.data.answers`). Numeric golds ("Select from 1-5") are integers.
+    C``); no partial credit (see :mod:`acrl.rollout.answers`). Numeric golds ("Select from 1-5") are integers.
     """
     image = ctx.first_image(row, "image", "decoded_image", "imagename", "image_path")
     rid = _logicvista_key(row)

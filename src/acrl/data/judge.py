@@ -1,6 +1,6 @@
 """An optional LLM judge for free-form answers that the rule-based grader marks wrong.
 
-Rule-based grading (``acrl.data.answers.grade_problem``) stays the headline number. The judge only looks at items
+Rule-based grading (``acrl.rollout.answers.grade_problem``) stays the headline number. The judge only looks at items
 whose gold answer is free-form and whose prediction the rules did not accept, asks an LLM on an OpenAI-compatible
 endpoint (any ``Reasoner``: ``complete(prompts) -> replies``) whether the two answers are equivalent, and records
 ``judge_correct`` on each item. The summary reports the judged accuracy separately (``accuracy_judged``).

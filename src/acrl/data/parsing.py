@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from acrl.problem import Problem
+from acrl.rollout.answers import LETTERS
 
 __all__ = [
-    "ImageOptionsProblem", "answer_type_of", "as_list", "as_text", "letter_index", "letter_set",
+    "ImageOptionsProblem", "answer_type_of", "as_list", "as_text",
     "parse_lettered",
     "precision_tolerance", "split_choices", "strip_image_tags", "unwrap_boxed",
 ]
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 _INT_RE = re.compile(r"^[+-]?(?:\d+|\d{1,3}(?:,\d{3})+)$")
 _FLOAT_RE = re.compile(r"^[+-]?(?:\d+\.\d*|\.\d+|\d+(?:\.\d+)?[eE][+-]?\d+)$")
@@ -141,35 +141,6 @@ def precision_tolerance(precision: Any, answer: str = "") -> float | None:
     if p < 0 or p > 12:
         return None
     return 0.5 * 10 ** (-int(p))
-
-
-def letter_index(text: str) -> int | None:
-    """Index of a bare option letter (``"B"``, ``"(B)"``, ``"B."``), else None."""
-    m = re.fullmatch(r"\s*\(?([A-Za-z])\)?[.:]?\s*", text or "")
-    if not m:
-        return None
-    return LETTERS.index(m.group(1).upper())
-
-
-def letter_set(text: str) -> list[str] | None:
-    """The option letters of a multi-letter answer (``"A, C"``, ``"AC"``, ``"A and C"``, ``"(B)(D)"``), sorted
-    and de-duplicated; None when the text is not made of option letters only (or names fewer than two)."""
-    s = (text or "").strip().upper()
-    if not s:
-        return None
-    s = re.sub(r"\bAND\b|&|\+", ",", s)
-    if re.fullmatch(r"[A-Z]{2,8}", s):
-        letters = list(s)
-    else:
-        parts = [p for p in re.split(r"[\s,;/]+|(?<=\))(?=\()", s) if p]
-        letters = []
-        for p in parts:
-            m = re.fullmatch(r"\(?([A-Z])\)?\.?", p)
-            if not m:
-                return None
-            letters.append(m.group(1))
-    uniq = sorted(set(letters))
-    return uniq if len(uniq) >= 2 else None
 
 
 def parse_lettered(text: str, min_options: int = 2) -> tuple[str, list[str]] | None:

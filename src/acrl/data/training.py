@@ -30,12 +30,10 @@ from typing import Any
 from PIL import Image
 
 from acrl.data.parsing import (
-    LETTERS,
     ImageOptionsProblem,
     answer_type_of,
     as_list,
     as_text,
-    letter_index,
     split_choices,
     strip_image_tags,
     unwrap_boxed,
@@ -53,6 +51,7 @@ from acrl.data.records import (
     open_image,
 )
 from acrl.problem import Problem
+from acrl.rollout.answers import LETTERS, letter_index
 
 __all__ = ["detect_training_schema", "load_training_set"]
 

@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from acrl import outdir
-from acrl.data.answers import grade_problem
 from acrl.problem import Problem
+from acrl.rollout.answers import grade_problem
 from acrl.rollout.episode import Episode, EpisodeConfig, run_episodes
 from acrl.rollout.grading import final_answer
 from acrl.rollout.prompts import deny_prompt

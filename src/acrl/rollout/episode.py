@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from acrl.core.reward import tier_reward, turn_reward
-from acrl.data.answers import grade_problem as grade
 from acrl.problem import Problem
+from acrl.rollout.answers import grade_problem as grade
 from acrl.rollout.prompts import decision_prompt, deny_prompt, followup_prompt, single_pass_prompt
 from acrl.rollout.protocols import Clarifier, Reasoner
 from acrl.rollout.replies import parse_reply

@@ -31,7 +31,7 @@ from acrl.backends.tiny import TinyReasoner
 from acrl.backends.tiny.captioner import _TOKEN
 from acrl.backends.tiny.reasoner import ASK, BOX_CLOSE, BOX_OPEN, SOLVED
 from acrl.config import ReasonerWarmStartConfig, TinyReasonerConfig
-from acrl.data.answers import grade_problem
+from acrl.rollout.answers import grade_problem
 from acrl.rollout.prompts import decision_prompt, deny_prompt, final_prompt, parse_prompt, single_pass_prompt
 from acrl.rollout.replies import parse_reply
 from acrl.train import supervised

@@ -1,4 +1,4 @@
-"""Benchmark-aware grading (:mod:`acrl.data.answers`): :func:`acrl.data.grade_problem` is
+"""Benchmark-aware grading (:mod:`acrl.rollout.answers`): :func:`acrl.data.grade_problem` is
 :func:`acrl.rollout.grading.grade` plus the letter-set rule for multi-letter golds and alternative golds.
 
 Two tables: predictions in the answer styles of each benchmark, and whole replies written the way R1-style
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from acrl.data import ImageOptionsProblem, grade_letter_set, grade_problem, prediction_letters
-from acrl.data.parsing import letter_set
 from acrl.problem import Problem
+from acrl.rollout.answers import letter_index, letter_set
 
 # --- predictions, by benchmark ------------------------------------------------------------------------------------
 
@@ -349,3 +349,11 @@ def test_a_letter_set_is_exact_whatever_the_spelling_of_the_gold():
     assert grade_letter_set("C and A", ["a", "c"]) and grade_letter_set("(A)(C)", "C, A")
     assert not grade_letter_set("A", ["A", "C"]) and not grade_letter_set(None, ["A", "C"])
     assert not grade_letter_set("A, C", "") and not grade_letter_set("A, C", [])       # no gold: never right
+
+
+def test_option_letters_alone_and_in_sets():
+    assert [letter_index(t) for t in ("B", "(b)", "C.", "D:", " E ")] == [1, 1, 2, 3, 4]
+    assert [letter_index(t) for t in ("AB", "", "1", "B)")] == [None, None, None, 1]
+    for text in ("A, C", "C, A", "AC", "A and C", "(A)(C)", "A & C", "A+C", "A/C", "(a) (c)"):
+        assert letter_set(text) == ["A", "C"], text
+    assert [letter_set(t) for t in ("A", "A, A", "", "A, X1", "the answer")] == [None] * 5

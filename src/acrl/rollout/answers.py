@@ -18,15 +18,44 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from acrl.data.parsing import letter_index, letter_set
 from acrl.problem import Problem
 from acrl.rollout.grading import extract_answer, grade, grade_answer, strip_think
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 __all__ = ["grade_letter_set", "grade_problem", "prediction_letters"]
 
 _FILLER_RE = re.compile(r"\b(?:the|final|answers?|options?|choices?|both|correct|ones?|are|is)\b|[.:]",
                         re.IGNORECASE)
 
+
+def letter_index(text: str) -> int | None:
+    """Index of a bare option letter (``"B"``, ``"(B)"``, ``"B."``), else None."""
+    m = re.fullmatch(r"\s*\(?([A-Za-z])\)?[.:]?\s*", text or "")
+    if not m:
+        return None
+    return LETTERS.index(m.group(1).upper())
+
+
+def letter_set(text: str) -> list[str] | None:
+    """The option letters of a multi-letter answer (``"A, C"``, ``"AC"``, ``"A and C"``, ``"(B)(D)"``), sorted
+    and de-duplicated; None when the text is not made of option letters only (or names fewer than two)."""
+    s = (text or "").strip().upper()
+    if not s:
+        return None
+    s = re.sub(r"\bAND\b|&|\+", ",", s)
+    if re.fullmatch(r"[A-Z]{2,8}", s):
+        letters = list(s)
+    else:
+        parts = [p for p in re.split(r"[\s,;/]+|(?<=\))(?=\()", s) if p]
+        letters = []
+        for p in parts:
+            m = re.fullmatch(r"\(?([A-Z])\)?\.?", p)
+            if not m:
+                return None
+            letters.append(m.group(1))
+    uniq = sorted(set(letters))
+    return uniq if len(uniq) >= 2 else None
 
 def prediction_letters(prediction: Any) -> list[str] | None:
     """Option letters a prediction names (sorted, unique), from its boxed / "answer is" part when present."""
