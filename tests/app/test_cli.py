@@ -714,5 +714,9 @@ def test_config_prints_what_a_run_would_use_and_reads_back(tmp_path):
     again = run_cli("config", "--config", tmp_path / "printed.yaml", "--out", tmp_path / "again.yaml")
     assert again.stdout == "" and (tmp_path / "again.yaml").read_text() == run_cli(
         "config", "--config", MICRO, "--set", "train.lr=5e-4").stdout
+    again = run_cli("config", "--out", tmp_path / "again.yaml", check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    run_cli("config", "--out", tmp_path / "again.yaml", "--overwrite")
+    assert "lr: 0.0003" in (tmp_path / "again.yaml").read_text()
     bad = run_cli("config", "--set", "train.lr=-1", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "train.lr" in bad.stderr

@@ -366,6 +366,8 @@ def _make_tiny_parser(sub) -> None:
 
 def cmd_config(args) -> int:
     text = to_yaml(_cfg(args), docs=args.docs)
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out!r} already exists (add --overwrite to replace it)")
     if args.out:
         outdir.write_text(args.out, text)
     else:
@@ -379,6 +381,7 @@ def _config_parser(sub) -> None:
     _add_config(p)
     p.add_argument("--docs", action="store_true", help="each field's documentation as a comment above it")
     p.add_argument("--out", help="write to this file instead of standard output")
+    p.add_argument("--overwrite", action="store_true", help="replace the file that --out names")
     p.set_defaults(fn=cmd_config)
 
 
